@@ -1,0 +1,227 @@
+"""The one typed configuration of k2l-dist.
+
+Every component owns a small dataclass; :class:`Config` nests them. Values come, in
+order of precedence, from the dataclass defaults, a YAML file (``configs/*.yaml``),
+and ``key=value`` overrides on the command line (``stage1.rounds=3``). Unknown keys
+and values of the wrong type are errors that name the dotted key. The resolved
+config is written next to every run's outputs (:func:`save_config`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema; the message names the key."""
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how `k2l prepare` turns them into shards."""
+
+    format: str = "synthetic"  # synthetic | folder | mtfl | lsp | pts
+    root: str = ""  # dataset root; annotation paths are relative to it
+    annotations: str = ""  # mtfl: training.txt; lsp: joints.mat; pts/folder: unused
+    shards: str = ""  # folder of prepared shards; empty = <run_dir>/shards
+    size: int = 128  # side of the square crop written to the shards, pixels
+    box: str = "whole"  # whole | landmarks | file
+    box_scale: float = 2.2  # side of a landmark/file box relative to its longer side
+    box_file: str = ""  # lines "relative/path x y w h" (original pixels) for box=file
+    samples_per_shard: int = 1000
+    limit: int = 0  # keep at most this many images (0 = all)
+    strict: bool = False  # bad input is an error instead of a counted skip
+    workers: int = 2  # processes decoding/cropping/detecting during prepare
+    jpeg_quality: int = 95
+    synthetic_count: int = 2000  # images drawn when format=synthetic
+    synthetic_seed: int = 0
+
+
+@dataclass
+class KeypointConfig:
+    """Generic keypoints that bootstrap Stage 1 (paper Sec. 3.1, 5.1)."""
+
+    method: str = "orb"  # orb | sift | superpoint
+    count: int = 50  # keypoints kept per image by ANMS
+    candidates: int = 1000  # raw detections handed to ANMS
+    superpoint_weights: str = ""  # path to a SuperPoint state dict (none ship)
+    outlier_fraction: float = 0.4  # share of keypoints dropped as outliers (paper: 0.4)
+    outlier_neighbours: int = 10  # neighbours in the outlier median-distance score
+    min_keypoints: int = 2  # fewer than this after detection: the image is skipped
+
+
+@dataclass
+class AugmentConfig:
+    """The DALI augmentation of training views (issue 3); ranges follow the paper's code."""
+
+    enabled: bool = True  # False: identity views (extraction / evaluation)
+    size: int = 0  # side of the views fed to the network; 0 = the shards' size
+    rotation: float = 40.0  # degrees, uniform in [-rotation, rotation]
+    scale_min: float = 0.8
+    scale_max: float = 1.2
+    translation: float = 0.05  # fraction of the side, uniform in [-t, t]
+    flip_prob: float = 0.5  # horizontal flip
+    brightness: float = 0.2  # multiplicative delta, uniform in [1-b, 1+b]
+    contrast: float = 0.2
+    saturation: float = 0.2
+    hue: float = 10.0  # degrees
+    blur_prob: float = 0.2
+    blur_sigma_max: float = 1.5
+    noise_std: float = 0.02  # Gaussian pixel noise, fraction of 255
+    batch_size: int = 16
+    num_threads: int = 2
+    prefetch: int = 2
+
+
+@dataclass
+class ModelConfig:
+    """Hourglass backbone shared by Φ (detector + descriptor heads) and Ψ (K heatmaps)."""
+
+    width: int = 256  # channels in the hourglass (paper: 256)
+    depth: int = 4  # hourglass levels (each halves the resolution)
+    stacks: int = 1
+    descriptor_dim: int = 256
+    groups: int = 32  # GroupNorm groups
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/default"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    keypoints: KeypointConfig = field(default_factory=KeypointConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (ints widen to float)."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        errors = []
+        for arg in typing.get_args(tp):
+            if arg is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as err:
+                errors.append(err)
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        items = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if value is None:
+            raise ConfigError(f"{key}: expected str, got null")
+    elif isinstance(value, tp):
+        return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def _merge(obj: Any, values: dict, prefix: str = "") -> Any:
+    """Return a copy of dataclass ``obj`` with ``values`` (a nested dict) applied."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    changes = {}
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if name not in names:
+            known = ", ".join(sorted(names))
+            raise ConfigError(f"unknown config key '{key}' (known at this level: {known})")
+        current = getattr(obj, name)
+        if dataclasses.is_dataclass(current):
+            changes[name] = _merge(current, value, f"{key}.")
+        else:
+            changes[name] = _coerce(value, hints[name], key)
+    return dataclasses.replace(obj, **changes)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"a.b=3"`` → ``("a.b", 3)``; the value is read as YAML (so ``true``, ``0.5``, ``[1,2]``)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{key}: cannot parse value {raw!r}: {err}") from None
+    return key, value
+
+
+def _nest(key: str, value: Any) -> dict:
+    out: dict = {}
+    node = out
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults ← YAML file at ``path`` ← ``key=value`` overrides."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        try:
+            cfg = _merge(cfg, values)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
+    for text in overrides:
+        key, value = parse_override(text)
+        cfg = _merge(cfg, _nest(key, value))
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the fully resolved config as YAML (atomically)."""
+    from k2l_dist.utils.io import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
