@@ -42,6 +42,7 @@ class DataConfig:
     jpeg_quality: int = 95
     synthetic_count: int = 2000  # images drawn when format=synthetic
     synthetic_seed: int = 0
+    pts_one_based: bool = True  # 300-W .pts files count pixels from 1
 
 
 @dataclass
@@ -88,7 +89,8 @@ class ModelConfig:
     depth: int = 4  # hourglass levels (each halves the resolution)
     stacks: int = 1
     descriptor_dim: int = 256
-    groups: int = 32  # GroupNorm groups
+    groups: int = 32  # GroupNorm groups (capped per layer at gcd(groups, channels))
+    blocks: int = 1  # ConvBlocks per hourglass branch and level (FAN: 1)
 
 
 @dataclass
@@ -195,9 +197,16 @@ def _nest(key: str, value: Any) -> dict:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults ← YAML file at ``path`` ← ``key=value`` overrides."""
-    cfg = Config()
+def apply_values(cfg: Config, values: dict) -> Config:
+    """``cfg`` with a nested dict of values applied (validated like a YAML file)."""
+    return _merge(cfg, values)
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), base: Config | None = None
+) -> Config:
+    """Defaults (or ``base``) ← YAML file at ``path`` ← ``key=value`` overrides."""
+    cfg = base if base is not None else Config()
     if path is not None:
         path = Path(path)
         if not path.is_file():

@@ -1,0 +1,338 @@
+"""Correspondence recovery by clustering (paper Sec. 3.3, Eq. 1; Sec. 3.6; Sec. 3.7).
+
+Every K-means in the project goes through :func:`kmeans` (faiss). On top of it:
+
+* :func:`dedup_per_image` keeps, per (image, cluster), only the point closest to the
+  centroid -- the paper's replacement for a per-image Hungarian assignment.
+* :func:`cluster_dedup` = K-means + assignment + dedup (the Stage-2 "last K-means
+  with K clusters", Sec. 3.6).
+* :func:`two_way_cluster` = the modified two-way K-means of Sec. 3.3: K clusters to cap
+  every image at K points, then M >> K clusters on the survivors.
+* :func:`assign_flipped` = cluster labels of the descriptors taken on the flipped image
+  (Sec. 3.7).
+
+Everything is plain numpy in/out (this runs inside a Ray actor; no torch).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import faiss
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ClusterConfig:
+    """Clustering of Stage-1 descriptors (paper Sec. 3.3, 4.2: M = 100 for all datasets)."""
+
+    K: int = 10  # landmarks per image (first pass / Stage-2 clusters)
+    M: int = 100  # over-segmentation clusters (second pass); paper: 100
+    niter: int = 25  # Lloyd iterations per run (faiss default)
+    nredo: int = 1  # K-means restarts; faiss keeps the lowest objective
+    # faiss trains on a random subsample of k * max_points_per_centroid points when n is
+    # larger (faiss default 256). 0 = no cap: train on every point.
+    max_points_per_centroid: int = 256
+    seed: int = 0  # faiss RNG (initialisation, subsampling, empty-cluster splits)
+    use_gpu: bool = False  # faiss GPU when the installed faiss sees GPUs, else CPU
+    min_points_per_image: int = 2  # images with fewer kept points sit out the round
+    verbose: bool = False  # faiss per-iteration log
+
+
+@dataclass
+class KMeansResult:
+    centroids: np.ndarray  # (k, d) float32
+    trained_on: int  # points faiss actually trained on (after its subsampling)
+    n_points: int  # points handed to kmeans()
+    inertia: float  # final faiss objective: sum of squared distances on the training sample
+    on_gpu: bool
+    max_points_per_centroid: int  # the cap that was passed to faiss
+
+
+@dataclass
+class ClusterStats:
+    """Bookkeeping of one two-way clustering; arrays are per unique image / per cluster."""
+
+    n_points: int
+    n_images: int
+    n_kept_first: int  # after the K pass + dedup
+    n_kept: int  # after the M pass + dedup (final)
+    image_ids: np.ndarray  # (n_images,) sorted unique ids the per-image arrays refer to
+    points_per_image_before: np.ndarray  # (n_images,) int64
+    points_per_image_after: np.ndarray  # (n_images,) int64, final keep
+    cluster_sizes_k: np.ndarray  # (K,) final kept points per K cluster
+    cluster_sizes_m: np.ndarray  # (M,) final kept points per M cluster
+    n_skipped_images: int  # images with < min_points_per_image kept points
+    kmeans_k: KMeansResult | None = None
+    kmeans_m: KMeansResult | None = None
+
+    def summary(self) -> dict[str, Any]:
+        """Scalars only: what goes to the log / TensorBoard."""
+        out: dict[str, Any] = {
+            "points": self.n_points,
+            "images": self.n_images,
+            "kept_first_pass": self.n_kept_first,
+            "kept": self.n_kept,
+            "points_per_image_before": float(self.points_per_image_before.mean()) if self.n_images else 0.0,
+            "points_per_image_after": float(self.points_per_image_after.mean()) if self.n_images else 0.0,
+            "skipped_images": self.n_skipped_images,
+            "empty_k_clusters": int((self.cluster_sizes_k == 0).sum()),
+            "empty_m_clusters": int((self.cluster_sizes_m == 0).sum()),
+        }
+        for name, res in (("k", self.kmeans_k), ("m", self.kmeans_m)):
+            if res is not None:
+                out[f"trained_on_{name}"] = res.trained_on
+                out[f"inertia_{name}"] = res.inertia
+        return out
+
+
+@dataclass
+class ClusterDedupResult:
+    keep: np.ndarray  # (n,) bool
+    labels: np.ndarray  # (n,) int64, -1 where dropped
+    distances: np.ndarray  # (n,) float32 squared L2 to the assigned centroid (all points)
+    kmeans: KMeansResult
+
+
+@dataclass
+class TwoWayResult:
+    keep: np.ndarray  # (n,) bool: survived both passes
+    labels_k: np.ndarray  # (n,) int64 K-pass label, -1 where not kept
+    labels_m: np.ndarray  # (n,) int64 M-pass label, -1 where not kept
+    centroids_k: np.ndarray  # (K, d) float32
+    centroids_m: np.ndarray  # (M, d) float32
+    keep_first: np.ndarray  # (n,) bool: survived the K pass
+    usable: np.ndarray  # (n,) bool: keep and its image has >= min_points_per_image kept points
+    skipped_images: np.ndarray  # ids of images that sit out the round (int64)
+    stats: ClusterStats = field(repr=False)
+
+
+# --------------------------------------------------------------------------- faiss
+
+
+def _gpu_count() -> int:
+    # faiss-cpu has no get_num_gpus on some builds; treat that as zero GPUs
+    get = getattr(faiss, "get_num_gpus", None)
+    return int(get()) if get is not None else 0
+
+
+def _as_f32(x: np.ndarray, name: str) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"{name}: expected a 2-D (n, d) array, got shape {x.shape}")
+    return x
+
+
+def kmeans(x: np.ndarray, k: int, cfg: ClusterConfig | None = None) -> KMeansResult:
+    """faiss K-means of ``x`` (n, d) into ``k`` clusters; deterministic for a given ``cfg.seed``.
+
+    faiss trains on a seeded random subsample of ``k * cfg.max_points_per_centroid``
+    points when n is larger; the number it really used is returned as ``trained_on``
+    and logged, because with the default cap (256) a K=10 pass over 200k descriptors
+    trains on only 2560 of them.
+    """
+    cfg = cfg or ClusterConfig()
+    x = _as_f32(x, "x")
+    n, d = x.shape
+    k = int(k)
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if n < k:
+        raise ValueError(f"cannot cluster {n} points into {k} clusters")
+    if not np.isfinite(x).all():
+        raise ValueError("x contains NaN or inf")
+    # 0 = no cap; faiss stores the cap as a C int, so clip to what an int holds
+    cap = int(cfg.max_points_per_centroid) if cfg.max_points_per_centroid > 0 else 0
+    faiss_cap = cap if cap > 0 else max(1, min(2**31 - 1, -(-n // k)))
+    trained_on = min(n, k * faiss_cap)
+
+    ngpu = 0
+    if cfg.use_gpu:
+        ngpu = _gpu_count()
+        if ngpu == 0:
+            log.warning("kmeans: use_gpu=True but faiss sees no GPU; clustering on CPU")
+    km = faiss.Kmeans(
+        d,
+        k,
+        niter=int(cfg.niter),
+        nredo=int(cfg.nredo),
+        seed=int(cfg.seed),
+        max_points_per_centroid=faiss_cap,
+        verbose=bool(cfg.verbose),
+        gpu=ngpu if ngpu > 0 else False,
+    )
+    inertia = float(km.train(x))
+    centroids = np.ascontiguousarray(km.centroids, dtype=np.float32).reshape(k, d)
+    log.info(
+        "kmeans: k=%d d=%d n=%d trained_on=%d (max_points_per_centroid=%s) niter=%d nredo=%d "
+        "gpu=%d inertia=%.4g",
+        k, d, n, trained_on, cap or "none", cfg.niter, cfg.nredo, ngpu, inertia,
+    )
+    return KMeansResult(
+        centroids=centroids,
+        trained_on=trained_on,
+        n_points=n,
+        inertia=inertia,
+        on_gpu=ngpu > 0,
+        max_points_per_centroid=cap,
+    )
+
+
+def assign(x: np.ndarray, centroids: np.ndarray, use_gpu: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid of every row of ``x``: ``(labels (n,) int64, sq_distances (n,) float32)``."""
+    x = _as_f32(x, "x")
+    centroids = _as_f32(centroids, "centroids")
+    if x.shape[1] != centroids.shape[1]:
+        raise ValueError(f"dimension mismatch: x has d={x.shape[1]}, centroids d={centroids.shape[1]}")
+    if x.shape[0] == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.float32)
+    index = faiss.IndexFlatL2(centroids.shape[1])
+    if use_gpu and _gpu_count() > 0:
+        index = faiss.index_cpu_to_all_gpus(index)
+    index.add(centroids)
+    dist, lab = index.search(x, 1)
+    return lab[:, 0].astype(np.int64), dist[:, 0].astype(np.float32)
+
+
+def assign_flipped(desc_flipped: np.ndarray, centroids: np.ndarray, use_gpu: bool = False) -> np.ndarray:
+    """Cluster of each point's flipped-image descriptor (Sec. 3.7): labels (n,) int64.
+
+    Row i of ``desc_flipped`` must be the descriptor read from the horizontally flipped
+    image at point i's mirrored location (the caller extracts it). No dedup: the label
+    is a second assignment of an already kept point, not a new point.
+    """
+    return assign(desc_flipped, centroids, use_gpu=use_gpu)[0]
+
+
+# --------------------------------------------------------------------------- dedup
+
+
+def dedup_per_image(image_ids: np.ndarray, labels: np.ndarray, distances: np.ndarray) -> np.ndarray:
+    """Keep mask (n,) bool: per (image, cluster) only the point closest to the centroid.
+
+    Points with a negative label (already dropped) are never kept; NaN distances rank
+    last. Ties in distance go to the lower input index (np.lexsort is stable), so the
+    result does not depend on anything but the inputs.
+    """
+    image_ids = np.asarray(image_ids).reshape(-1)
+    labels = np.asarray(labels).reshape(-1)
+    distances = np.asarray(distances, dtype=np.float64).reshape(-1)
+    n = labels.shape[0]
+    if image_ids.shape[0] != n or distances.shape[0] != n:
+        raise ValueError(f"length mismatch: image_ids {image_ids.shape}, labels {labels.shape}, distances {distances.shape}")
+    keep = np.zeros(n, dtype=bool)
+    if n == 0:
+        return keep
+    dist = np.where(np.isnan(distances), np.inf, distances)
+    # sort by image, then label, then distance (lexsort: last key is primary)
+    order = np.lexsort((dist, labels, image_ids))
+    img_s, lab_s = image_ids[order], labels[order]
+    first = np.ones(n, dtype=bool)
+    first[1:] = (img_s[1:] != img_s[:-1]) | (lab_s[1:] != lab_s[:-1])
+    keep[order[first]] = True
+    keep &= labels >= 0
+    return keep
+
+
+def cluster_dedup(
+    desc: np.ndarray,
+    image_ids: np.ndarray,
+    k: int,
+    cfg: ClusterConfig | None = None,
+    mask: np.ndarray | None = None,
+) -> ClusterDedupResult:
+    """K-means to ``k`` on ``desc[mask]``, assign those points, keep one per (image, cluster).
+
+    Points outside ``mask`` get label -1 and are not kept. This is the Stage-2 "last
+    K-means with K clusters" (Sec. 3.6) and each pass of :func:`two_way_cluster`.
+    """
+    cfg = cfg or ClusterConfig()
+    desc = _as_f32(desc, "desc")
+    image_ids = np.asarray(image_ids, dtype=np.int64).reshape(-1)
+    n = desc.shape[0]
+    if image_ids.shape[0] != n:
+        raise ValueError(f"image_ids has {image_ids.shape[0]} entries for {n} descriptors")
+    idx = np.arange(n) if mask is None else np.flatnonzero(np.asarray(mask, dtype=bool))
+    sub = desc[idx]
+    res = kmeans(sub, k, cfg)
+    lab_sub, dist_sub = assign(sub, res.centroids, use_gpu=cfg.use_gpu)
+    labels = np.full(n, -1, dtype=np.int64)
+    distances = np.full(n, np.inf, dtype=np.float32)
+    labels[idx] = lab_sub
+    distances[idx] = dist_sub
+    keep = dedup_per_image(image_ids, labels, distances)
+    labels[~keep] = -1
+    return ClusterDedupResult(keep=keep, labels=labels, distances=distances, kmeans=res)
+
+
+def two_way_cluster(
+    desc: np.ndarray,
+    image_ids: np.ndarray,
+    K: int,
+    M: int,
+    cfg: ClusterConfig | None = None,
+) -> TwoWayResult:
+    """The modified two-way K-means of Sec. 3.3 (Eq. 1).
+
+    1. K-means of all points to K clusters; per image keep only the point closest to
+       each centroid, so an image keeps at most K points (fewer when occluded).
+    2. K-means of the survivors to M (>> K) clusters; again at most one point per
+       (image, cluster). Both passes' labels are returned for the final survivors.
+
+    Images left with fewer than ``cfg.min_points_per_image`` points (no same-image
+    negative pair possible) are reported in ``skipped_images`` and excluded from
+    ``usable``; their points stay in ``keep`` so the caller can still see them.
+    """
+    cfg = cfg or ClusterConfig()
+    desc = _as_f32(desc, "desc")
+    image_ids = np.asarray(image_ids, dtype=np.int64).reshape(-1)
+    n = desc.shape[0]
+    if image_ids.shape[0] != n:
+        raise ValueError(f"image_ids has {image_ids.shape[0]} entries for {n} descriptors")
+
+    first = cluster_dedup(desc, image_ids, K, cfg)
+    n_first = int(first.keep.sum())
+    if n_first < M:
+        raise ValueError(f"only {n_first} points survive the K={K} pass; cannot form M={M} clusters")
+    second = cluster_dedup(desc, image_ids, M, cfg, mask=first.keep)
+
+    keep = first.keep & second.keep
+    labels_k = np.where(keep, first.labels, -1)
+    labels_m = np.where(keep, second.labels, -1)
+
+    uniq, inv = np.unique(image_ids, return_inverse=True)
+    before = np.bincount(inv, minlength=uniq.size).astype(np.int64)
+    after = np.bincount(inv[keep], minlength=uniq.size).astype(np.int64)
+    skipped = (after < cfg.min_points_per_image) & (before > 0)
+    usable = keep & ~skipped[inv]
+
+    stats = ClusterStats(
+        n_points=n,
+        n_images=int(uniq.size),
+        n_kept_first=n_first,
+        n_kept=int(keep.sum()),
+        image_ids=uniq.astype(np.int64),
+        points_per_image_before=before,
+        points_per_image_after=after,
+        cluster_sizes_k=np.bincount(labels_k[keep], minlength=K).astype(np.int64),
+        cluster_sizes_m=np.bincount(labels_m[keep], minlength=M).astype(np.int64),
+        n_skipped_images=int(skipped.sum()),
+        kmeans_k=first.kmeans,
+        kmeans_m=second.kmeans,
+    )
+    log.info("two_way_cluster: %s", stats.summary())
+    return TwoWayResult(
+        keep=keep,
+        labels_k=labels_k,
+        labels_m=labels_m,
+        centroids_k=first.kmeans.centroids,
+        centroids_m=second.kmeans.centroids,
+        keep_first=first.keep,
+        usable=usable,
+        skipped_images=uniq[skipped].astype(np.int64),
+        stats=stats,
+    )

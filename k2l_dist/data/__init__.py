@@ -1,0 +1,1 @@
+"""Datasets: readers of annotation formats, the synthetic generator, crops, and shards."""

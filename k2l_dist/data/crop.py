@@ -1,0 +1,79 @@
+"""Square crop boxes and the exact mapping between original and crop pixels.
+
+Convention (used by the whole project): pixel (row i, col j) has its centre at
+(x=j, y=i); its area is [j-0.5, j+0.5) × [i-0.5, i+0.5). A box is ``(x0, y0, side)``
+in *edge* coordinates of the original image (the image itself spans [0, w) × [0, h) in
+edge coordinates, i.e. [-0.5, w-0.5) in centre coordinates). A crop of ``size`` pixels
+maps the box onto [0, size) edges, so a point maps as
+
+    u = (x + 0.5 - x0) * size / side - 0.5
+
+which is the only formula here; images are resampled with the same matrix.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+
+def whole_image_box(width: int, height: int) -> tuple[float, float, float]:
+    """The square of side max(w, h) centred on the image (the short side is padded)."""
+    side = float(max(width, height))
+    return ((width - side) / 2.0, (height - side) / 2.0, side)
+
+
+def box_around_points(points: np.ndarray, scale: float) -> tuple[float, float, float]:
+    """Square centred on the centre of the points' bounding box, side = scale × its longer side."""
+    pts = points[np.isfinite(points).all(1)]
+    if len(pts) == 0:
+        raise ValueError("no finite landmark to build a box from")
+    lo, hi = pts.min(0), pts.max(0)
+    side = float(scale * max(hi[0] - lo[0], hi[1] - lo[1], 1.0))
+    cx, cy = (lo + hi) / 2.0 + 0.5  # centre coords → edge coords
+    return (float(cx - side / 2.0), float(cy - side / 2.0), side)
+
+
+def box_around_rect(x: float, y: float, w: float, h: float, scale: float) -> tuple[float, float, float]:
+    """Square centred on an edge-coordinate rectangle (x, y, w, h), side = scale × max(w, h)."""
+    side = float(scale * max(w, h))
+    return (x + w / 2.0 - side / 2.0, y + h / 2.0 - side / 2.0, side)
+
+
+def crop_matrix(box: tuple[float, float, float], size: int) -> np.ndarray:
+    """2×3 affine taking original centre coordinates to crop centre coordinates."""
+    x0, y0, side = box
+    s = size / side
+    return np.array([[s, 0.0, (0.5 - x0) * s - 0.5], [0.0, s, (0.5 - y0) * s - 0.5]], np.float64)
+
+
+def to_crop(points: np.ndarray, box: tuple[float, float, float], size: int) -> np.ndarray:
+    m = crop_matrix(box, size)
+    return (points @ m[:, :2].T + m[:, 2]).astype(points.dtype)
+
+
+def to_original(points: np.ndarray, box: tuple[float, float, float], size: int) -> np.ndarray:
+    """Inverse of :func:`to_crop` (NaN rows stay NaN)."""
+    x0, y0, side = box
+    s = side / size
+    pts = np.asarray(points, np.float64)
+    out = (pts + 0.5) * s - 0.5 + np.array([x0, y0])
+    return out.astype(np.asarray(points).dtype if np.asarray(points).dtype.kind == "f" else np.float64)
+
+
+def crop_image(image: np.ndarray, box: tuple[float, float, float], size: int) -> np.ndarray:
+    """Resample the box to a size×size image (bilinear; replicated border outside the image).
+
+    When the box is at least twice the crop, the image is first reduced by an integer
+    factor with area averaging (an exact ×1/f in edge coordinates) to avoid aliasing.
+    """
+    x0, y0, side = box
+    factor = int(side // size)
+    if factor >= 2:
+        h, w = image.shape[:2]
+        hh, ww = (h // factor) * factor, (w // factor) * factor
+        if hh >= factor and ww >= factor:
+            image = cv2.resize(image[:hh, :ww], (ww // factor, hh // factor), interpolation=cv2.INTER_AREA)
+            box = (x0 / factor, y0 / factor, side / factor)
+    m = crop_matrix(box, size)
+    return cv2.warpAffine(image, m, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)

@@ -1,0 +1,336 @@
+"""`k2l prepare`: a dataset → WebDataset shards with crops, landmarks and initial keypoints.
+
+Two passes over the images, both parallel over ``data.workers`` processes:
+
+1. decode, check, crop and detect generic keypoints (compact descriptors kept in memory);
+   then the outlier removal of the paper (Sec. 4.2) over *all* descriptors at once;
+2. decode and crop again, encode JPEG and write the shards (each atomically).
+
+Decoding twice keeps memory bounded by the keypoints, not the images. Bad inputs are
+skipped with a counted, named reason, or raise under ``data.strict``.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import multiprocessing as mp
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from k2l_dist.config import Config, DataConfig, KeypointConfig, save_config
+from k2l_dist.data import crop as crops
+from k2l_dist.data.readers import DatasetError, Skip, SourceItem, read_box_file, read_items
+from k2l_dist.data.shards import SHARD_PATTERN, Sample, write_index, write_shard
+
+
+class PrepareError(ValueError):
+    """Bad input under ``--strict``, or a configuration that cannot be prepared."""
+
+
+@dataclass
+class Detected:
+    """Pass-1 result for one kept image (crop coordinates)."""
+
+    id: int
+    path: str
+    box: tuple[float, float, float]
+    orig_size: tuple[int, int]
+    keypoints: np.ndarray
+    descriptors: np.ndarray
+    landmarks: np.ndarray | None
+    visible: np.ndarray | None
+
+
+@dataclass
+class Summary:
+    written: int = 0
+    listed: int = 0
+    skipped: collections.Counter = field(default_factory=collections.Counter)
+    examples: dict = field(default_factory=dict)  # reason → first few "path: detail"
+    keypoints_before: int = 0
+    keypoints_after: int = 0
+    seconds: float = 0.0
+
+    def skip(self, s: Skip) -> None:
+        self.skipped[s.reason] += 1
+        ex = self.examples.setdefault(s.reason, [])
+        if len(ex) < 5:
+            ex.append(f"{s.path}: {s.detail}" if s.detail else s.path)
+
+    def to_dict(self) -> dict:
+        return {
+            "written": self.written,
+            "listed": self.listed,
+            "skipped": dict(self.skipped),
+            "skip_examples": self.examples,
+            "keypoints_before_outlier_removal": self.keypoints_before,
+            "keypoints_after_outlier_removal": self.keypoints_after,
+            "seconds": round(self.seconds, 1),
+        }
+
+    def text(self) -> str:
+        lines = [f"prepared {self.written} of {self.listed} images in {self.seconds:.1f}s"]
+        for reason, n in self.skipped.most_common():
+            lines.append(f"  skipped {n:6d}  {reason}  (e.g. {self.examples[reason][0]})")
+        if self.keypoints_before:
+            kept = self.keypoints_after / max(self.keypoints_before, 1)
+            lines.append(f"  keypoints: {self.keypoints_before} detected, {self.keypoints_after} kept "
+                         f"after outlier removal ({kept:.0%}), "
+                         f"{self.keypoints_after / max(self.written, 1):.1f} per image")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- per image
+
+
+class _Worker:
+    """Per-process state: the keypoint detector is built once per worker."""
+
+    data: DataConfig
+    detector = None
+    min_keypoints: int = 1
+    rects: dict | None = None
+
+    @classmethod
+    def init(cls, data: DataConfig, keypoints: KeypointConfig | None) -> None:
+        cv2.setNumThreads(1)
+        cls.data = data
+        cls.rects = read_box_file(data.box_file) if data.box == "file" else None
+        if keypoints is not None:
+            from k2l_dist.keypoints import KeypointDetector
+
+            cls.detector = KeypointDetector(keypoints)
+            cls.min_keypoints = max(1, keypoints.min_keypoints)
+
+
+def _load(item: SourceItem) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None] | Skip:
+    """The original image with its landmarks (synthetic images are rendered here)."""
+    data = _Worker.data
+    if data.format == "synthetic":
+        from k2l_dist.data import synthetic
+
+        out = synthetic.render(item.id, data.synthetic_seed, data.size)
+        return out.image, out.landmarks.astype(np.float32), out.visible
+    path = Path(data.root) / item.path
+    if not path.is_file():
+        return Skip(item.path, "missing image file", str(path))
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None or image.size == 0:
+        return Skip(item.path, "unreadable image", str(path))
+    return image, item.landmarks, item.visible
+
+
+def _box(item: SourceItem, width: int, height: int, landmarks: np.ndarray | None):
+    data = _Worker.data
+    if data.box == "whole":
+        return crops.whole_image_box(width, height)
+    if data.box == "landmarks":
+        return crops.box_around_points(landmarks, data.box_scale)
+    rect = (_Worker.rects or {}).get(item.path)
+    if rect is None:
+        return Skip(item.path, "no box in box file", data.box_file)
+    return crops.box_around_rect(*rect, data.box_scale)
+
+
+def _crop(item: SourceItem):
+    """Load, check, crop. Returns (crop, box, (w, h), landmarks_in_crop, visible) or a Skip."""
+    loaded = _load(item)
+    if isinstance(loaded, Skip):
+        return loaded
+    image, landmarks, visible = loaded
+    height, width = image.shape[:2]
+    if landmarks is not None:
+        finite = np.isfinite(landmarks).all(1)
+        x, y = landmarks[finite, 0], landmarks[finite, 1]
+        outside = (x < -0.5) | (x >= width - 0.5) | (y < -0.5) | (y >= height - 0.5)
+        if outside.any():
+            i = int(np.flatnonzero(finite)[np.argmax(outside)])
+            return Skip(item.path, "landmark outside the image",
+                        f"landmark {i} at ({landmarks[i, 0]:.1f}, {landmarks[i, 1]:.1f}) in a {width}x{height} image")
+    box = _box(item, width, height, landmarks)
+    if isinstance(box, Skip):
+        return box
+    size = _Worker.data.size
+    cropped = image if (box == (0.0, 0.0, float(size)) and image.shape[:2] == (size, size)) else crops.crop_image(image, box, size)
+    lm = None if landmarks is None else crops.to_crop(landmarks.astype(np.float64), box, size).astype(np.float32)
+    return cropped, box, (width, height), lm, visible
+
+
+def _detect(item: SourceItem) -> Detected | Skip:
+    out = _crop(item)
+    if isinstance(out, Skip):
+        return out
+    cropped, box, orig_size, landmarks, visible = out
+    keypoints, descriptors = _Worker.detector(cropped)
+    if len(keypoints) < _Worker.min_keypoints:
+        return Skip(item.path, "too few keypoints found", f"{len(keypoints)} keypoints")
+    return Detected(item.id, item.path, box, orig_size, keypoints, descriptors, landmarks, visible)
+
+
+def _encode(item: SourceItem) -> bytes | Skip:
+    out = _crop(item)
+    if isinstance(out, Skip):
+        return out
+    ok, buf = cv2.imencode(".jpg", out[0], [cv2.IMWRITE_JPEG_QUALITY, _Worker.data.jpeg_quality])
+    if not ok:
+        return Skip(item.path, "JPEG encoding failed")
+    return buf.tobytes()
+
+
+def _parallel(fn, items: list, data: DataConfig, keypoints: KeypointConfig | None, desc: str) -> Iterator:
+    """Ordered map over worker processes (in-process when data.workers <= 1)."""
+    bar = dict(total=len(items), desc=desc, unit="img", smoothing=0.05, mininterval=1.0)
+    if data.workers <= 1:
+        _Worker.init(data, keypoints)
+        yield from tqdm(map(fn, items), **bar)
+        return
+    ctx = mp.get_context("spawn")  # torch/OpenCV threads make fork unsafe
+    with ctx.Pool(data.workers, initializer=_Worker.init, initargs=(data, keypoints)) as pool:
+        yield from tqdm(pool.imap(fn, items, chunksize=16), **bar)
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def _check(data: DataConfig) -> None:
+    if data.size < 16:
+        raise PrepareError(f"data.size: {data.size} is too small (at least 16 pixels)")
+    if data.box not in ("whole", "landmarks", "file"):
+        raise PrepareError(f"data.box: unknown box '{data.box}' (whole | landmarks | file)")
+    if data.box == "landmarks" and data.format in ("folder", "synthetic"):
+        raise PrepareError(f"data.box: 'landmarks' needs annotated landmarks; format '{data.format}' has none")
+    if data.box == "file" and not data.box_file:
+        raise PrepareError("data.box_file: required when data.box is 'file'")
+    if data.samples_per_shard < 1:
+        raise PrepareError(f"data.samples_per_shard: must be positive, got {data.samples_per_shard}")
+
+
+def is_prepared(out_dir: str | Path) -> bool:
+    return (Path(out_dir) / "index.json").is_file()
+
+
+def prepare(cfg: Config, out_dir: str | Path, overwrite: bool = False) -> Summary:
+    """Write the shards of ``cfg.data`` with ``cfg.keypoints`` into ``out_dir``."""
+    data, kcfg = cfg.data, cfg.keypoints
+    out_dir = Path(out_dir)
+    _check(data)
+    if is_prepared(out_dir) and not overwrite:
+        raise PrepareError(f"{out_dir} already holds a prepared dataset (index.json); pass --overwrite to replace it")
+    start = time.time()
+    summary = Summary()
+    items, skips = read_items(data.format, data.root, data.annotations, data.synthetic_count, data.pts_one_based)
+    if data.limit > 0:
+        items = items[: data.limit]
+    summary.listed = len(items) + len(skips)
+    if data.strict and skips:
+        raise PrepareError(f"{skips[0].path}: {skips[0].reason} ({skips[0].detail})")
+    for s in skips:
+        summary.skip(s)
+    if not items:
+        raise PrepareError(f"no images found for format '{data.format}' under '{data.root}'")
+
+    # Pass 1: crop + detect.
+    detected: list[Detected] = []
+    by_id = {item.id: item for item in items}
+    for result in _parallel(_detect, items, data, kcfg, "keypoints"):
+        if isinstance(result, Skip):
+            if data.strict:
+                raise PrepareError(f"{result.path}: {result.reason}" + (f" ({result.detail})" if result.detail else ""))
+            summary.skip(result)
+        else:
+            detected.append(result)
+    if not detected:
+        raise PrepareError(f"every image was skipped: {dict(summary.skipped)}")
+
+    # Outlier removal over the whole dataset's descriptors.
+    from k2l_dist.keypoints import outlier_keep_masks
+
+    summary.keypoints_before = sum(len(d.keypoints) for d in detected)
+    masks = outlier_keep_masks([d.descriptors for d in detected], kcfg.outlier_fraction,
+                               kcfg.outlier_neighbours, seed=cfg.seed)
+    for d, keep in zip(detected, masks):
+        d.keypoints, d.descriptors = d.keypoints[keep], d.descriptors[keep]
+    summary.keypoints_after = sum(len(d.keypoints) for d in detected)
+
+    # Pass 2: encode and write shards.
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in list(out_dir.glob("shard-*.tar")) + list(out_dir.glob("shard-*.idx")):
+        stale.unlink()
+    shards = []
+    per = data.samples_per_shard
+    encoded = _parallel(_encode, [by_id[d.id] for d in detected], data, None, "shards")
+    kept: list[Detected] = []
+    batch: list[Sample] = []
+
+    def flush() -> None:
+        name = SHARD_PATTERN.format(len(shards))
+        write_shard(out_dir / name, batch)
+        shards.append({"name": name, "count": len(batch), "first_id": batch[0].id, "last_id": batch[-1].id})
+        batch.clear()
+
+    for d, jpeg in zip(detected, encoded):
+        if isinstance(jpeg, Skip):  # the image changed between the passes
+            summary.skip(jpeg)
+            continue
+        batch.append(Sample(d.id, d.path, jpeg, d.box, d.orig_size, d.keypoints, d.descriptors, d.landmarks, d.visible))
+        kept.append(d)
+        if len(batch) == per:
+            flush()
+    if batch:
+        flush()
+    summary.written = len(kept)
+    summary.seconds = time.time() - start
+
+    write_index(out_dir, _manifest(cfg, shards, kept, summary), _samples_meta(kept))
+    save_config(cfg, out_dir / "config.yaml")
+    return summary
+
+
+def _manifest(cfg: Config, shards: list[dict], kept: list[Detected], summary: Summary) -> dict:
+    data = cfg.data
+    num_landmarks = next((len(d.landmarks) for d in kept if d.landmarks is not None), 0)
+    manifest = {
+        "format": data.format,
+        "root": str(data.root),
+        "size": data.size,
+        "box": data.box,
+        "box_scale": data.box_scale,
+        "num_samples": len(kept),
+        "num_landmarks": num_landmarks,
+        "keypoints": {"method": cfg.keypoints.method, "descriptor_dim": int(kept[0].descriptors.shape[1]),
+                      "descriptor_dtype": str(kept[0].descriptors.dtype)},
+        "shards": shards,
+        "summary": summary.to_dict(),
+    }
+    if data.format == "synthetic":
+        from k2l_dist.data import synthetic
+
+        manifest.update(landmark_names=list(synthetic.LANDMARK_NAMES), flip_permutation=list(synthetic.FLIP_PERMUTATION),
+                        norm_indices=list(synthetic.EYE_INDICES))
+    elif data.format == "mtfl":
+        manifest.update(landmark_names=["left_eye", "right_eye", "nose", "left_mouth", "right_mouth"],
+                        norm_indices=[0, 1])
+    return manifest
+
+
+def _samples_meta(kept: list[Detected]) -> dict[str, np.ndarray]:
+    counts = np.array([len(d.keypoints) for d in kept], np.int64)
+    meta = {
+        "ids": np.array([d.id for d in kept], np.int64),
+        "paths": np.array([d.path for d in kept], dtype=str),
+        "boxes": np.array([d.box for d in kept], np.float64).reshape(-1, 3),
+        "orig_sizes": np.array([d.orig_size for d in kept], np.int64).reshape(-1, 2),
+        "kp_offsets": np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+        "keypoints": np.concatenate([d.keypoints for d in kept]).astype(np.float32).reshape(-1, 2),
+    }
+    if kept[0].landmarks is not None:
+        meta["landmarks"] = np.stack([d.landmarks for d in kept]).astype(np.float32)
+        meta["visible"] = np.stack([d.visible for d in kept]).astype(bool)
+    return meta

@@ -1,0 +1,192 @@
+"""Readers that list a dataset's images and annotations as :class:`SourceItem` records.
+
+A reader only parses annotation files; images are opened later, in parallel, by
+:mod:`k2l_dist.data.prepare`. Every item gets a stable integer id: its position in the
+reader's listing (annotation order, or sorted file order for folders), so ids do not
+change when some images are skipped. Problems with one line or file become
+:class:`Skip` records with a named reason; a missing root or annotation file is a
+:class:`DatasetError`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+FORMATS = ("synthetic", "folder", "mtfl", "lsp", "pts")
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be read at all (missing root, annotation file, bad format name)."""
+
+
+@dataclass(frozen=True)
+class SourceItem:
+    id: int
+    path: str  # relative to the dataset root, exactly as the annotation names it
+    landmarks: np.ndarray | None = None  # (K, 2) float32 original pixels, pixel-centre convention
+    visible: np.ndarray | None = None  # (K,) bool
+    rect: tuple[float, float, float, float] | None = None  # x, y, w, h from a box file (edge coords)
+
+
+@dataclass(frozen=True)
+class Skip:
+    path: str
+    reason: str  # short, countable category, e.g. "unreadable image"
+    detail: str = ""  # the specifics (line number, value)
+
+
+def _require_dir(root: str | Path) -> Path:
+    root = Path(root)
+    if not str(root) or not root.is_dir():
+        raise DatasetError(f"dataset root not found: {root}")
+    return root
+
+
+def _require_file(path: str | Path, what: str) -> Path:
+    path = Path(path)
+    if not str(path) or not path.is_file():
+        raise DatasetError(f"{what} not found: {path}")
+    return path
+
+
+def read_folder(root: str | Path) -> tuple[list[SourceItem], list[Skip]]:
+    """Every image file under ``root`` (recursively, sorted): unlabelled data."""
+    root = _require_dir(root)
+    paths = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            if name.lower().endswith(IMAGE_EXTENSIONS):
+                paths.append(Path(dirpath, name).relative_to(root).as_posix())
+    paths.sort()
+    return [SourceItem(i, p) for i, p in enumerate(paths)], []
+
+
+def read_mtfl(root: str | Path, annotations: str | Path) -> tuple[list[SourceItem], list[Skip]]:
+    """MTFL ``training.txt``: ``path x1..x5 y1..y5 gender smile glasses pose`` per line."""
+    _require_dir(root)
+    ann = _require_file(annotations, "annotation file")
+    items: list[SourceItem] = []
+    skips: list[Skip] = []
+    lines = [ln for ln in ann.read_text().splitlines() if ln.strip()]
+    for number, line in enumerate(lines, 1):
+        fields = line.split()
+        where = f"{ann.name} line {number}"
+        if len(fields) != 15:
+            skips.append(Skip(fields[0] if fields else where, "malformed annotation line",
+                              f"{where}: expected 15 fields, got {len(fields)}"))
+            continue
+        try:
+            values = np.array([float(v) for v in fields[1:11]], np.float32)
+        except ValueError:
+            skips.append(Skip(fields[0], "malformed annotation line", f"{where}: non-numeric coordinate"))
+            continue
+        landmarks = np.stack([values[:5], values[5:]], axis=1)
+        items.append(SourceItem(number - 1, fields[0].replace("\\", "/"), landmarks, np.ones(5, bool)))
+    return items, skips
+
+
+def read_lsp(root: str | Path, annotations: str | Path | None = None) -> tuple[list[SourceItem], list[Skip]]:
+    """Leeds Sports Pose: ``joints.mat`` (3×14×N: x, y, flag) and ``images/im0001.jpg``…
+
+    In the original LSP release the flag is 0 for a visible joint (92.7% of entries are 0),
+    so ``visible = flag == 0``; occluded joints keep their annotated positions.
+    """
+    import scipy.io
+
+    root = _require_dir(root)
+    ann = _require_file(annotations or root / "joints.mat", "annotation file")
+    try:
+        joints = scipy.io.loadmat(ann)["joints"]
+    except (KeyError, ValueError, OSError) as err:
+        raise DatasetError(f"{ann}: not an LSP joints.mat with a 'joints' array ({err})") from None
+    if joints.ndim != 3 or joints.shape[0] != 3:
+        raise DatasetError(f"{ann}: 'joints' has shape {joints.shape}, expected 3×K×N")
+    items = []
+    for i in range(joints.shape[2]):
+        landmarks = joints[:2, :, i].T.astype(np.float32)
+        items.append(SourceItem(i, f"images/im{i + 1:04d}.jpg", landmarks, joints[2, :, i] == 0))
+    return items, []
+
+
+def _parse_pts(path: Path) -> np.ndarray:
+    text = path.read_text().split("{", 1)
+    if len(text) != 2 or "}" not in text[1]:
+        raise ValueError("no '{ ... }' block")
+    values = [float(v) for v in text[1].split("}", 1)[0].split()]
+    if not values or len(values) % 2:
+        raise ValueError(f"{len(values)} numbers inside the point block")
+    return np.array(values, np.float32).reshape(-1, 2)
+
+
+def read_pts(root: str | Path, one_based: bool = True) -> tuple[list[SourceItem], list[Skip]]:
+    """300-W style: every image under ``root`` with a same-named ``.pts`` beside it.
+
+    300-W coordinates are 1-based (MATLAB convention); with ``one_based`` they are shifted
+    by -1 into the project's 0-based pixel-centre convention.
+    """
+    folder_items, _ = read_folder(root)
+    root = Path(root)
+    items: list[SourceItem] = []
+    skips: list[Skip] = []
+    expected = None
+    for item in folder_items:
+        pts_path = (root / item.path).with_suffix(".pts")
+        if not pts_path.is_file():
+            skips.append(Skip(item.path, "missing .pts file", str(pts_path)))
+            continue
+        try:
+            landmarks = _parse_pts(pts_path) - (1.0 if one_based else 0.0)
+        except (ValueError, UnicodeDecodeError) as err:
+            skips.append(Skip(item.path, "malformed .pts file", f"{pts_path.name}: {err}"))
+            continue
+        expected = expected or len(landmarks)
+        if len(landmarks) != expected:
+            skips.append(Skip(item.path, "malformed .pts file",
+                              f"{pts_path.name}: {len(landmarks)} points, others have {expected}"))
+            continue
+        items.append(SourceItem(item.id, item.path, landmarks, np.ones(len(landmarks), bool)))
+    return items, skips
+
+
+def read_synthetic(count: int) -> tuple[list[SourceItem], list[Skip]]:
+    """Synthetic items are rendered by the prepare workers from (id, seed)."""
+    return [SourceItem(i, f"synthetic/{i:06d}.png") for i in range(count)], []
+
+
+def read_box_file(path: str | Path) -> dict[str, tuple[float, float, float, float]]:
+    """Box file lines: ``relative/path x y w h`` (original pixels, top-left edge corner)."""
+    path = _require_file(path, "box file")
+    boxes = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        fields = line.split()
+        if not fields or fields[0].startswith("#"):
+            continue
+        if len(fields) != 5:
+            raise DatasetError(f"{path} line {number}: expected 'path x y w h', got {len(fields)} fields")
+        try:
+            boxes[fields[0]] = tuple(float(v) for v in fields[1:])
+        except ValueError:
+            raise DatasetError(f"{path} line {number}: non-numeric box value") from None
+    return boxes
+
+
+def read_items(fmt: str, root: str, annotations: str = "", synthetic_count: int = 0,
+               pts_one_based: bool = True) -> tuple[list[SourceItem], list[Skip]]:
+    """Dispatch on the dataset format name."""
+    if fmt == "synthetic":
+        return read_synthetic(synthetic_count)
+    if fmt == "folder":
+        return read_folder(root)
+    if fmt == "mtfl":
+        return read_mtfl(root, annotations or Path(root) / "training.txt")
+    if fmt == "lsp":
+        return read_lsp(root, annotations or None)
+    if fmt == "pts":
+        return read_pts(root, pts_one_based)
+    raise DatasetError(f"data.format: unknown dataset format '{fmt}' (known: {', '.join(FORMATS)})")
