@@ -1,0 +1,150 @@
+"""`k2l prepare` end to end on small datasets, including every bad-input case."""
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from k2l_dist.cli import main
+from k2l_dist.config import load_config
+from k2l_dist.data.crop import to_original
+from k2l_dist.data.prepare import PrepareError, prepare
+from k2l_dist.data.shards import load_manifest, load_samples_meta, read_dataset
+
+SHARED = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def _textured(rng, width=120, height=100):
+    image = np.full((height, width, 3), 40, np.uint8)
+    for _ in range(25):
+        x, y = rng.integers(0, width), rng.integers(0, height)
+        w, h = rng.integers(5, 25, 2)
+        cv2.rectangle(image, (int(x), int(y)), (int(x + w), int(y + h)), tuple(int(c) for c in rng.integers(0, 255, 3)), -1)
+    return image
+
+
+@pytest.fixture
+def mtfl_like(tmp_path):
+    """A tiny MTFL-format dataset with one of every bad input."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "ds"
+    (root / "imgs").mkdir(parents=True)
+    lines = []
+    for i in range(6):
+        cv2.imwrite(str(root / f"imgs/{i}.jpg"), _textured(rng))
+        xs, ys = rng.uniform(40, 80, 5), rng.uniform(35, 65, 5)
+        lines.append(f"imgs/{i}.jpg " + " ".join(f"{v:.2f}" for v in [*xs, *ys]) + " 1 2 2 3")
+    (root / "imgs/corrupt.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
+    lines.append("imgs/corrupt.jpg 50 60 55 50 60 40 40 50 60 60 1 2 2 3")
+    lines.append("imgs/short.jpg 1 2 3")  # wrong number of fields
+    cv2.imwrite(str(root / "imgs/outside.jpg"), _textured(rng))
+    lines.append("imgs/outside.jpg 50 60 500 50 60 40 40 50 60 60 1 2 2 3")  # landmark outside
+    cv2.imwrite(str(root / "imgs/blank.jpg"), np.full((100, 120, 3), 128, np.uint8))
+    lines.append("imgs/blank.jpg 50 60 55 50 60 40 40 50 60 60 1 2 2 3")  # no keypoint at all
+    lines.append("imgs/gone.jpg 50 60 55 50 60 40 40 50 60 60 1 2 2 3")  # file does not exist
+    (root / "training.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def _cfg(root, **data):
+    cfg = load_config(None, [f"data.root={root}", "data.format=mtfl", f"data.annotations={root / 'training.txt'}",
+                             "data.box=landmarks", "data.box_scale=2.2", "data.size=64", "data.workers=0",
+                             "data.samples_per_shard=4", "keypoints.count=20"])
+    from k2l_dist.config import apply_values
+
+    return apply_values(cfg, {"data": data}) if data else cfg
+
+
+def test_prepare_skips_every_bad_input_with_a_named_reason(mtfl_like, tmp_path):
+    out = tmp_path / "shards"
+    summary = prepare(_cfg(mtfl_like), out)
+    assert summary.written == 6
+    assert summary.skipped == {
+        "unreadable image": 1,
+        "malformed annotation line": 1,
+        "landmark outside the image": 1,
+        "too few keypoints found": 1,
+        "missing image file": 1,
+    }
+    assert "imgs/outside.jpg" in summary.examples["landmark outside the image"][0]
+    manifest = load_manifest(out)
+    assert manifest["num_samples"] == 6 and [s["count"] for s in manifest["shards"]] == [4, 2]
+    assert manifest["summary"]["skipped"]["unreadable image"] == 1
+    assert (out / "config.yaml").is_file()
+    assert not list(out.glob(".*tmp"))  # no temporary files left behind
+
+
+def test_round_trip_maps_landmarks_back_to_original_pixels(mtfl_like, tmp_path):
+    out = tmp_path / "shards"
+    prepare(_cfg(mtfl_like), out)
+    annotations = {ln.split()[0]: np.array(ln.split()[1:11], float) for ln in (mtfl_like / "training.txt").read_text().splitlines()
+                   if len(ln.split()) == 15}
+    meta = load_samples_meta(out)
+    samples = list(read_dataset(out))
+    assert [s.id for s in samples] == list(meta["ids"]) == [0, 1, 2, 3, 4, 5]
+    for s in samples:
+        truth = annotations[s.path].reshape(2, 5).T
+        back = to_original(s.landmarks.astype(np.float64), s.box, 64)
+        assert np.abs(back - truth).max() < 0.5  # stored as float32 crop pixels
+        assert s.image().shape == (64, 64, 3)
+        assert len(s.keypoints) == len(s.descriptors) > 0
+        assert ((s.keypoints >= -0.5) & (s.keypoints < 63.5)).all()
+        image = cv2.imread(str(mtfl_like / s.path))
+        assert s.orig_size == (image.shape[1], image.shape[0])
+    offsets = meta["kp_offsets"]
+    np.testing.assert_array_equal(meta["keypoints"][offsets[1] : offsets[2]], samples[1].keypoints)
+
+
+def test_strict_turns_a_skip_into_an_error_naming_the_file(mtfl_like, tmp_path):
+    with pytest.raises(PrepareError, match="imgs/short.jpg"):
+        prepare(_cfg(mtfl_like, strict=True), tmp_path / "shards")
+    assert not (tmp_path / "shards" / "index.json").exists()
+
+
+def test_existing_output_needs_overwrite(mtfl_like, tmp_path):
+    out = tmp_path / "shards"
+    prepare(_cfg(mtfl_like), out)
+    with pytest.raises(PrepareError, match="--overwrite"):
+        prepare(_cfg(mtfl_like), out)
+    assert prepare(_cfg(mtfl_like), out, overwrite=True).written == 6
+
+
+def test_outlier_removal_drops_the_configured_share(mtfl_like, tmp_path):
+    cfg = _cfg(mtfl_like)
+    from k2l_dist.config import apply_values
+
+    summary = prepare(apply_values(cfg, {"keypoints": {"outlier_fraction": 0.25}}), tmp_path / "a")
+    assert summary.keypoints_after == pytest.approx(0.75 * summary.keypoints_before, abs=1)
+
+
+def test_cli_errors_are_one_line_and_name_the_path(tmp_path, capsys):
+    assert main(["prepare", "--format", "mtfl", "--root", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(tmp_path / "missing") in err
+    assert main(["prepare", "--format", "mtfl", "--root", str(tmp_path), "--annotations", str(tmp_path / "nope.txt"),
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "nope.txt" in capsys.readouterr().err
+
+
+def test_cli_synthetic_prepare_in_parallel(tmp_path, capsys):
+    out = tmp_path / "syn"
+    rc = main(["prepare", "--format", "synthetic", "--synthetic-count", "40", "--size", "64", "--workers", "2",
+               "--samples-per-shard", "16", "--out", str(out)])
+    assert rc == 0
+    assert "prepared" in capsys.readouterr().out
+    manifest = json.loads((out / "index.json").read_text())
+    assert manifest["num_samples"] >= 36 and len(manifest["shards"]) == 3
+    assert len(manifest["flip_permutation"]) == manifest["num_landmarks"]
+    s = next(read_dataset(out))
+    assert s.landmarks is not None and s.image().shape == (64, 64, 3)
+
+
+@pytest.mark.skipif(not (SHARED / "lsp").is_dir(), reason="../shared/data absent")
+def test_lsp_prepare_on_real_data(tmp_path):
+    cfg = load_config(None, [f"data.root={SHARED / 'lsp'}", "data.format=lsp", "data.box=landmarks",
+                             "data.box_scale=1.2", "data.size=64", "data.limit=30", "data.workers=0"])
+    summary = prepare(cfg, tmp_path / "lsp")
+    assert summary.written >= 28
+    s = next(read_dataset(tmp_path / "lsp"))
+    assert s.landmarks.shape == (14, 2) and s.path == "images/im0001.jpg"
