@@ -55,6 +55,7 @@ class KeypointConfig:
     superpoint_weights: str = ""  # path to a SuperPoint state dict (none ship)
     outlier_fraction: float = 0.4  # share of keypoints dropped as outliers (paper: 0.4)
     outlier_neighbours: int = 10  # neighbours in the outlier median-distance score
+    outlier_reference: int = 20000  # descriptors sampled as the neighbour reference (exact search cost ∝ this)
     min_keypoints: int = 2  # fewer than this after detection: the image is skipped
 
 
@@ -79,6 +80,8 @@ class AugmentConfig:
     batch_size: int = 16
     num_threads: int = 2
     prefetch: int = 2
+    shuffle_buffer: int = 1024  # samples in the reader's shuffle buffer (per rank)
+    strict: bool = False  # a bad sample in a shard is an error instead of a counted skip
 
 
 @dataclass

@@ -64,16 +64,24 @@ def anms(points: np.ndarray, responses: np.ndarray, count: int, robustness: floa
     """Indices of the ``count`` points with the largest suppression radii.
 
     Returns int64 indices into ``points`` (length ``min(count, N)``), ordered by
-    decreasing radius; equal radii (in particular the undominated points with
-    radius ``inf``) are ordered by decreasing response, then by index, so the
-    strongest point always comes first.
+    decreasing radius. Every point within ``robustness`` of the maximum response is
+    undominated (radius ``inf``); these are ordered among themselves by the distance
+    to the nearest strictly stronger point (the radius with robustness 1), so that
+    the choice inside that set is spatially spread too, and the strongest point
+    always comes first. Remaining ties: stronger response, then lower index.
     """
+    pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
     resp = np.asarray(responses, dtype=np.float64).reshape(-1)
-    radii = suppression_radii(points, resp, robustness)
+    radii = suppression_radii(pts, resp, robustness)
     n = len(radii)
     k = max(0, min(int(count), n))
     if k == 0:
         return np.zeros(0, dtype=np.int64)
+    # Points strictly stronger than an undominated point are undominated too, so the
+    # secondary radii need only the (usually small) undominated subset.
+    secondary = np.zeros(n)
+    free = np.flatnonzero(np.isinf(radii))
+    secondary[free] = suppression_radii(pts[free], resp[free], 1.0)
     # lexsort: last key is primary.
-    order = np.lexsort((np.arange(n), -resp, -radii))
+    order = np.lexsort((np.arange(n), -resp, -secondary, -radii))
     return order[:k].astype(np.int64)

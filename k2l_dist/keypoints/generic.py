@@ -18,7 +18,11 @@ if TYPE_CHECKING:
     import torch
 
 METHODS = ("orb", "sift", "superpoint")
-_DIMS = {"orb": (32, np.dtype(np.uint8)), "sift": (128, np.dtype(np.uint8)), "superpoint": (256, np.dtype(np.float32))}
+_DIMS = {
+    "orb": (32, np.dtype(np.uint8)),  # 256 packed bits
+    "sift": (128, np.dtype(np.uint8)),
+    "superpoint": (256, np.dtype(np.float32)),
+}
 
 # ORB: a FAST threshold below OpenCV's default 20 so low-contrast crops (faces at
 # 64-128 px) still yield a candidate pool; Harris ranking + ANMS pick the good ones.
@@ -36,8 +40,9 @@ def to_gray_uint8(image: np.ndarray) -> np.ndarray:
     if img.ndim == 3 and img.shape[2] == 1:
         img = img[:, :, 0]
     if img.dtype != np.uint8:
+        is_float = np.issubdtype(img.dtype, np.floating)
         img = img.astype(np.float32)
-        if img.size and np.issubdtype(np.asarray(image).dtype, np.floating) and float(img.max()) <= 1.0:
+        if is_float and img.size and float(img.max()) <= 1.0:
             img = img * 255.0
         img = np.clip(np.rint(img), 0, 255).astype(np.uint8)
     if img.ndim == 2:
@@ -109,6 +114,8 @@ class KeypointDetector:
     def _orb_for(self, height: int, width: int) -> cv2.ORB:
         key = (height, width)
         if key not in self._orb:
+            if len(self._orb) >= 32:  # uncropped inputs of many sizes: keep the cache bounded
+                self._orb.clear()
             patch, levels = orb_params(height, width)
             self._orb[key] = cv2.ORB_create(
                 nfeatures=self.candidates,
