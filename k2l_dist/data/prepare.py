@@ -106,6 +106,10 @@ class _Worker:
         if keypoints is not None:
             from k2l_dist.keypoints import KeypointDetector
 
+            if keypoints.method == "superpoint":
+                import torch
+
+                torch.set_num_threads(1)  # one process per core already
             cls.detector = KeypointDetector(keypoints)
             cls.min_keypoints = max(1, keypoints.min_keypoints)
 

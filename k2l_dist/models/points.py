@@ -37,36 +37,42 @@ def to_image_coords(points: T, stride: int) -> T:
 def _quadratic_offsets(flat: torch.Tensor, h: int, w: int, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Sub-pixel offsets ``(B,N,2)`` in ``[-0.5, 0.5]`` of the integer maxima ``(y, x)``.
 
-    ``flat`` is ``(B,N,h*w)`` (map of each peak). A parabola through the log values of
-    the peak and its two neighbours per axis: exact for a Gaussian peak (its log is a
-    parabola), unlike a fit on raw values. Axes with a missing neighbour (border) or
-    no curvature get offset 0.
+    ``flat`` is ``(B,N,h*w)`` (the map of each peak). Per axis, a parabola through the
+    log values of three consecutive pixels: exact for a Gaussian peak (its log is a
+    parabola), unlike a fit on raw values. At a border pixel the three-pixel window is
+    shifted inwards (still exact for a Gaussian). Axes shorter than 3 pixels or without
+    curvature get offset 0.
     """
     logv = flat.clamp_min(1e-12).log()
 
     def at(yy: torch.Tensor, xx: torch.Tensor) -> torch.Tensor:
-        idx = yy.clamp(0, h - 1) * w + xx.clamp(0, w - 1)
-        return logv.gather(2, idx.unsqueeze(-1)).squeeze(-1)
+        return logv.gather(2, (yy * w + xx).unsqueeze(-1)).squeeze(-1)
 
-    centre = at(y, x)
     offsets = []
-    for lo, hi, inside in (
-        (at(y, x - 1), at(y, x + 1), (x > 0) & (x < w - 1)),
-        (at(y - 1, x), at(y + 1, x), (y > 0) & (y < h - 1)),
-    ):
-        curvature = lo - 2 * centre + hi
-        ok = inside & (curvature < 0)
-        off = 0.5 * (lo - hi) / torch.where(ok, curvature, torch.ones_like(curvature))
-        offsets.append(torch.where(ok, off.clamp(-0.5, 0.5), torch.zeros_like(off)))
+    for pos, size, axis in ((x, w, 0), (y, h, 1)):
+        if size < 3:
+            offsets.append(torch.zeros(pos.shape, dtype=flat.dtype, device=flat.device))
+            continue
+        mid = pos.clamp(1, size - 2)  # centre of the 3-pixel window
+        if axis == 0:
+            lo, c, hi = at(y, mid - 1), at(y, mid), at(y, mid + 1)
+        else:
+            lo, c, hi = at(mid - 1, x), at(mid, x), at(mid + 1, x)
+        curvature = lo - 2 * c + hi
+        ok = curvature < 0
+        vertex = mid + 0.5 * (lo - hi) / torch.where(ok, curvature, torch.ones_like(curvature))
+        off = (vertex - pos).clamp(-0.5, 0.5)
+        offsets.append(torch.where(ok, off, torch.zeros_like(off)))
     return torch.stack(offsets, dim=-1)
 
 
 def _soft_argmax_offsets(
     flat: torch.Tensor, h: int, w: int, y: torch.Tensor, x: torch.Tensor, radius: int
 ) -> torch.Tensor:
-    """Offsets ``(B,N,2)``: value-weighted mean position in a ``(2r+1)²`` window around
-    the integer maximum (pixels outside the map get weight 0). Biased towards the
-    window centre for wide peaks; prefer ``"quadratic"`` for Gaussian-shaped maps."""
+    """Offsets ``(B,N,2)``: mean position in a ``(2r+1)²`` window around the integer
+    maximum, weighted by value minus the window minimum (pixels outside the map get
+    weight 0). Still biased towards the window centre when the peak is wider than the
+    window (~0.1 px for σ=1.5, r=2); prefer ``"quadratic"`` for Gaussian-shaped maps."""
     r = torch.arange(-radius, radius + 1, device=flat.device)
     dy, dx = torch.meshgrid(r, r, indexing="ij")
     dy, dx = dy.reshape(-1), dx.reshape(-1)  # (W2,)
@@ -74,8 +80,11 @@ def _soft_argmax_offsets(
     xx = x.unsqueeze(-1) + dx
     inside = (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
     idx = yy.clamp(0, h - 1) * w + xx.clamp(0, w - 1)
-    vals = flat.gather(2, idx) * inside
-    vals = vals.clamp_min(0)
+    vals = flat.gather(2, idx)
+    # Subtracting the window minimum removes most of the pull towards the window
+    # centre that a truncated peak on a non-zero background would cause.
+    floor = torch.where(inside, vals, torch.full_like(vals, float("inf"))).amin(-1, keepdim=True)
+    vals = (vals - floor).clamp_min(0) * inside
     total = vals.sum(-1).clamp_min(1e-12)
     ox = (vals * dx).sum(-1) / total
     oy = (vals * dy).sum(-1) / total

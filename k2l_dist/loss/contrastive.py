@@ -1,0 +1,155 @@
+"""Contrastive descriptor loss of Stage 1 (paper Sec. 3.4, ablations of Sec. 5.2).
+
+Every training image ``b`` is seen in two augmented views A and B; slot ``p`` of
+``desc_a[b]`` and ``desc_b[b]`` is the *same physical point* in both views. All
+descriptors are L2-normalised first (the clustering's normalisation), so
+``‖f − f'‖² = 2 − 2·f·f' ∈ [0, 4]``. The paper's pair loss is
+
+    positive pair:  ‖f − f'‖²
+    negative pair:  max(0, m − ‖f − f'‖²)
+
+Pairs (each unordered pair counted once, both points valid):
+
+* positives, always: (A, b, p) – (B, b, p) — equivariance, the known correspondence.
+* positives, ``correspondence="clustering"`` (default): any two points of two
+  *different* images (either view) with the same cluster label ``>= 0``.
+  ``correspondence="equivariance"`` drops these (Table 3, rows 2–3).
+* negatives, ``negatives="same_image"`` (default, the paper's): within one image, points
+  with different slot indices (across and within views), plus every valid random-location
+  descriptor of that image (``neg_a``/``neg_b``) against every valid point of that image.
+  Never across images: one landmark appears at most once per image, whereas two images
+  may put one landmark in different clusters (Fig. 3).
+* negatives, ``negatives="different_clusters"`` (the earlier work's): points of two
+  different images whose labels (both ``>= 0``) differ; random negatives are ignored.
+
+The two terms are averaged separately over their pairs so thousands of negatives do not
+drown a few positives: ``loss = positive + neg_weight · negative``.
+
+Flipping (Sec. 3.7): flip both views of an image together and pass the flipped-image
+cluster labels for it; flipping only one view would make the slot-identity positives
+contradict the labels.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _pair_sq_dist(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    # Unit vectors: ‖x−y‖² = 2 − 2 x·y; smooth (unlike cdist) and one matmul.
+    return (2.0 - 2.0 * x @ y.transpose(-1, -2)).clamp_min(0.0)
+
+
+def contrastive_loss(
+    desc_a: torch.Tensor,
+    desc_b: torch.Tensor,
+    labels_a: torch.Tensor,
+    labels_b: torch.Tensor,
+    neg_a: torch.Tensor | None = None,
+    neg_b: torch.Tensor | None = None,
+    *,
+    valid_a: torch.Tensor | None = None,
+    valid_b: torch.Tensor | None = None,
+    neg_valid_a: torch.Tensor | None = None,
+    neg_valid_b: torch.Tensor | None = None,
+    margin: float = 1.0,
+    neg_weight: float = 1.0,
+    negatives: str = "same_image",
+    correspondence: str = "clustering",
+) -> dict[str, torch.Tensor]:
+    """Contrastive loss over two views of a batch.
+
+    Args:
+        desc_a, desc_b: ``(B,P,d)`` descriptors of the same P points in views A and B
+            (normalised here; raw or unit vectors both fine).
+        labels_a, labels_b: ``(B,P)`` int64 cluster labels in each view (they differ only
+            for flipped images); ``-1`` = no label.
+        neg_a, neg_b: optional ``(B,R,d)`` descriptors at random locations of view A / B,
+            far from every labelled point (see
+            :func:`k2l_dist.models.points.sample_negative_locations`).
+        valid_a, valid_b: ``(B,P)`` bool, point present in that view. Default
+            ``labels >= 0``. Pass them explicitly for unlabelled warm-up points (label
+            -1 but valid): those then join slot-identity positives and same-image
+            negatives but never label-based pairs.
+        neg_valid_a, neg_valid_b: ``(B,R)`` bool; default all True.
+        margin: ``m`` of the hinge, on squared distances in ``[0, 4]``.
+        neg_weight: weight of the mean negative term.
+        negatives: ``"same_image"`` | ``"different_clusters"``.
+        correspondence: ``"clustering"`` | ``"equivariance"``.
+
+    Returns:
+        ``{"loss", "positive", "negative"}`` float32 scalars (a term with no pairs is 0,
+        still attached to the graph) and ``{"num_pos", "num_neg"}`` int64 scalar tensors
+        (tensors, so logging does not force a device sync).
+    """
+    if negatives not in ("same_image", "different_clusters"):
+        raise ValueError(f"negatives must be 'same_image' or 'different_clusters', got {negatives!r}")
+    if correspondence not in ("clustering", "equivariance"):
+        raise ValueError(f"correspondence must be 'clustering' or 'equivariance', got {correspondence!r}")
+    if desc_a.shape != desc_b.shape or labels_a.shape != desc_a.shape[:2] or labels_b.shape != labels_a.shape:
+        raise ValueError(
+            f"shape mismatch: desc_a {tuple(desc_a.shape)}, desc_b {tuple(desc_b.shape)}, "
+            f"labels_a {tuple(labels_a.shape)}, labels_b {tuple(labels_b.shape)}"
+        )
+    b, p, d = desc_a.shape
+    dev = desc_a.device
+    va = labels_a >= 0 if valid_a is None else valid_a.bool()
+    vb = labels_b >= 0 if valid_b is None else valid_b.bool()
+
+    # Distances in float32 even under bf16 autocast: bf16 matmuls are too coarse for
+    # a margin on [0, 4].
+    with torch.autocast(device_type=dev.type, enabled=False):
+        x = F.normalize(torch.cat([desc_a, desc_b], dim=1).float(), dim=-1).reshape(b * 2 * p, d)
+        labels = torch.cat([labels_a, labels_b], dim=1).reshape(-1)
+        valid = torch.cat([va, vb], dim=1).reshape(-1)
+        image = torch.arange(b, device=dev).repeat_interleave(2 * p)
+        slot = torch.arange(p, device=dev).repeat(2 * b)
+
+        n = x.shape[0]
+        dist = _pair_sq_dist(x, x)  # (N,N), N = 2BP
+        upper = torch.ones(n, n, dtype=torch.bool, device=dev).triu(1)
+        pair = upper & valid[:, None] & valid[None, :]
+        same_image = image[:, None] == image[None, :]
+        same_slot = slot[:, None] == slot[None, :]
+
+        pos = pair & same_image & same_slot
+        labelled = (labels[:, None] >= 0) & (labels[None, :] >= 0)
+        same_label = labels[:, None] == labels[None, :]
+        cross = pair & ~same_image & labelled
+        if correspondence == "clustering":
+            pos = pos | (cross & same_label)
+        neg = pair & same_image & ~same_slot if negatives == "same_image" else cross & ~same_label
+
+        hinge = F.relu(margin - dist)
+        pos_sum = (dist * pos).sum()
+        neg_sum = (hinge * neg).sum()
+        num_pos = pos.sum()
+        num_neg = neg.sum()
+
+        if negatives == "same_image":
+            rand, rand_valid = [], []
+            for r, rv in ((neg_a, neg_valid_a), (neg_b, neg_valid_b)):
+                if r is not None:
+                    rand.append(r)
+                    rand_valid.append(
+                        torch.ones(r.shape[:2], dtype=torch.bool, device=dev) if rv is None else rv.bool()
+                    )
+            if rand:
+                rn = F.normalize(torch.cat(rand, dim=1).float(), dim=-1)  # (B,R',d)
+                rv = torch.cat(rand_valid, dim=1)
+                pts = x.view(b, 2 * p, d)
+                rmask = rv[:, :, None] & valid.view(b, 1, 2 * p)  # same image only, by construction
+                rdist = _pair_sq_dist(rn, pts)  # (B,R',2P)
+                neg_sum = neg_sum + (F.relu(margin - rdist) * rmask).sum()
+                num_neg = num_neg + rmask.sum()
+
+        positive = pos_sum / num_pos.clamp_min(1)
+        negative = neg_sum / num_neg.clamp_min(1)
+        return {
+            "loss": positive + neg_weight * negative,
+            "positive": positive,
+            "negative": negative,
+            "num_pos": num_pos,
+            "num_neg": num_neg,
+        }
