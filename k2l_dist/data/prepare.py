@@ -259,7 +259,7 @@ def prepare(cfg: Config, out_dir: str | Path, overwrite: bool = False) -> Summar
     summary.keypoints_before = sum(len(d.keypoints) for d in detected)
     masks = outlier_keep_masks([d.descriptors for d in detected], kcfg.outlier_fraction,
                                kcfg.outlier_neighbours, max_reference=kcfg.outlier_reference,
-                               seed=cfg.seed)
+                               seed=cfg.seed, progress=True)
     for d, keep in zip(detected, masks):
         d.keypoints, d.descriptors = d.keypoints[keep], d.descriptors[keep]
     summary.keypoints_after = sum(len(d.keypoints) for d in detected)

@@ -12,13 +12,15 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
+from tqdm import tqdm
+
 from k2l_dist.keypoints.generic import descriptors_to_float
 
-_QUERY_BATCH = 65536  # queries per faiss search: bounds the (batch, k+1) result arrays
+_QUERY_BATCH = 16384  # queries per faiss search: bounds the result arrays, paces the progress bar
 
 
 def outlier_scores(
-    features: np.ndarray, neighbours: int, max_reference: int = 200_000, seed: int = 0
+    features: np.ndarray, neighbours: int, max_reference: int = 200_000, seed: int = 0, progress: bool = False
 ) -> np.ndarray:
     """Median L2 distance of each row of ``features`` (M, D) float32 to its nearest reference rows.
 
@@ -42,7 +44,8 @@ def outlier_scores(
     index = faiss.IndexFlatL2(x.shape[1])
     index.add(np.ascontiguousarray(x[ref_ids]))
     scores = np.empty(m, np.float64)
-    for start in range(0, m, _QUERY_BATCH):
+    starts = range(0, m, _QUERY_BATCH)
+    for start in tqdm(starts, desc="outliers", unit="batch", disable=not progress or len(starts) < 4, leave=False):
         stop = min(m, start + _QUERY_BATCH)
         d2, ids = index.search(x[start:stop], k + 1)
         # Exclude the query itself by identity, not by distance 0: a duplicate may
@@ -60,6 +63,7 @@ def outlier_keep_masks(
     neighbours: int,
     max_reference: int = 200_000,
     seed: int = 0,
+    progress: bool = False,
 ) -> list[np.ndarray]:
     """One boolean keep-mask per image; exactly ``round(fraction * total)`` keypoints are dropped.
 
@@ -81,7 +85,7 @@ def outlier_keep_masks(
     if n_drop > 0:
         nonempty = [d for d in descriptors if len(d)]
         feats = np.concatenate([descriptors_to_float(d) for d in nonempty], axis=0)
-        scores = outlier_scores(feats, neighbours, max_reference, seed)
+        scores = outlier_scores(feats, neighbours, max_reference, seed, progress)
         tiebreak = np.random.default_rng(seed + 1).random(total)
         order = np.lexsort((tiebreak, -scores))  # largest score first
         keep[order[:n_drop]] = False
