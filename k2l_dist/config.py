@@ -97,13 +97,59 @@ class ModelConfig:
 
 
 @dataclass
+class LossConfig:
+    """Stage-1/2 losses (paper Sec. 3.4, 3.6, 5.2). Distances are in heatmap (output) pixels."""
+
+    heatmap_sigma: float = 1.0  # Gaussian σ of detector / landmark targets
+    margin: float = 1.0  # hinge margin m on squared distances of unit descriptors, in [0, 4]
+    neg_weight: float = 1.0  # weight of the mean negative term vs the mean positive term
+    negatives: str = "same_image"  # same_image | different_clusters (ablation, Table 2)
+    correspondence: str = "clustering"  # clustering | equivariance (ablation, Table 2)
+    random_negatives: int = 32  # random-location negatives per view and image (same_image)
+    min_neg_distance: float = 3.0  # random negatives at least this far from every labelled point
+
+
+@dataclass
+class Stage1Config:
+    """Self-training of Φ (paper Alg. 1; iterations from Sec. 4.2)."""
+
+    warmup_iters: int = 30000  # bootstrapping on known correspondences (Sec. 3.5)
+    rounds: int = 34  # T: clustering rounds after warm-up
+    iters_per_round: int = 5000  # N_iters between clusterings
+    lr: float = 2e-4  # RMSprop
+    weight_decay: float = 1e-5
+    max_points: int = 64  # pseudo-label slots looked up per image (≥ K and ≥ keypoints.count)
+    extract_points: int = 50  # detections per image handed to clustering (NMS top-k)
+    detect_threshold: float = 0.05  # detector confidence a peak must exceed
+    nms_radius: int = 1  # heatmap pixels
+    flip: bool = True  # flip correspondence (Sec. 3.7): flipped labels for mirrored views
+
+
+@dataclass
+class Stage2Config:
+    """The K-heatmap landmark detector Ψ (Sec. 3.6)."""
+
+    iterations: int = 30000
+    lr: float = 2e-4
+    weight_decay: float = 1e-5
+    flip_train: bool = True  # mirrored training views with the K↔K flip permutation
+    flip_test: bool = True  # average with the channel-permuted heatmaps of the mirrored image
+
+
+@dataclass
 class Config:
     run_dir: str = "runs/default"
     seed: int = 0
+    device: str = "auto"  # auto (CUDA when available) | cpu | cuda
+    log_every: int = 25  # iterations between logged losses
+    progress: bool = True  # progress bars on rank 0
     data: DataConfig = field(default_factory=DataConfig)
     keypoints: KeypointConfig = field(default_factory=KeypointConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
 
 
 # --------------------------------------------------------------------------- loading

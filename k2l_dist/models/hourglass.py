@@ -138,6 +138,9 @@ class Backbone(nn.Module):
         return feat
 
 
+HEATMAP_BIAS = -4.0  # sigmoid(-4) ≈ 0.018
+
+
 class KeypointNet(nn.Module):
     """Φ: shared backbone, a 1-channel detector head Φd and a descriptor head Φf.
 
@@ -153,6 +156,8 @@ class KeypointNet(nn.Module):
         self.backbone = Backbone(cfg)
         self.detector = nn.Conv2d(cfg.width, 1, 1)
         self.descriptor = nn.Conv2d(cfg.width, cfg.descriptor_dim, 1)
+        # Targets are mostly 0: start the sigmoid near 0, not 0.5, where MSE gradients vanish.
+        nn.init.constant_(self.detector.bias, HEATMAP_BIAS)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         feat = self.backbone(images)
@@ -177,6 +182,7 @@ class LandmarkNet(nn.Module):
         self.num_landmarks = num_landmarks
         self.backbone = Backbone(cfg)
         self.head = nn.Conv2d(cfg.width, num_landmarks, 1)
+        nn.init.constant_(self.head.bias, HEATMAP_BIAS)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.head(self.backbone(images)))
