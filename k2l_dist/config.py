@@ -70,6 +70,7 @@ class AugmentConfig:
     scale_max: float = 1.2
     translation: float = 0.05  # fraction of the side, uniform in [-t, t]
     flip_prob: float = 0.5  # horizontal flip
+    shared_flip: bool = True  # both views of a pair mirrored together (consistent same-point positives)
     brightness: float = 0.2  # multiplicative delta, uniform in [1-b, 1+b]
     contrast: float = 0.2
     saturation: float = 0.2

@@ -1,0 +1,429 @@
+"""The training data path: WebDataset shards → DALI → pairs of augmented views (issue 3).
+
+One DALI graph serves training (two independently augmented views per sample) and
+extraction/evaluation (``views=1``, augmentation off: the crop resampled to the view
+size). Per sample it emits each view, the 2×3 matrix mapping crop pixels to that
+view's pixels (pixel-centre convention, horizontal flip included), the flip flag and
+the stable sample id. Points are not augmented here: pseudo-labels change every
+round, so the training loop looks them up by id and maps them with
+:func:`k2l_dist.augment.geometry.transform_points`.
+
+Per view, in this order (each range an :class:`~k2l_dist.config.AugmentConfig` value,
+each step left out of the graph when its range is zero):
+
+* geometry, one resampling (bilinear, black outside the crop): scale about the centre
+  (also crop size → view size), rotation about the centre, translation (fraction of the
+  view side), horizontal flip;
+* photometric, on the warped uint8 image: hue/saturation (``fn.hsv``),
+  brightness/contrast, Gaussian blur with probability ``blur_prob``, Gaussian noise;
+* conversion to float32 CHW in [0, 1], RGB (no mean/std normalisation: the model's job).
+
+Sharding: the reader splits the (checked) samples, in tar order, into ``world_size``
+contiguous parts; each rank reads one per epoch and moves to the next part the next
+epoch, so every epoch covers the dataset exactly once across ranks. With ``shuffle``
+the tar order is permuted every epoch (one seed for all ranks) and each rank shuffles
+its samples in a buffer of ``cfg.shuffle_buffer``. ``pad_last_batch`` pads every rank
+to the same number of full batches by repeating a sample; the wrapper marks each
+repeat (``valid=False``) or drops it, so no sample counts twice.
+
+Devices: ``device="cuda[:i]"`` decodes with ``device="mixed"`` on GPU ``i`` (default the
+local rank) and runs every image op there; ``device="cpu"`` builds the same graph with
+``device_id=None`` (DALI's default device id fails on a machine without a driver).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import zlib
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import numpy as np
+import torch
+
+from k2l_dist.augment.validate import CheckedDataset, check_dataset
+from k2l_dist.config import AugmentConfig
+
+log = logging.getLogger("k2l_dist.augment")
+
+READER_NAME = "shards"
+Padded = Literal["mark", "drop"]
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` → the local rank's GPU when CUDA is available, else CPU; ``"cuda"`` gets
+    the local rank's index (``LOCAL_RANK``) when none is given."""
+    if isinstance(device, str) and device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {device!r}: use 'cpu', 'cuda', 'cuda:N' or 'auto'")
+    return dev
+
+
+def _derive_seed(seed: int, rank: int, what: str) -> int:
+    # Augmentation must differ between ranks (else rank r's k-th sample gets rank 0's
+    # k-th transform) but be a pure function of (seed, rank); DALI seeds are < 2**31.
+    return zlib.crc32(f"{seed}/{rank}/{what}".encode()) & 0x7FFFFFFF
+
+
+def _uniform(lo: float, hi: float, **kwargs: Any) -> Any:
+    from nvidia.dali import fn
+
+    return fn.random.uniform(range=[lo, hi], **kwargs)
+
+
+def _view_graph(images: Any, cfg: AugmentConfig, crop_hw: tuple[int, int], size: int, augment: bool,
+                flip: Any = None) -> tuple:
+    """One view: (image float CHW [0,1], matrix crop→view 2×3 float32, flip int32 or None)."""
+    from nvidia.dali import fn, types
+
+    h, w = crop_hw
+    centre_view = (size - 1) / 2.0
+    # Geometry in pixel-centre coordinates: move the crop centre to the origin, scale,
+    # rotate, move to the view centre plus a random shift, flip about the view centre.
+    mat = fn.transforms.translation(offset=[-(w - 1) / 2.0, -(h - 1) / 2.0])
+    if augment and cfg.scale_max > cfg.scale_min:
+        s = _uniform(cfg.scale_min, cfg.scale_max)
+        mat = fn.transforms.scale(mat, scale=fn.stack(s * (size / w), s * (size / h)))
+    else:
+        s0 = cfg.scale_min if augment else 1.0
+        mat = fn.transforms.scale(mat, scale=[s0 * size / w, s0 * size / h])
+    if augment and cfg.rotation > 0:
+        mat = fn.transforms.rotation(mat, angle=_uniform(-cfg.rotation, cfg.rotation))
+    if augment and cfg.translation > 0:
+        shift = _uniform(-cfg.translation, cfg.translation, shape=[2])
+        mat = fn.transforms.translation(mat, offset=shift * float(size) + centre_view)
+    else:
+        mat = fn.transforms.translation(mat, offset=[centre_view, centre_view])
+    if augment and cfg.flip_prob > 0:
+        if flip is None:
+            flip = fn.random.coin_flip(probability=cfg.flip_prob, dtype=types.INT32)
+        sx = 1.0 - 2.0 * fn.cast(flip, dtype=types.FLOAT)
+        mat = fn.transforms.scale(mat, scale=fn.stack(sx, sx * 0.0 + 1.0), center=[centre_view, centre_view])
+
+    # warp_affine puts (0, 0) at the first pixel's corner (pixel-edge convention) and,
+    # with inverse_map=False, takes the source→destination map: conjugate by ±0.5.
+    # (Its docs contradict themselves on inverse_map; tests/test_augment.py pins it down.)
+    edge = fn.transforms.combine(
+        fn.transforms.translation(offset=[-0.5, -0.5]), mat, fn.transforms.translation(offset=[0.5, 0.5])
+    )
+    out = fn.warp_affine(
+        images,
+        matrix=edge,
+        size=[size, size],
+        inverse_map=False,
+        fill_value=0.0,
+        interp_type=types.INTERP_LINEAR,
+    )
+
+    if augment and (cfg.hue > 0 or cfg.saturation > 0):
+        out = fn.hsv(
+            out,
+            hue=_uniform(-cfg.hue, cfg.hue) if cfg.hue > 0 else 0.0,
+            saturation=_uniform(1 - cfg.saturation, 1 + cfg.saturation) if cfg.saturation > 0 else 1.0,
+        )
+    if augment and (cfg.brightness > 0 or cfg.contrast > 0):
+        out = fn.brightness_contrast(
+            out,
+            brightness=_uniform(1 - cfg.brightness, 1 + cfg.brightness) if cfg.brightness > 0 else 1.0,
+            contrast=_uniform(1 - cfg.contrast, 1 + cfg.contrast) if cfg.contrast > 0 else 1.0,
+        )
+    if augment and cfg.blur_prob > 0 and cfg.blur_sigma_max > 0:
+        # Blur a random subset without DALI conditionals: unblurred samples get a
+        # sigma so small that the 3-tap kernel is exactly [0, 1, 0].
+        hit = fn.cast(fn.random.coin_flip(probability=cfg.blur_prob), dtype=types.FLOAT)
+        sigma = hit * _uniform(0.1, cfg.blur_sigma_max) + (1.0 - hit) * 1e-3
+        out = fn.gaussian_blur(out, sigma=sigma)
+    if augment and cfg.noise_std > 0:
+        out = fn.noise.gaussian(out, stddev=_uniform(0.0, cfg.noise_std * 255.0))
+    out = fn.crop_mirror_normalize(
+        out, dtype=types.FLOAT, output_layout="CHW", mean=[0.0, 0.0, 0.0], std=[255.0, 255.0, 255.0]
+    )
+    return out, mat, flip
+
+
+def build_pipeline(
+    data: CheckedDataset,
+    cfg: AugmentConfig,
+    *,
+    rank: int,
+    world_size: int,
+    seed: int,
+    device: torch.device,
+    views: int = 2,
+    shuffle: bool = True,
+    build: bool = True,
+) -> tuple[Any, dict[str, str]]:
+    """The DALI pipeline and its outputs, in order: name → DALI device ("cpu"/"gpu").
+
+    ``build=False`` only defines the graph, which needs no GPU even for ``device="cuda"``
+    (the tests check the GPU graph's devices that way).
+    """
+    from nvidia.dali import fn, pipeline_def, types
+
+    augment = bool(cfg.enabled)
+    size = cfg.size or data.crop_size[1]
+    per_rank = math.ceil(data.num_samples / world_size)
+    batch_size = cfg.batch_size
+
+    @pipeline_def(
+        batch_size=batch_size,
+        num_threads=max(1, cfg.num_threads),
+        device_id=device.index if device.type == "cuda" else None,
+        seed=_derive_seed(seed, rank, "augment"),
+        prefetch_queue_depth=max(1, cfg.prefetch),
+    )
+    def graph() -> tuple:
+        jpeg, sample_id = fn.readers.webdataset(
+            paths=[str(p) for p in data.tar_paths],
+            index_paths=[str(p) for p in data.index_paths],
+            ext=["jpg", "id"],
+            dtypes=[types.UINT8, types.INT64],
+            missing_component_behavior="error",  # validate.py already dropped such samples
+            shard_id=rank,
+            num_shards=world_size,
+            pad_last_batch=True,
+            stick_to_shard=False,
+            # Shuffling: the tar order changes every epoch (the same on every rank, so the
+            # parts still partition the dataset), samples are shuffled in a buffer per rank.
+            shuffle_after_epoch=shuffle,
+            shuffle_after_epoch_seed=_derive_seed(seed, 0, "tar-order"),
+            random_shuffle=shuffle,
+            initial_fill=max(1, min(per_rank, cfg.shuffle_buffer)),
+            seed=_derive_seed(seed, rank, "shuffle"),
+            name=READER_NAME,
+        )
+        images = fn.decoders.image(jpeg, device="mixed" if device.type == "cuda" else "cpu", output_type=types.RGB)
+        outs, mats, flips = [], [], []
+        # One coin for all views of a sample when shared: a mirrored view must be
+        # supervised with flipped labels, and the same-point positive between two views
+        # is only consistent when both are mirrored or neither is.
+        shared = None
+        if augment and cfg.flip_prob > 0 and cfg.shared_flip:
+            shared = fn.random.coin_flip(probability=cfg.flip_prob, dtype=types.INT32)
+        for _ in range(views):
+            out, mat, flip = _view_graph(images, cfg, data.crop_size, size, augment, shared)
+            outs.append(out)
+            mats.append(mat)
+            if flip is not None:
+                flips.append(flip)
+        nodes = (*outs, *mats, *flips, sample_id)
+        devices.extend(node.device for node in nodes)
+        return nodes
+
+    names = [f"view{k}" for k in range(views)] + [f"matrix{k}" for k in range(views)]
+    if augment and cfg.flip_prob > 0:
+        names += [f"flip{k}" for k in range(views)]
+    names.append("id")
+    devices: list[str] = []
+    pipe = graph()  # pipeline_def traces the graph here
+    if len(devices) != len(names):
+        raise RuntimeError(f"pipeline has {len(devices)} outputs, expected {names}")
+    if build:
+        pipe.build()
+    return pipe, dict(zip(names, devices))
+
+
+class AugmentLoader:
+    """Iterates one epoch per ``for`` loop; batches are dicts of torch tensors on ``device``.
+
+    Keys (B = ``cfg.batch_size``; S = the view side; k = 0 .. views-1):
+
+    ``view{k}``   (B, 3, S, S) float32, RGB, in [0, 1] (no mean/std normalisation)
+    ``matrix{k}`` (B, 2, 3) float32: crop pixel (x, y) → view pixel, pixel-centre
+                  convention, flip included (use :func:`~k2l_dist.augment.geometry.transform_points`)
+    ``flip{k}``   (B,) bool: the view is mirrored (use the flipped cluster labels)
+    ``id``        (B,) int64: the stable sample id
+    ``valid``     (B,) bool: False for padding repeats (``padded="mark"`` only)
+
+    Every rank yields ``len(loader)`` batches per epoch (the same on all ranks, as
+    DistributedDataParallel needs), every batch full; padding repeats, in the last
+    batch(es) of a rank's part, are marked ``valid=False`` and must be left out of the
+    loss and of any statistics. With ``padded="drop"`` they are removed instead: the
+    last batch may be smaller and ranks may yield different numbers of batches (fine
+    for extraction, not for DDP training).
+
+    An epoch left early is resumed by the next ``for`` loop; ``epoch`` counts the
+    finished ones. ``num_samples`` is the dataset (after bad samples were skipped);
+    ``last_epoch_samples`` is how many valid samples this rank yielded in its last epoch.
+    """
+
+    def __init__(
+        self,
+        data: CheckedDataset,
+        cfg: AugmentConfig,
+        *,
+        rank: int,
+        world_size: int,
+        seed: int,
+        device: torch.device,
+        views: int,
+        shuffle: bool,
+        padded: Padded,
+    ) -> None:
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        self.data = data
+        self.cfg = cfg
+        self.rank = rank
+        self.world_size = world_size
+        self.device = device
+        self.views = views
+        self.padded = padded
+        self.batch_size = cfg.batch_size
+        self.view_size = cfg.size or data.crop_size[1]
+        self.epoch = 0
+        self.last_epoch_samples = 0
+        self._pipe, outputs = build_pipeline(
+            data, cfg, rank=rank, world_size=world_size, seed=seed, device=device, views=views, shuffle=shuffle
+        )
+        self._names = list(outputs)
+        self._has_flip = "flip0" in outputs
+        # FILL + the reader's pad_last_batch: full batches only, padded with repeats of
+        # a real sample, and the same count on every rank; repeats are found by id below.
+        self._it = DALIGenericIterator(
+            [self._pipe],
+            self._names,
+            reader_name=READER_NAME,
+            last_batch_policy=LastBatchPolicy.FILL,
+            auto_reset=False,
+        )
+        self._batches = math.ceil(math.ceil(data.num_samples / world_size) / self.batch_size)
+        if len(self._it) != self._batches:  # DALI's own count: a mismatch means semantics changed
+            raise RuntimeError(f"DALI iterator reports {len(self._it)} batches, expected {self._batches}")
+        self._seen: set[int] = set()
+        self._valid_in_epoch = 0
+        self._needs_reset = False
+
+    @property
+    def num_samples(self) -> int:
+        return self.data.num_samples
+
+    @property
+    def crop_size(self) -> tuple[int, int]:
+        """(height, width) of the crops in the shards: the coordinate frame of the matrices' input."""
+        return self.data.crop_size
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        """Bad samples left out, by reason (see :mod:`k2l_dist.augment.validate`)."""
+        return dict(self.data.skipped)
+
+    def __len__(self) -> int:
+        return self._batches
+
+    def _convert(self, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        ids = out["id"].reshape(-1).to(torch.int64).cpu()
+        valid_list = []
+        for i in ids.tolist():
+            valid_list.append(i not in self._seen)
+            self._seen.add(i)
+        valid = torch.tensor(valid_list, dtype=torch.bool)
+        self._valid_in_epoch += int(valid.sum())
+        dev = self.device
+        batch: dict[str, torch.Tensor] = {}
+        for k in range(self.views):
+            batch[f"view{k}"] = out[f"view{k}"]
+            batch[f"matrix{k}"] = out[f"matrix{k}"].to(dev, torch.float32)
+            if self._has_flip:
+                batch[f"flip{k}"] = out[f"flip{k}"].reshape(-1).to(dev, torch.bool)
+            else:
+                batch[f"flip{k}"] = torch.zeros(ids.shape[0], dtype=torch.bool, device=dev)
+        batch["id"] = ids.to(dev)
+        if self.padded == "drop":
+            if not bool(valid.any()):
+                return None
+            if not bool(valid.all()):
+                keep = valid.nonzero().squeeze(1)
+                batch = {k: v[keep.to(v.device)] for k, v in batch.items()}
+        else:
+            batch["valid"] = valid.to(dev)
+        return batch
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        if self._needs_reset:
+            self._it.reset()
+            self._needs_reset = False
+        while True:
+            try:
+                out = next(self._it)[0]
+            except StopIteration:
+                break
+            batch = self._convert(out)
+            if batch is not None:
+                yield batch
+        self.last_epoch_samples = self._valid_in_epoch
+        self._seen = set()
+        self._valid_in_epoch = 0
+        self._needs_reset = True
+        self.epoch += 1
+
+
+def build_loader(
+    shard_dir: str | Path,
+    cfg: AugmentConfig,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    views: int = 2,
+    shuffle: bool = True,
+    strict: bool | None = None,
+    padded: Padded = "mark",
+    cache_dir: str | Path | None = None,
+    ids: np.ndarray | None = None,
+) -> AugmentLoader:
+    """The one data path of k2l-dist: a prepared shard folder → batches of augmented views.
+
+    ``strict`` (default ``cfg.strict``): a bad sample raises :class:`ShardError` instead of
+    being skipped with a warning naming its shard. A missing folder or shard always
+    raises a one-line :class:`ShardError`. ``cache_dir`` keeps shard-check results and
+    cleaned indexes (default: a per-user folder under the system temp dir).
+    ``ids`` restricts the loader to those sample ids (a train or test split).
+    See :class:`AugmentLoader` for the batches.
+    """
+    if views < 1:
+        raise ValueError(f"views must be >= 1, got {views}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, {world_size})")
+    if cfg.batch_size < 1:
+        raise ValueError(f"augment.batch_size must be >= 1, got {cfg.batch_size}")
+    if padded not in ("mark", "drop"):
+        raise ValueError(f"padded must be 'mark' or 'drop', got {padded!r}")
+    if cfg.enabled and not 0 < cfg.scale_min <= cfg.scale_max:
+        raise ValueError(f"augment.scale_min/max must satisfy 0 < min <= max, got {cfg.scale_min}, {cfg.scale_max}")
+    dev = resolve_device(device)
+    data = check_dataset(
+        shard_dir,
+        strict=cfg.strict if strict is None else strict,
+        cache_dir=cache_dir,
+        threads=cfg.num_threads,
+        ids=ids,
+    )
+    if data.num_samples < world_size:
+        raise ValueError(f"{shard_dir}: {data.num_samples} usable samples for {world_size} ranks")
+    if data.skipped:
+        log.warning(
+            "%s: %d bad sample(s) skipped (%s); %d remain",
+            shard_dir,
+            data.num_skipped,
+            ", ".join(f"{n} {r}" for r, n in sorted(data.skipped.items())),
+            data.num_samples,
+        )
+    return AugmentLoader(
+        data,
+        cfg,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        device=dev,
+        views=views,
+        shuffle=shuffle,
+        padded=padded,
+    )
