@@ -63,7 +63,7 @@ def _add_prepare(sub) -> None:
     p.add_argument("--workers", type=int, help="worker processes")
     p.add_argument("--synthetic-count", type=int, help="images drawn for --format synthetic")
     p.add_argument("--synthetic-seed", type=int)
-    p.add_argument("--keypoints", choices=["orb", "sift", "superpoint"], help="generic keypoint method")
+    p.add_argument("--keypoints", choices=["orb", "sift", "superpoint", "none"], help="generic keypoint method")
     p.add_argument("--count", type=int, help="keypoints kept per image by ANMS")
     p.add_argument("--superpoint-weights", help="SuperPoint state dict (none ship with k2l-dist)")
     p.add_argument("--outlier-fraction", type=float)
@@ -88,25 +88,70 @@ def _cmd_prepare(args) -> int:
     return 0
 
 
-def _not_built(name: str):
-    def run(args) -> int:
-        print(f"k2l {name}: not built yet (tracked in issue #4); nothing was run.", file=sys.stderr)
-        return 2
+def _cmd_train(args) -> int:
+    from k2l_dist.train.run import train
 
-    return run
+    cfg = load_config(args.config, args.overrides)
+    metrics = train(cfg, resume=not args.fresh)
+    print(_summary(cfg.run_dir, metrics))
+    return 0
+
+
+def _summary(run_dir: str, metrics: dict) -> str:
+    lines = [f"run folder: {run_dir}  (tensorboard --logdir {Path(run_dir) / 'tensorboard'})"]
+    keys = ["forward_nme", "backward_nme", "stage1_forward_nme", "keypoint_baseline_nme", "mean_shape_nme",
+            "raw_accuracy", "train_seconds"]
+    for key in keys:
+        if key in metrics and metrics[key] is not None:
+            value = metrics[key]
+            lines.append(f"  {key:24s} {value:.4f}" if isinstance(value, float) else f"  {key:24s} {value}")
+    return "\n".join(lines)
+
+
+def _cmd_evaluate(args) -> int:
+    from k2l_dist.eval.evaluate import evaluate_checkpoint
+
+    metrics = evaluate_checkpoint(args.run, device=args.device)
+    print(_summary(args.run, metrics))
+    return 0
+
+
+def _cmd_detect(args) -> int:
+    from k2l_dist.eval.detect import detect
+
+    n = detect(args.checkpoint, args.out, data=args.data, images=args.images, draw=args.draw,
+               min_confidence=args.min_confidence, device=args.device)
+    print(f"{n} images → {args.out}" + (f", drawings in {args.draw}" if args.draw else ""))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="k2l", description="Unsupervised object-landmark discovery (K2L).")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_prepare(sub)
-    for name, text in [("train", "Stage 1 + Stage 2 training and evaluation from a config"),
-                       ("detect", "detect landmarks with a trained checkpoint"),
-                       ("evaluate", "forward/backward NME of a trained checkpoint")]:
-        p = sub.add_parser(name, help=f"{text} (not built yet)")
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(func=_not_built(name))
     sub.choices["prepare"].set_defaults(func=_cmd_prepare)
+
+    p = sub.add_parser("train", help="prepare-if-needed, Stage 1, Stage 2 and evaluation",
+                       description="Train from a config; resumes from <run_dir>/checkpoint.pt if present.")
+    p.add_argument("config", help="YAML config, e.g. configs/quickstart.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="forward/backward NME and baselines of a finished run")
+    p.add_argument("run", help="run folder (holds model.pt and config.yaml)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("detect", help="landmarks in original image pixels, as JSON lines")
+    p.add_argument("--checkpoint", required=True, help="a run's model.pt")
+    p.add_argument("--data", help="shards from `k2l prepare` (any dataset)")
+    p.add_argument("--images", help="a folder of images (prepared on the fly)")
+    p.add_argument("--out", required=True, help="output .jsonl")
+    p.add_argument("--draw", help="folder for the images with landmarks drawn")
+    p.add_argument("--min-confidence", type=float, default=0.0, help="landmarks below this peak value are null")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_cmd_detect)
     return parser
 
 

@@ -49,7 +49,7 @@ class DataConfig:
 class KeypointConfig:
     """Generic keypoints that bootstrap Stage 1 (paper Sec. 3.1, 5.1)."""
 
-    method: str = "orb"  # orb | sift | superpoint
+    method: str = "orb"  # orb | sift | superpoint | none (inference-only shards)
     count: int = 50  # keypoints kept per image by ANMS
     candidates: int = 1000  # raw detections handed to ANMS
     superpoint_weights: str = ""  # path to a SuperPoint state dict (none ship)
@@ -138,6 +138,50 @@ class Stage2Config:
 
 
 @dataclass
+class ClusterConfig:
+    """Clustering of Stage-1 descriptors (paper Sec. 3.3, 4.2: M = 100 for all datasets)."""
+
+    K: int = 10  # landmarks per image (first pass / Stage-2 clusters)
+    M: int = 100  # over-segmentation clusters (second pass); paper: 100
+    niter: int = 25  # Lloyd iterations per run (faiss default)
+    nredo: int = 1  # K-means restarts; faiss keeps the lowest objective
+    # Centroid seeding: kmeans++ | random (faiss' default) | afkmc2. With well-separated
+    # landmark clusters, random seeding often puts two centroids in one cluster, which
+    # Lloyd iterations cannot undo (two landmarks merge, a centroid sits on background
+    # points). faiss < 1.12-ish has only random: we warn and fall back.
+    init: str = "kmeans++"
+    # faiss trains on a random subsample of k * max_points_per_centroid points when n is
+    # larger (faiss default 256). 0 = no cap: train on every point.
+    max_points_per_centroid: int = 256
+    seed: int = 0  # faiss RNG (initialisation, subsampling, empty-cluster splits)
+    use_gpu: bool = False  # faiss GPU when the installed faiss sees GPUs, else CPU
+    min_points_per_image: int = 2  # images with fewer kept points sit out the round
+    verbose: bool = False  # faiss per-iteration log
+
+
+@dataclass
+class EvalConfig:
+    """Landmark evaluation (paper Sec. 4.2, 6); every field has a usable default."""
+
+    # Ridge strength *relative to* the mean diagonal of XᵀX (so it is unit-free: pixels
+    # or [0, 1] coordinates give the same fit). 0 = least squares (minimum-norm).
+    ridge_alpha: float = 1e-4
+    regressor_train_count: int = 0  # training images for the regressor; 0 = all (paper: 300 / 800)
+    norm: str = "interocular"  # interocular (distance of eye_indices) | box (sqrt GT box area)
+    eye_indices: tuple[int, int] = (0, 1)  # MTFL eye centres; shoulders for BBCPose / Human3.6M
+    center: str = "input"  # input: subtract the input landmarks' centroid | none: raw coordinates
+    # Raw-landmark accuracy thresholds in pixels at accuracy_ref_size (paper: 6 px at 128 px)
+    accuracy_thresholds: tuple[float, ...] = (6.0,)
+    accuracy_ref_size: int = 128
+    ced_max: float = 0.1  # x range of CED plots, in NME units
+    ced_steps: int = 200
+    svt_iters: int = 2000  # Stage-1 matrix completion (Sec. 4.2)
+    svt_tol: float = 1e-4
+    seed: int = 0  # which images train the regressor when regressor_train_count > 0
+    test_count: int = 1000  # last ids held out of training and of the regressor (the test split)
+
+
+@dataclass
 class Config:
     run_dir: str = "runs/default"
     seed: int = 0
@@ -151,6 +195,8 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
     stage2: Stage2Config = field(default_factory=Stage2Config)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # --------------------------------------------------------------------------- loading

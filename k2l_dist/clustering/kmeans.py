@@ -23,24 +23,9 @@ from typing import Any
 import faiss
 import numpy as np
 
+from k2l_dist.config import ClusterConfig
+
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ClusterConfig:
-    """Clustering of Stage-1 descriptors (paper Sec. 3.3, 4.2: M = 100 for all datasets)."""
-
-    K: int = 10  # landmarks per image (first pass / Stage-2 clusters)
-    M: int = 100  # over-segmentation clusters (second pass); paper: 100
-    niter: int = 25  # Lloyd iterations per run (faiss default)
-    nredo: int = 1  # K-means restarts; faiss keeps the lowest objective
-    # faiss trains on a random subsample of k * max_points_per_centroid points when n is
-    # larger (faiss default 256). 0 = no cap: train on every point.
-    max_points_per_centroid: int = 256
-    seed: int = 0  # faiss RNG (initialisation, subsampling, empty-cluster splits)
-    use_gpu: bool = False  # faiss GPU when the installed faiss sees GPUs, else CPU
-    min_points_per_image: int = 2  # images with fewer kept points sit out the round
-    verbose: bool = False  # faiss per-iteration log
 
 
 @dataclass
@@ -120,6 +105,25 @@ def _gpu_count() -> int:
     return int(get()) if get is not None else 0
 
 
+_INIT_METHODS = {
+    "random": "ClusteringInitMethod_RANDOM",
+    "kmeans++": "ClusteringInitMethod_KMEANS_PLUS_PLUS",
+    "afkmc2": "ClusteringInitMethod_AFK_MC2",
+}
+
+
+def _init_method(name: str) -> int | None:
+    """faiss enum value for ``name``; None = leave faiss' default (random) alone."""
+    if name not in _INIT_METHODS:
+        raise ValueError(f"unknown K-means init {name!r} ({' | '.join(_INIT_METHODS)})")
+    value = getattr(faiss, _INIT_METHODS[name], None)
+    if value is None:
+        if name != "random":
+            log.warning("kmeans: this faiss has no %s seeding; using random", name)
+        return None
+    return int(value)
+
+
 def _as_f32(x: np.ndarray, name: str) -> np.ndarray:
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 2:
@@ -150,27 +154,31 @@ def kmeans(x: np.ndarray, k: int, cfg: ClusterConfig | None = None) -> KMeansRes
     faiss_cap = cap if cap > 0 else max(1, min(2**31 - 1, -(-n // k)))
     trained_on = min(n, k * faiss_cap)
 
+    # getattr: fields beyond the brief's list, in case a config copy lacks them
+    init = getattr(cfg, "init", "kmeans++")
+    init_method = _init_method(init)
     ngpu = 0
     if cfg.use_gpu:
         ngpu = _gpu_count()
         if ngpu == 0:
             log.warning("kmeans: use_gpu=True but faiss sees no GPU; clustering on CPU")
-    km = faiss.Kmeans(
-        d,
-        k,
+    params: dict[str, Any] = dict(
         niter=int(cfg.niter),
         nredo=int(cfg.nredo),
         seed=int(cfg.seed),
         max_points_per_centroid=faiss_cap,
-        verbose=bool(cfg.verbose),
+        verbose=bool(getattr(cfg, "verbose", False)),
         gpu=ngpu if ngpu > 0 else False,
     )
+    if init_method is not None:
+        params["init_method"] = init_method
+    km = faiss.Kmeans(d, k, **params)
     inertia = float(km.train(x))
     centroids = np.ascontiguousarray(km.centroids, dtype=np.float32).reshape(k, d)
     log.info(
         "kmeans: k=%d d=%d n=%d trained_on=%d (max_points_per_centroid=%s) niter=%d nredo=%d "
-        "gpu=%d inertia=%.4g",
-        k, d, n, trained_on, cap or "none", cfg.niter, cfg.nredo, ngpu, inertia,
+        "init=%s gpu=%d inertia=%.4g",
+        k, d, n, trained_on, cap or "none", cfg.niter, cfg.nredo, init, ngpu, inertia,
     )
     return KMeansResult(
         centroids=centroids,
@@ -272,8 +280,8 @@ def cluster_dedup(
 def two_way_cluster(
     desc: np.ndarray,
     image_ids: np.ndarray,
-    K: int,
-    M: int,
+    K: int | None = None,
+    M: int | None = None,
     cfg: ClusterConfig | None = None,
 ) -> TwoWayResult:
     """The modified two-way K-means of Sec. 3.3 (Eq. 1).
@@ -286,8 +294,11 @@ def two_way_cluster(
     Images left with fewer than ``cfg.min_points_per_image`` points (no same-image
     negative pair possible) are reported in ``skipped_images`` and excluded from
     ``usable``; their points stay in ``keep`` so the caller can still see them.
+    ``K`` / ``M`` default to ``cfg.K`` / ``cfg.M``.
     """
     cfg = cfg or ClusterConfig()
+    K = int(cfg.K if K is None else K)
+    M = int(cfg.M if M is None else M)
     desc = _as_f32(desc, "desc")
     image_ids = np.asarray(image_ids, dtype=np.int64).reshape(-1)
     n = desc.shape[0]
@@ -307,7 +318,7 @@ def two_way_cluster(
     uniq, inv = np.unique(image_ids, return_inverse=True)
     before = np.bincount(inv, minlength=uniq.size).astype(np.int64)
     after = np.bincount(inv[keep], minlength=uniq.size).astype(np.int64)
-    skipped = (after < cfg.min_points_per_image) & (before > 0)
+    skipped = (after < getattr(cfg, "min_points_per_image", 2)) & (before > 0)
     usable = keep & ~skipped[inv]
 
     stats = ClusterStats(

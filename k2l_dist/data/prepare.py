@@ -103,7 +103,7 @@ class _Worker:
         cv2.setNumThreads(1)
         cls.data = data
         cls.rects = read_box_file(data.box_file) if data.box == "file" else None
-        if keypoints is not None:
+        if keypoints is not None and keypoints.method != "none":
             from k2l_dist.keypoints import KeypointDetector
 
             if keypoints.method == "superpoint":
@@ -172,6 +172,9 @@ def _detect(item: SourceItem) -> Detected | Skip:
     if isinstance(out, Skip):
         return out
     cropped, box, orig_size, landmarks, visible = out
+    if _Worker.detector is None:  # keypoints.method=none: images for inference only
+        empty = np.zeros((0, 2), np.float32)
+        return Detected(item.id, item.path, box, orig_size, empty, np.zeros((0, 0), np.uint8), landmarks, visible)
     keypoints, descriptors = _Worker.detector(cropped)
     if len(keypoints) < _Worker.min_keypoints:
         return Skip(item.path, "too few keypoints found", f"{len(keypoints)} keypoints")
@@ -257,7 +260,8 @@ def prepare(cfg: Config, out_dir: str | Path, overwrite: bool = False) -> Summar
     from k2l_dist.keypoints import outlier_keep_masks
 
     summary.keypoints_before = sum(len(d.keypoints) for d in detected)
-    masks = outlier_keep_masks([d.descriptors for d in detected], kcfg.outlier_fraction,
+    fraction = kcfg.outlier_fraction if kcfg.method != "none" else 0.0
+    masks = outlier_keep_masks([d.descriptors for d in detected], fraction,
                                kcfg.outlier_neighbours, max_reference=kcfg.outlier_reference,
                                seed=cfg.seed, progress=True)
     for d, keep in zip(detected, masks):

@@ -1,0 +1,206 @@
+"""Run-level evaluation (paper Sec. 4.2): predictions → NMEs, baselines, accuracy, CED plots.
+
+Every number stands beside what trivial methods get on the same split: the mean shape,
+and the keypoint baseline (the initial generic keypoints' own descriptors clustered into
+K groups with the same modified K-means, no learning).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from k2l_dist.augment import build_loader
+from k2l_dist.augment.geometry import inverse_affine, transform_points
+from k2l_dist.clustering import assign, cluster_dedup, dedup_per_image
+from k2l_dist.data.shards import read_dataset
+from k2l_dist.eval.completion import column_means, fill_with_means, svt_complete
+from k2l_dist.eval.metrics import mean_shape_baseline, raw_landmark_accuracy
+from k2l_dist.eval.regression import backward_nme, forward_nme, landmark_norm
+from k2l_dist.keypoints import descriptors_to_float
+from k2l_dist.models.points import heatmap_peaks, to_image_coords
+from k2l_dist.train.extract import extract
+
+STRIDE = 4
+
+
+def slots_from_points(image_ids: np.ndarray, points: np.ndarray, labels: np.ndarray, ids: np.ndarray,
+                      num_landmarks: int) -> np.ndarray:
+    """(len(ids), K, 2) with each labelled point in its slot and NaN where a slot is empty."""
+    out = np.full((len(ids), num_landmarks, 2), np.nan, np.float64)
+    row = np.searchsorted(ids, image_ids)
+    ok = (labels >= 0) & (row < len(ids))
+    ok[ok] &= ids[row[ok]] == image_ids[ok]
+    out[row[ok], labels[ok]] = points[ok]
+    return out
+
+
+@torch.no_grad()
+def predict_landmarks(psi: torch.nn.Module, loader, perm: np.ndarray | None, show_progress: bool = False):
+    """Ψ's K landmarks per image in crop pixels; with ``perm``, flip-test averaging:
+    the heatmaps of the mirrored image, mirrored back and channel-permuted, are averaged in."""
+    psi.eval()
+    ids, pts, conf = [], [], []
+    for batch in tqdm(loader, desc="predict", unit="batch", disable=not show_progress, leave=False):
+        images = batch["view0"]
+        heat = psi(images).float()
+        if perm is not None:
+            mirrored = torch.flip(psi(torch.flip(images, dims=[-1])).float(), dims=[-1])
+            heat = (heat + mirrored[:, torch.as_tensor(perm, device=heat.device)]) / 2
+        peaks, c = heatmap_peaks(heat)
+        view_pts = to_image_coords(peaks, STRIDE)
+        crop = transform_points(view_pts, inverse_affine(batch["matrix0"]).to(view_pts.device))
+        ids.append(batch["id"].cpu().numpy())
+        pts.append(crop.cpu().numpy())
+        conf.append(c.cpu().numpy())
+    ids = np.concatenate(ids)
+    order = np.argsort(ids)
+    return ids[order], np.concatenate(pts)[order].astype(np.float64), np.concatenate(conf)[order]
+
+
+def stage1_landmarks(phi: torch.nn.Module, loader, centroids: np.ndarray, ids: np.ndarray, cfg) -> np.ndarray:
+    """Φ's discovered landmarks: detections assigned to the final K centroids, ≤1 per cluster."""
+    ext = extract(phi, loader, max_points=cfg.stage1.extract_points, threshold=cfg.stage1.detect_threshold,
+                  nms_radius=cfg.stage1.nms_radius, flip=False, show_progress=False)
+    labels, dist = assign(ext.descriptors, centroids)
+    keep = dedup_per_image(ext.image_ids, labels, dist)
+    return slots_from_points(ext.image_ids[keep], ext.points[keep], labels[keep], ids, len(centroids))
+
+
+def keypoint_baseline(shard_dir: Path, train_ids: np.ndarray, ids: np.ndarray, cfg) -> np.ndarray:
+    """The method's first correspondence step without learning, on the generic keypoints."""
+    image_ids, points, descs = [], [], []
+    for s in read_dataset(shard_dir):
+        image_ids.append(np.full(len(s.keypoints), s.id, np.int64))
+        points.append(s.keypoints)
+        descs.append(descriptors_to_float(s.descriptors))
+    image_ids, points = np.concatenate(image_ids), np.concatenate(points)
+    descs = np.concatenate(descs).astype(np.float32)
+    descs /= np.linalg.norm(descs, axis=1, keepdims=True).clip(1e-12)
+    fit = np.isin(image_ids, train_ids)
+    res = cluster_dedup(descs[fit], image_ids[fit], cfg.cluster.K, cfg.cluster)
+    labels, dist = assign(descs, res.kmeans.centroids)
+    keep = dedup_per_image(image_ids, labels, dist)
+    return slots_from_points(image_ids[keep], points[keep], labels[keep], ids, cfg.cluster.K)
+
+
+def _complete(train: np.ndarray, test: np.ndarray, cfg) -> tuple[np.ndarray, np.ndarray]:
+    """Stage-1 style filling: SVT on the train matrix, train means on the test matrix."""
+    n, k, _ = train.shape
+    tr = train.reshape(n, -1)
+    filled = svt_complete(tr, iters=cfg.eval.svt_iters, tol=cfg.eval.svt_tol) if np.isnan(tr).any() else tr
+    means = column_means(tr)
+    means = np.where(np.isnan(means), np.nanmean(tr), means)
+    te = fill_with_means(test.reshape(len(test), -1), means)
+    return filled.reshape(n, k, 2), te.reshape(len(test), k, 2)
+
+
+def evaluate_run(cfg, shard_dir: Path, manifest: dict, meta: dict, split, phi, psi, centroids: np.ndarray,
+                 perm: np.ndarray, log, device) -> dict:
+    """All metrics of a finished run; writes CED plots and a landmark grid into the run folder."""
+    from k2l_dist.eval.plots import save_ced_plot
+
+    run_dir = Path(cfg.run_dir)
+    ecfg = cfg.eval
+    norm_idx = manifest.get("norm_indices")
+    ecfg_used = dataclasses.replace(ecfg, norm="interocular" if norm_idx else "box",
+                                    eye_indices=tuple(norm_idx or ecfg.eye_indices), regressor_train_count=0)
+    reg_ids = split.train[: ecfg.regressor_train_count] if ecfg.regressor_train_count > 0 else split.train
+    test_ids = split.test
+    eval_ids = np.union1d(reg_ids, test_ids)
+    aug = dataclasses.replace(cfg.augment, enabled=False)
+    loader = lambda: build_loader(shard_dir, aug, device=device, views=1, shuffle=False,  # noqa: E731
+                                  padded="drop", ids=eval_ids, seed=cfg.seed)
+    gt_all = meta["landmarks"].astype(np.float64)
+    gt = gt_all[np.searchsorted(meta["ids"], eval_ids)]
+    is_reg, is_test = np.isin(eval_ids, reg_ids), np.isin(eval_ids, test_ids)
+
+    ids, pred, _ = predict_landmarks(psi, loader(), perm if cfg.stage2.flip_test else None)
+    assert np.array_equal(ids, eval_ids), "every evaluation image must be predicted exactly once"
+    fwd = forward_nme(pred[is_reg], gt[is_reg], pred[is_test], gt[is_test], ecfg_used)
+    bwd = backward_nme(pred[is_reg], gt[is_reg], pred[is_test], gt[is_test], ecfg_used)
+
+    s1 = stage1_landmarks(phi, loader(), centroids, eval_ids, cfg)
+    s1_train, s1_test = _complete(s1[is_reg], s1[is_test], cfg)
+    s1_fwd = forward_nme(s1_train, gt[is_reg], s1_test, gt[is_test], ecfg_used)
+
+    kp = keypoint_baseline(shard_dir, split.train, eval_ids, cfg)
+    kp_train, kp_test = _complete(kp[is_reg], kp[is_test], cfg)
+    kp_fwd = forward_nme(kp_train, gt[is_reg], kp_test, gt[is_test], ecfg_used)
+
+    norm_test = landmark_norm(gt[is_test], ecfg_used.norm, ecfg_used.eye_indices)
+    mean_shape = mean_shape_baseline(gt[is_reg], gt[is_test], norm_test)
+    size = manifest["size"]
+    acc = raw_landmark_accuracy(pred[is_test], gt[is_test], np.full(is_test.sum(), size / ecfg.accuracy_ref_size),
+                                ecfg.accuracy_thresholds[0])
+
+    names = manifest.get("landmark_names") or [f"lm{i}" for i in range(gt.shape[1])]
+    curves = {"forward (Ψ)": fwd.per_image, "backward (Ψ)": bwd.per_image, "stage 1 forward": s1_fwd.per_image,
+              "keypoint baseline": kp_fwd.per_image, "mean shape": mean_shape.per_image}
+    aucs = save_ced_plot(curves, run_dir / "ced.png", ecfg.ced_max, title=f"CED on {len(test_ids)} held-out images")
+    metrics = {
+        "forward_nme": fwd.mean, "backward_nme": bwd.mean, "stage1_forward_nme": s1_fwd.mean,
+        "mean_shape_nme": mean_shape.mean, "keypoint_baseline_nme": kp_fwd.mean,
+        "raw_accuracy": acc["mean_accuracy"],
+        "raw_accuracy_per_landmark": dict(zip(names, map(float, acc["accuracy"]))),
+        "forward_nme_per_landmark": dict(zip(names, map(float, fwd.per_landmark_mean))),
+        "ced_auc": aucs, "regressor_train_images": int(is_reg.sum()), "test_images": int(is_test.sum()),
+        "normalisation": ecfg_used.norm,
+    }
+    log.scalars(0, {k: v for k, v in metrics.items() if isinstance(v, float)}, "eval/")
+    _landmark_grid(shard_dir, ids[is_test][:16], pred[is_test][:16], run_dir / "landmarks_test.png", log)
+    return metrics
+
+
+def _landmark_grid(shard_dir: Path, ids: np.ndarray, points: np.ndarray, path: Path, log) -> None:
+    from k2l_dist.eval.plots import save_grid
+
+    wanted = {int(i): k for k, i in enumerate(ids)}
+    images: list = [None] * len(ids)
+    for s in read_dataset(shard_dir):
+        if s.id in wanted:
+            images[wanted[s.id]] = s.image()
+    save_grid(images, list(points), path, cols=8)
+    import cv2
+
+    grid = cv2.imread(str(path))
+    if grid is not None:
+        log.image("landmarks/test", grid[..., ::-1].copy(), 0)
+
+
+def evaluate_checkpoint(run_dir: str | Path, device: str = "cpu") -> dict:
+    """Re-evaluate a finished run from its ``model.pt`` (writes metrics.json again)."""
+    import json
+
+    from k2l_dist.config import Config, apply_values
+    from k2l_dist.data.shards import load_manifest, load_samples_meta
+    from k2l_dist.models import KeypointNet, LandmarkNet
+    from k2l_dist.train.checkpoint import load_checkpoint
+    from k2l_dist.train.run import make_split
+    from k2l_dist.utils.io import atomic_write_text
+    from k2l_dist.utils.metrics import MetricsLogger
+
+    run_dir = Path(run_dir)
+    ck = load_checkpoint(run_dir / "model.pt")
+    cfg = apply_values(Config(), ck["config"])
+    cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
+    shard_dir = Path(cfg.data.shards or run_dir / "shards")
+    manifest, meta = load_manifest(shard_dir), load_samples_meta(shard_dir)
+    if "landmarks" not in meta:
+        raise ValueError(f"{shard_dir}: the dataset has no annotated landmarks to evaluate against")
+    dev = torch.device(device)
+    phi = KeypointNet(cfg.model)
+    phi.load_state_dict(ck["phi"])
+    psi = LandmarkNet(cfg.model, int(ck["num_landmarks"]))
+    psi.load_state_dict(ck["psi"])
+    split = make_split(meta["ids"], cfg.eval.test_count)
+    log = MetricsLogger(run_dir)
+    metrics = evaluate_run(cfg, shard_dir, manifest, meta, split, phi.to(dev), psi.to(dev), ck["centroids"].numpy(),
+                           ck["flip_permutation"].numpy(), log, dev)
+    log.close()
+    atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=1))
+    return metrics

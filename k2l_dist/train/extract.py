@@ -1,0 +1,80 @@
+"""Correspondence recovery, part 1 (paper Sec. 3.3): run a frozen Φ over a set of samples.
+
+For every image: NMS on the detector map, descriptors sampled at the detected points,
+and — for the flip correspondence of Sec. 3.7 — descriptors of the horizontally
+mirrored image sampled at the mirrored points. Output is flat per-point numpy arrays,
+the plain interface to clustering (which may run in another process).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from k2l_dist.augment.geometry import inverse_affine, transform_points
+from k2l_dist.models.points import nms_peaks, sample_descriptors, to_image_coords
+
+STRIDE = 4  # Φ and Ψ output at 1/4 of the input resolution
+
+
+@dataclass
+class Extraction:
+    image_ids: np.ndarray  # (n,) int64
+    points: np.ndarray  # (n, 2) float32, crop pixels
+    scores: np.ndarray  # (n,) float32 detector confidence
+    descriptors: np.ndarray  # (n, d) float32, unit norm
+    flipped_descriptors: np.ndarray | None  # (n, d) descriptors of the mirrored image at the mirrored point
+    num_images: int
+
+    def as_dict(self) -> dict[str, np.ndarray]:
+        out = {"image_ids": self.image_ids, "points": self.points, "scores": self.scores,
+               "descriptors": self.descriptors}
+        if self.flipped_descriptors is not None:
+            out["flipped_descriptors"] = self.flipped_descriptors
+        return out
+
+
+@torch.no_grad()
+def extract(model: torch.nn.Module, batches: Iterable[dict], *, max_points: int, threshold: float,
+            nms_radius: int = 1, flip: bool = True, total: int | None = None,
+            show_progress: bool = True) -> Extraction:
+    """Detect points and descriptors on un-augmented views (``view0``, ``matrix0``, ``id``)."""
+    was_training = model.training
+    model.eval()
+    ids, pts, scores, descs, fdescs = [], [], [], [], []
+    count = 0
+    for batch in tqdm(batches, total=total, desc="extract", unit="batch", disable=not show_progress, leave=False):
+        images = batch["view0"]
+        heat, dmap = model(images)
+        peaks, score, valid = nms_peaks(heat.float(), max_points, threshold, radius=nms_radius)
+        view_pts = to_image_coords(peaks, STRIDE)
+        desc = sample_descriptors(dmap.float(), view_pts, STRIDE)
+        crop_pts = transform_points(view_pts, inverse_affine(batch["matrix0"]).to(view_pts.device))
+        b, p = valid.shape
+        sample_ids = batch["id"].reshape(-1).to(valid.device)[:, None].expand(b, p)
+        if flip:
+            # Mirror the image exactly (pixel x ↔ S-1-x) and sample at the mirrored points.
+            _, fdmap = model(torch.flip(images, dims=[-1]))
+            mirrored = view_pts.clone()
+            mirrored[..., 0] = images.shape[-1] - 1 - mirrored[..., 0]
+            fdescs.append(sample_descriptors(fdmap.float(), mirrored, STRIDE)[valid].cpu())
+        ids.append(sample_ids[valid].cpu())
+        pts.append(crop_pts[valid].cpu())
+        scores.append(score[valid].cpu())
+        descs.append(desc[valid].cpu())
+        count += b
+    model.train(was_training)
+    cat = lambda xs, shape: torch.cat(xs).numpy() if xs else np.zeros(shape, np.float32)  # noqa: E731
+    d = descs[0].shape[-1] if descs else 0
+    return Extraction(
+        image_ids=cat(ids, (0,)).astype(np.int64),
+        points=cat(pts, (0, 2)).astype(np.float32),
+        scores=cat(scores, (0,)).astype(np.float32),
+        descriptors=cat(descs, (0, d)).astype(np.float32),
+        flipped_descriptors=cat(fdescs, (0, d)).astype(np.float32) if flip else None,
+        num_images=count,
+    )

@@ -1,0 +1,80 @@
+"""One training step of each stage, on a batch of two augmented views (issue 3's loader).
+
+Pseudo-labels live in a :class:`~k2l_dist.train.labels.LabelTable` in crop pixels;
+here they are looked up by sample id, mapped into each view with the view's affine
+matrix, and — for mirrored views — swapped for their flipped labels (paper Sec. 3.7).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from k2l_dist.augment.geometry import inside_view, select_by_flip, transform_points
+from k2l_dist.loss import contrastive_loss, detector_loss, landmark_loss
+from k2l_dist.models.points import sample_descriptors, sample_negative_locations, to_feature_coords, to_image_coords
+from k2l_dist.train.labels import LabelTable
+
+STRIDE = 4
+
+
+def _view_labels(batch: dict, table: LabelTable, view: int, max_points: int, device: torch.device):
+    """Points (view pixels), presence and labels of the table's entries in one view."""
+    lab = table.lookup(batch["id"], max_points)
+    points = transform_points(lab["points"].to(device), batch[f"matrix{view}"].to(device))
+    size = batch[f"view{view}"].shape[-2:]
+    present = lab["valid"].to(device) & inside_view(points, tuple(size))
+    labels = select_by_flip(lab["labels"], lab["flipped_labels"], batch[f"flip{view}"].cpu()).to(device)
+    return points, present, torch.where(present, labels, torch.full_like(labels, -1))
+
+
+def stage1_losses(model: torch.nn.Module, batch: dict, table: LabelTable, *, max_points: int, loss_cfg,
+                  generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """Detector MSE + contrastive loss for Φ on the pair (view0, view1).
+
+    Algorithm 1 of the paper steps (θb, θd) on L_d and (θb, θf) on L_f in turn; we take
+    one step on their sum (the heads are disjoint, the backbone gets both gradients).
+    """
+    device = batch["view0"].device
+    b = batch["view0"].shape[0]
+    heat, dmap = model(torch.cat([batch["view0"], batch["view1"]]))
+    size = tuple(heat.shape[-2:])
+    det, descs, negs, neg_ok, labels, present = [], [], [], [], [], []
+    for v in (0, 1):
+        sl = slice(v * b, (v + 1) * b)
+        pts, pres, lab = _view_labels(batch, table, v, max_points, device)
+        fpts = to_feature_coords(pts, STRIDE)
+        det.append(detector_loss(heat[sl], fpts, pres, loss_cfg.heatmap_sigma))
+        descs.append(sample_descriptors(dmap[sl].float(), pts, STRIDE))
+        locs, ok = sample_negative_locations(fpts, pres, size, loss_cfg.random_negatives,
+                                             loss_cfg.min_neg_distance, generator)
+        negs.append(sample_descriptors(dmap[sl].float(), to_image_coords(locs, STRIDE), STRIDE))
+        neg_ok.append(ok)
+        labels.append(lab)
+        present.append(pres)
+    con = contrastive_loss(descs[0], descs[1], labels[0], labels[1], negs[0], negs[1],
+                           valid_a=present[0], valid_b=present[1], neg_valid_a=neg_ok[0], neg_valid_b=neg_ok[1],
+                           margin=loss_cfg.margin, neg_weight=loss_cfg.neg_weight,
+                           negatives=loss_cfg.negatives, correspondence=loss_cfg.correspondence)
+    detector = (det[0] + det[1]) / 2
+    return {"loss": detector + con["loss"], "detector": detector, "contrastive": con["loss"],
+            "positive": con["positive"], "negative": con["negative"],
+            "points_per_view": present[0].sum() / max(b, 1)}
+
+
+def stage2_losses(model: torch.nn.Module, batch: dict, table: LabelTable, *, num_landmarks: int,
+                  sigma: float) -> dict[str, torch.Tensor]:
+    """Ψ's masked heatmap MSE on view0. The table's labels are landmark channels; a
+    mirrored view uses the flipped labels (the flip permutation of the channels)."""
+    device = batch["view0"].device
+    pts, present, lab = _view_labels(batch, table, 0, num_landmarks, device)
+    b = pts.shape[0]
+    # Scatter each labelled point into its channel: (B, K, 2) targets with a validity mask.
+    targets = torch.zeros(b, num_landmarks, 2, device=device)
+    valid = torch.zeros(b, num_landmarks, dtype=torch.bool, device=device)
+    rows = torch.arange(b, device=device)[:, None].expand_as(lab)
+    keep = lab >= 0
+    targets[rows[keep], lab[keep]] = to_feature_coords(pts, STRIDE)[keep]
+    valid[rows[keep], lab[keep]] = True
+    heat = model(batch["view0"])
+    loss = landmark_loss(heat, targets, valid, sigma)
+    return {"loss": loss, "landmarks_per_image": valid.sum() / max(b, 1)}
