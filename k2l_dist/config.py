@@ -144,7 +144,7 @@ class ClusterConfig:
     K: int = 10  # landmarks per image (first pass / Stage-2 clusters)
     M: int = 100  # over-segmentation clusters (second pass); paper: 100
     niter: int = 25  # Lloyd iterations per run (faiss default)
-    nredo: int = 1  # K-means restarts; faiss keeps the lowest objective
+    nredo: int = 8  # K-means restarts with distinct seeds; the lowest objective wins
     # Centroid seeding: kmeans++ | random (faiss' default) | afkmc2. With well-separated
     # landmark clusters, random seeding often puts two centroids in one cluster, which
     # Lloyd iterations cannot undo (two landmarks merge, a centroid sits on background

@@ -179,6 +179,8 @@ def build_pipeline(
         prefetch_queue_depth=max(1, cfg.prefetch),
     )
     def graph() -> tuple:
+        # DALI warns about a shuffle seed given without shuffling: pass it only when used.
+        shuffle_args = {"shuffle_after_epoch_seed": _derive_seed(seed, 0, "tar-order")} if shuffle else {}
         jpeg, sample_id = fn.readers.webdataset(
             paths=[str(p) for p in data.tar_paths],
             index_paths=[str(p) for p in data.index_paths],
@@ -192,7 +194,7 @@ def build_pipeline(
             # Shuffling: the tar order changes every epoch (the same on every rank, so the
             # parts still partition the dataset), samples are shuffled in a buffer per rank.
             shuffle_after_epoch=shuffle,
-            shuffle_after_epoch_seed=_derive_seed(seed, 0, "tar-order"),
+            **shuffle_args,
             random_shuffle=shuffle,
             initial_fill=max(1, min(per_rank, cfg.shuffle_buffer)),
             seed=_derive_seed(seed, rank, "shuffle"),

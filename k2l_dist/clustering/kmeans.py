@@ -131,6 +131,9 @@ def _as_f32(x: np.ndarray, name: str) -> np.ndarray:
     return x
 
 
+_OBJECTIVE_POINTS = 100_000  # points on which restarts are compared
+
+
 def kmeans(x: np.ndarray, k: int, cfg: ClusterConfig | None = None) -> KMeansResult:
     """faiss K-means of ``x`` (n, d) into ``k`` clusters; deterministic for a given ``cfg.seed``.
 
@@ -172,9 +175,22 @@ def kmeans(x: np.ndarray, k: int, cfg: ClusterConfig | None = None) -> KMeansRes
     )
     if init_method is not None:
         params["init_method"] = init_method
-    km = faiss.Kmeans(d, k, **params)
-    inertia = float(km.train(x))
-    centroids = np.ascontiguousarray(km.centroids, dtype=np.float32).reshape(k, d)
+    # Restarts are ours, not faiss' nredo: faiss reuses one k-means++ seeding for every
+    # redo, so its nredo cannot escape a bad seeding. Each restart gets its own seed and
+    # the restarts are compared on the same points (up to _OBJECTIVE_POINTS of them).
+    params["nredo"] = 1
+    rng = np.random.default_rng(cfg.seed)
+    probe = x if n <= _OBJECTIVE_POINTS else x[rng.choice(n, _OBJECTIVE_POINTS, replace=False)]
+    best = None
+    for restart in range(max(1, int(cfg.nredo))):
+        params["seed"] = int(cfg.seed) + 7919 * restart
+        km = faiss.Kmeans(d, k, **params)
+        km.train(x)
+        cand = np.ascontiguousarray(km.centroids, dtype=np.float32).reshape(k, d)
+        objective = float(assign(probe, cand, use_gpu=ngpu > 0)[1].sum())
+        if best is None or objective < best[0]:
+            best = (objective, cand)
+    inertia, centroids = best
     log.info(
         "kmeans: k=%d d=%d n=%d trained_on=%d (max_points_per_centroid=%s) niter=%d nredo=%d "
         "init=%s gpu=%d inertia=%.4g",

@@ -42,6 +42,9 @@ def stage1_losses(model: torch.nn.Module, batch: dict, table: LabelTable, *, max
     for v in (0, 1):
         sl = slice(v * b, (v + 1) * b)
         pts, pres, lab = _view_labels(batch, table, v, max_points, device)
+        if "valid" in batch:  # padding repeats of the last batch: no points, no loss
+            pres = pres & batch["valid"].to(device)[:, None]
+            lab = torch.where(pres, lab, torch.full_like(lab, -1))
         fpts = to_feature_coords(pts, STRIDE)
         det.append(detector_loss(heat[sl], fpts, pres, loss_cfg.heatmap_sigma))
         descs.append(sample_descriptors(dmap[sl].float(), pts, STRIDE))
@@ -61,20 +64,30 @@ def stage1_losses(model: torch.nn.Module, batch: dict, table: LabelTable, *, max
             "points_per_view": present[0].sum() / max(b, 1)}
 
 
-def stage2_losses(model: torch.nn.Module, batch: dict, table: LabelTable, *, num_landmarks: int,
-                  sigma: float) -> dict[str, torch.Tensor]:
-    """Ψ's masked heatmap MSE on view0. The table's labels are landmark channels; a
-    mirrored view uses the flipped labels (the flip permutation of the channels)."""
-    device = batch["view0"].device
-    pts, present, lab = _view_labels(batch, table, 0, num_landmarks, device)
+def landmark_targets(batch: dict, table: LabelTable, num_landmarks: int, view: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ψ's targets in one view: (B, K, 2) points in view pixels and (B, K) validity.
+
+    The table's labels are landmark channels; a mirrored view takes the flipped labels
+    (the K↔K flip permutation), so the point lands in its mirror landmark's channel.
+    """
+    device = batch[f"view{view}"].device
+    pts, present, lab = _view_labels(batch, table, view, num_landmarks, device)
     b = pts.shape[0]
-    # Scatter each labelled point into its channel: (B, K, 2) targets with a validity mask.
     targets = torch.zeros(b, num_landmarks, 2, device=device)
     valid = torch.zeros(b, num_landmarks, dtype=torch.bool, device=device)
     rows = torch.arange(b, device=device)[:, None].expand_as(lab)
     keep = lab >= 0
-    targets[rows[keep], lab[keep]] = to_feature_coords(pts, STRIDE)[keep]
+    targets[rows[keep], lab[keep]] = pts[keep]
     valid[rows[keep], lab[keep]] = True
+    return targets, valid
+
+
+def stage2_losses(model: torch.nn.Module, batch: dict, table: LabelTable, *, num_landmarks: int,
+                  sigma: float) -> dict[str, torch.Tensor]:
+    """Ψ's heatmap MSE on view0, masked to the channels labelled in each image (Sec. 3.6)."""
+    targets, valid = landmark_targets(batch, table, num_landmarks)
+    if "valid" in batch:  # padding repeats of the last batch carry no label
+        valid = valid & batch["valid"].to(valid.device)[:, None]
     heat = model(batch["view0"])
-    loss = landmark_loss(heat, targets, valid, sigma)
-    return {"loss": loss, "landmarks_per_image": valid.sum() / max(b, 1)}
+    loss = landmark_loss(heat, to_feature_coords(targets, STRIDE), valid, sigma)
+    return {"loss": loss, "landmarks_per_image": valid.sum() / max(valid.shape[0], 1)}

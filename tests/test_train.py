@@ -1,0 +1,131 @@
+"""Training pieces: label tables, clustering → pseudo-labels, Stage-2 targets, checkpoints."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from k2l_dist.config import Config, apply_values
+from k2l_dist.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from k2l_dist.train.extract import Extraction
+from k2l_dist.train.labels import LabelTable
+from k2l_dist.train.run import final_landmarks, initial_table, make_split, recover_correspondence
+from k2l_dist.train.steps import landmark_targets
+
+
+def test_label_table_lookup_pads_and_handles_unknown_ids():
+    table = LabelTable.from_points(
+        image_ids=np.array([5, 2, 5, 5, 2]),
+        points=np.array([[1, 1], [2, 2], [3, 3], [4, 4], [5, 5]], np.float32),
+        labels=np.array([10, 20, 11, 12, 21]),
+        flipped_labels=np.array([0, 1, 2, 3, 4]),
+        all_ids=np.array([2, 5, 9]),
+    )
+    out = table.lookup(np.array([5, 9, 7, 2]), max_points=2)
+    assert out["valid"].tolist() == [[True, True], [False, False], [False, False], [True, True]]
+    assert out["labels"].tolist() == [[10, 11], [-1, -1], [-1, -1], [20, 21]]  # capped at max_points
+    assert out["points"][3].tolist() == [[2, 2], [5, 5]]
+    assert out["flipped_labels"][0].tolist() == [0, 2]
+    back = LabelTable.from_state(table.state())
+    assert np.array_equal(back.points, table.points) and np.array_equal(back.ids, [2, 5, 9])
+
+
+def test_split_holds_out_the_last_ids():
+    split = make_split(np.array([4, 0, 3, 1, 2, 9, 8, 7, 6, 5]), 3)
+    assert split.test.tolist() == [7, 8, 9] and split.train.tolist() == list(range(7))
+    assert len(make_split(np.arange(10), 100).test) == 5  # never more than half
+
+
+def test_initial_table_takes_the_generic_keypoints_of_the_split():
+    meta = {"ids": np.array([0, 1, 2]), "kp_offsets": np.array([0, 2, 2, 5]),
+            "keypoints": np.arange(10, dtype=np.float32).reshape(5, 2)}
+    table = initial_table(meta, np.array([0, 2]))
+    out = table.lookup(np.array([0, 1, 2]), 4)
+    assert out["valid"].sum(1).tolist() == [2, 0, 3]
+    assert (out["labels"] == -1).all()  # warm-up: no clusters yet
+
+
+def _planted_extraction(n_images=80, K=4, d=16, seed=0, flip_map=(1, 0, 2, 3)):
+    """Each image shows K landmarks whose descriptors are noisy copies of K prototypes;
+    its mirror image shows landmark k with the descriptor of flip_map[k]."""
+    rng = np.random.default_rng(seed)
+    protos = rng.normal(size=(K, d)).astype(np.float32)
+    protos /= np.linalg.norm(protos, axis=1, keepdims=True)
+    ids = np.repeat(np.arange(n_images), K)
+    which = np.tile(np.arange(K), n_images)
+    noise = lambda: 0.05 * rng.normal(size=(len(ids), d)).astype(np.float32)  # noqa: E731
+    desc = protos[which] + noise()
+    fdesc = protos[np.asarray(flip_map)[which]] + noise()
+    norm = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    points = np.stack([which * 10.0, which * 5.0 + 1], 1).astype(np.float32)
+    return Extraction(ids, points, np.ones(len(ids), np.float32), norm(desc), norm(fdesc), n_images), which
+
+
+def test_recover_correspondence_gives_consistent_labels_per_landmark():
+    ext, which = _planted_extraction()
+    cfg = apply_values(Config(), {"cluster": {"K": 4, "M": 8}})
+    table, stats = recover_correspondence(ext, cfg, np.arange(80))
+    assert stats["images_kept_share"] == 1.0
+    out = table.lookup(np.arange(80), 4)
+    labels = out["labels"].numpy()
+    assert (labels >= 0).all()
+    # ≤1 point per M-cluster per image, and every M-cluster holds a single landmark
+    assert all(len(set(row)) == len(row) for row in labels)
+    pts = out["points"].numpy()
+    landmark = (pts[..., 0] / 10).round().astype(int)
+    for m in np.unique(labels):
+        assert len(np.unique(landmark[labels == m])) == 1
+
+
+def test_final_landmarks_find_the_flip_permutation():
+    ext, which = _planted_extraction(flip_map=(1, 0, 2, 3))
+    cfg = apply_values(Config(), {"cluster": {"K": 4}})
+    table, centroids, perm, stats = final_landmarks(ext, cfg, np.arange(80))
+    assert sorted(perm.tolist()) == [0, 1, 2, 3]  # a permutation, always
+    # map cluster → landmark through the points, then check the permutation swaps 0 and 1
+    out = table.lookup(np.arange(80), 4)
+    cluster_to_landmark = {}
+    for lab, p in zip(out["labels"].numpy().ravel(), out["points"].numpy().reshape(-1, 2)):
+        cluster_to_landmark[int(lab)] = int(round(p[0] / 10))
+    landmark_perm = {cluster_to_landmark[c]: cluster_to_landmark[int(perm[c])] for c in range(4)}
+    assert landmark_perm == {0: 1, 1: 0, 2: 2, 3: 3}
+    assert np.array_equal(out["flipped_labels"].numpy(), perm[out["labels"].numpy()])
+
+
+def test_landmark_targets_move_mirrored_points_to_the_mirror_channel():
+    table = LabelTable.from_points(np.array([0, 0]), np.array([[10.0, 20.0], [30.0, 5.0]], np.float32),
+                                   labels=np.array([0, 2]), flipped_labels=np.array([1, 2]), all_ids=np.array([0]))
+    size = 64
+    mirror = torch.tensor([[[-1.0, 0.0, size - 1.0], [0.0, 1.0, 0.0]]])
+    identity = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])
+    for matrix, flip, channel, x in [(identity, False, 0, 10.0), (mirror, True, 1, size - 1 - 10.0)]:
+        batch = {"view0": torch.zeros(1, 3, size, size), "matrix0": matrix, "flip0": torch.tensor([flip]),
+                 "id": torch.tensor([0])}
+        targets, valid = landmark_targets(batch, table, 3)
+        assert valid[0].tolist() == [channel == 0, channel == 1, True]
+        assert targets[0, channel].tolist() == [x, 20.0]
+
+
+class _Evil:  # an arbitrary object: loading it would need unpickling
+    pass
+
+
+def test_checkpoint_round_trip_restores_rng_and_refuses_pickles(tmp_path):
+    torch.manual_seed(3)
+    np.random.seed(3)
+    state = {"model": torch.nn.Linear(3, 2).state_dict(), "rng": rng_state(), "step": 7,
+             "config": dataclasses.asdict(Config())}
+    save_checkpoint(tmp_path / "c.pt", state)
+    expected = (torch.rand(3), np.random.rand(3))
+    back = load_checkpoint(tmp_path / "c.pt")
+    set_rng_state(back["rng"])
+    assert torch.equal(torch.rand(3), expected[0]) and np.array_equal(np.random.rand(3), expected[1])
+    assert apply_values(Config(), back["config"]) == Config()
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temp file left
+
+    torch.save({"x": _Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match="evil.pt"):
+        load_checkpoint(tmp_path / "evil.pt")
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        load_checkpoint(tmp_path / "nope.pt")
