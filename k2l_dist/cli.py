@@ -111,7 +111,7 @@ def _summary(run_dir: str, metrics: dict) -> str:
 def _cmd_evaluate(args) -> int:
     from k2l_dist.eval.evaluate import evaluate_checkpoint
 
-    metrics = evaluate_checkpoint(args.run, device=args.device)
+    metrics = evaluate_checkpoint(args.run, device=args.device, overrides=args.overrides)
     print(_summary(args.run, metrics))
     return 0
 
@@ -140,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="forward/backward NME and baselines of a finished run")
     p.add_argument("run", help="run folder (holds model.pt and config.yaml)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the run's config (e.g. eval.*)")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_cmd_evaluate)
 

@@ -42,6 +42,7 @@ class DataConfig:
     jpeg_quality: int = 95
     synthetic_count: int = 2000  # images drawn when format=synthetic
     synthetic_seed: int = 0
+    synthetic_render_size: int = 0  # side the synthetic images are drawn at before cropping (0 = size)
     pts_one_based: bool = True  # 300-W .pts files count pixels from 1
 
 
@@ -167,9 +168,10 @@ class EvalConfig:
     # or [0, 1] coordinates give the same fit). 0 = least squares (minimum-norm).
     ridge_alpha: float = 1e-4
     regressor_train_count: int = 0  # training images for the regressor; 0 = all (paper: 300 / 800)
-    norm: str = "interocular"  # interocular (distance of eye_indices) | box (sqrt GT box area)
+    # auto: interocular with the dataset's eye indices (MTFL, synthetic), else box
+    norm: str = "auto"  # auto | interocular (distance of eye_indices) | box (sqrt GT box area)
     eye_indices: tuple[int, int] = (0, 1)  # MTFL eye centres; shoulders for BBCPose / Human3.6M
-    center: str = "input"  # input: subtract the input landmarks' centroid | none: raw coordinates
+    center: str = "dataset"  # dataset: training-mean-centred coordinates | input: per-image input centroid | none
     # Raw-landmark accuracy thresholds in pixels at accuracy_ref_size (paper: 6 px at 128 px)
     accuracy_thresholds: tuple[float, ...] = (6.0,)
     accuracy_ref_size: int = 128

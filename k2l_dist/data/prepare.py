@@ -120,7 +120,7 @@ def _load(item: SourceItem) -> tuple[np.ndarray, np.ndarray | None, np.ndarray |
     if data.format == "synthetic":
         from k2l_dist.data import synthetic
 
-        out = synthetic.render(item.id, data.synthetic_seed, data.size)
+        out = synthetic.render(item.id, data.synthetic_seed, data.synthetic_render_size or data.size)
         return out.image, out.landmarks.astype(np.float32), out.visible
     path = Path(data.root) / item.path
     if not path.is_file():
@@ -211,8 +211,8 @@ def _check(data: DataConfig) -> None:
         raise PrepareError(f"data.size: {data.size} is too small (at least 16 pixels)")
     if data.box not in ("whole", "landmarks", "file"):
         raise PrepareError(f"data.box: unknown box '{data.box}' (whole | landmarks | file)")
-    if data.box == "landmarks" and data.format in ("folder", "synthetic"):
-        raise PrepareError(f"data.box: 'landmarks' needs annotated landmarks; format '{data.format}' has none")
+    if data.box == "landmarks" and data.format == "folder":
+        raise PrepareError("data.box: 'landmarks' needs annotated landmarks; format 'folder' has none")
     if data.box == "file" and not data.box_file:
         raise PrepareError("data.box_file: required when data.box is 'file'")
     if data.samples_per_shard < 1:

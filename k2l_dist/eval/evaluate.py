@@ -107,8 +107,9 @@ def evaluate_run(cfg, shard_dir: Path, manifest: dict, meta: dict, split, phi, p
     run_dir = Path(cfg.run_dir)
     ecfg = cfg.eval
     norm_idx = manifest.get("norm_indices")
-    ecfg_used = dataclasses.replace(ecfg, norm="interocular" if norm_idx else "box",
-                                    eye_indices=tuple(norm_idx or ecfg.eye_indices), regressor_train_count=0)
+    norm = ecfg.norm if ecfg.norm != "auto" else ("interocular" if norm_idx else "box")
+    eyes = tuple(norm_idx) if (norm_idx and ecfg.norm == "auto") else tuple(ecfg.eye_indices)
+    ecfg_used = dataclasses.replace(ecfg, norm=norm, eye_indices=eyes, regressor_train_count=0)
     reg_ids = split.train[: ecfg.regressor_train_count] if ecfg.regressor_train_count > 0 else split.train
     test_ids = split.test
     eval_ids = np.union1d(reg_ids, test_ids)
@@ -133,7 +134,8 @@ def evaluate_run(cfg, shard_dir: Path, manifest: dict, meta: dict, split, phi, p
     kp_fwd = forward_nme(kp_train, gt[is_reg], kp_test, gt[is_test], ecfg_used)
 
     norm_test = landmark_norm(gt[is_test], ecfg_used.norm, ecfg_used.eye_indices)
-    mean_shape = mean_shape_baseline(gt[is_reg], gt[is_test], norm_test)
+    mean_shape = mean_shape_baseline(gt[is_reg], gt[is_test], norm_test,
+                                     center="none" if ecfg.center == "dataset" else "gt")
     size = manifest["size"]
     acc = raw_landmark_accuracy(pred[is_test], gt[is_test], np.full(is_test.sum(), size / ecfg.accuracy_ref_size),
                                 ecfg.accuracy_thresholds[0])
@@ -172,11 +174,11 @@ def _landmark_grid(shard_dir: Path, ids: np.ndarray, points: np.ndarray, path: P
         log.image("landmarks/test", grid[..., ::-1].copy(), 0)
 
 
-def evaluate_checkpoint(run_dir: str | Path, device: str = "cpu") -> dict:
+def evaluate_checkpoint(run_dir: str | Path, device: str = "cpu", overrides: list[str] | tuple = ()) -> dict:
     """Re-evaluate a finished run from its ``model.pt`` (writes metrics.json again)."""
     import json
 
-    from k2l_dist.config import Config, apply_values
+    from k2l_dist.config import Config, apply_values, load_config
     from k2l_dist.data.shards import load_manifest, load_samples_meta
     from k2l_dist.models import KeypointNet, LandmarkNet
     from k2l_dist.train.checkpoint import load_checkpoint
@@ -187,7 +189,7 @@ def evaluate_checkpoint(run_dir: str | Path, device: str = "cpu") -> dict:
     run_dir = Path(run_dir)
     ck = load_checkpoint(run_dir / "model.pt")
     cfg = apply_values(Config(), ck["config"])
-    cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
+    cfg = dataclasses.replace(load_config(None, overrides, base=cfg), run_dir=str(run_dir))
     shard_dir = Path(cfg.data.shards or run_dir / "shards")
     manifest, meta = load_manifest(shard_dir), load_samples_meta(shard_dir)
     if "landmarks" not in meta:

@@ -6,7 +6,11 @@ its NME measured on the test images. Backward NME (Sanchez & Tzimiropoulos [53])
 the roles -- annotations -> discovered landmarks -- and flags unstable landmarks; it is
 normalised by the same annotation-based distance.
 
-Translation (``center="input"``, the default). Without a bias a linear map of raw
+Centring (``EvalConfig.center``). ``"dataset"`` (the default): coordinates are
+mean-centred with the training set's means of inputs and targets, a no-bias ridge maps
+centred inputs to centred targets, and the target mean is added back; the mean-shape
+baseline (predict the training mean annotation) is exactly this regressor with W = 0,
+so the two numbers are comparable. ``"input"``: without a bias a linear map of raw
 coordinates must fake translation through its weights. We instead remove it
 explicitly: for each image we subtract the centroid ``c`` of the regressor's *input*
 landmarks (discovered ones for forward, annotations for backward) from both input and
@@ -68,9 +72,12 @@ def as_points(a: np.ndarray, name: str = "landmarks") -> np.ndarray:
 
 
 def landmark_norm(gt: np.ndarray, mode: str = "interocular", eye_indices: tuple[int, int] = (0, 1)) -> np.ndarray:
-    """Per-image normaliser (n,) from the annotations; NaN where it cannot be computed or is 0."""
+    """Per-image normaliser (n,) from the annotations; NaN where it cannot be computed or is 0.
+
+    ``"auto"`` is resolved per dataset by the run-level evaluation; here it means interocular.
+    """
     gt = as_points(gt, "gt")
-    if mode == "interocular":
+    if mode in ("interocular", "auto"):
         i, j = eye_indices
         d = np.linalg.norm(gt[:, i] - gt[:, j], axis=-1)
     elif mode == "box":
@@ -172,8 +179,15 @@ def _regress_nme(
     tr_in, tr_out = as_points(train_in, "train input"), as_points(train_out, "train target")
     te_in, te_out = as_points(test_in, "test input"), as_points(test_out, "test target")
     rows = _train_rows(tr_in, tr_out, cfg.regressor_train_count, cfg.seed)
-    W = fit_linear(tr_in[rows], tr_out[rows], cfg.ridge_alpha, cfg.center)
-    pred = predict_linear(te_in, W, cfg.center)
+    if cfg.center == "dataset":
+        # Mean-centred coordinates: subtract the training means of inputs and targets, fit
+        # a no-bias map, add the target mean back. W = 0 is then the mean-shape baseline.
+        mx, my = tr_in[rows].mean(0), tr_out[rows].mean(0)
+        W = fit_linear(tr_in[rows] - mx, tr_out[rows] - my, cfg.ridge_alpha, "none")
+        pred = predict_linear(te_in - mx, W, "none") + my
+    else:
+        W = fit_linear(tr_in[rows], tr_out[rows], cfg.ridge_alpha, cfg.center)
+        pred = predict_linear(te_in, W, cfg.center)
     per_lm, per_img = landmark_errors(pred, te_out, norm)
     scored = np.isfinite(per_img)
     mean = float(per_img[scored].mean()) if scored.any() else float("nan")
