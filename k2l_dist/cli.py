@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (ConfigError, DatasetError, PrepareError, ShardError, FileNotFoundError) as err:
+    except (ConfigError, DatasetError, PrepareError, ShardError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

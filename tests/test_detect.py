@@ -1,0 +1,87 @@
+"""`k2l detect`: JSON lines in original pixels, drawings, and its CLI errors."""
+
+import dataclasses
+import json
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from k2l_dist.cli import main
+from k2l_dist.config import Config, apply_values
+from k2l_dist.eval import detect as detect_module
+from k2l_dist.models import LandmarkNet
+from k2l_dist.train.checkpoint import save_checkpoint
+
+K = 3
+
+
+@pytest.fixture
+def model_pt(tmp_path):
+    cfg = apply_values(Config(), {"model": {"width": 16, "depth": 2, "descriptor_dim": 16}, "data": {"size": 32}})
+    psi = LandmarkNet(cfg.model, K)
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, {"psi": psi.state_dict(), "num_landmarks": K, "config": dataclasses.asdict(cfg),
+                           "flip_permutation": torch.arange(K)})
+    return path
+
+
+@pytest.fixture
+def images(tmp_path):
+    root = tmp_path / "imgs"
+    (root / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    sizes = {"wide.jpg": (40, 90), "tall.png": (70, 30), "sub/square.jpg": (50, 50)}
+    for name, (h, w) in sizes.items():
+        cv2.imwrite(str(root / name), rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+    return root, sizes
+
+
+def test_detect_maps_crop_points_back_to_original_pixels(model_pt, images, tmp_path, monkeypatch):
+    root, sizes = images
+
+    def fake_predict(psi, loader, perm, show_progress=False):
+        ids = []
+        for batch in loader:
+            ids.append(batch["id"].numpy())
+        ids = np.sort(np.concatenate(ids))
+        # landmark 0 at the crop centre, 1 at the top-left pixel centre, 2 at (10.25, 20.5)
+        pts = np.tile(np.array([[15.5, 15.5], [0.0, 0.0], [10.25, 20.5]]), (len(ids), 1, 1))
+        conf = np.tile(np.array([0.9, 0.05, 0.9]), (len(ids), 1))
+        return ids, pts, conf
+
+    monkeypatch.setattr(detect_module, "predict_landmarks", fake_predict)
+    out = tmp_path / "preds.jsonl"
+    n = detect_module.detect(model_pt, out, images=root, draw=tmp_path / "drawn", min_confidence=0.1)
+    assert n == 3
+    rows = {r["image"]: r["landmarks"] for r in map(json.loads, out.read_text().splitlines())}
+    assert set(rows) == set(sizes)
+    for name, (h, w) in sizes.items():
+        side = max(h, w)
+        scale = side / 32
+        x0, y0 = (w - side) / 2, (h - side) / 2  # the whole-image square box, edge coordinates
+        centre, missing, third = rows[name]
+        assert centre == pytest.approx([(w - 1) / 2, (h - 1) / 2], abs=0.01)  # crop centre → image centre
+        assert missing is None  # below --min-confidence
+        assert third == pytest.approx([(10.25 + 0.5) * scale - 0.5 + x0, (20.5 + 0.5) * scale - 0.5 + y0], abs=0.01)
+        drawn = cv2.imread(str((tmp_path / "drawn" / name).with_suffix(".png")))
+        assert drawn is not None and drawn.shape[:2] == (h, w)
+
+
+def test_detect_runs_the_real_model_end_to_end(model_pt, images, tmp_path, capsys):
+    root, sizes = images
+    out = tmp_path / "p.jsonl"
+    assert main(["detect", "--checkpoint", str(model_pt), "--images", str(root), "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 3 and all(len(r["landmarks"]) == K for r in rows)
+    for r in rows:
+        h, w = sizes[r["image"]]
+        for x, y in r["landmarks"]:
+            assert -0.5 - max(h, w) / 2 <= x <= w + max(h, w) / 2 and -max(h, w) / 2 <= y <= h + max(h, w) / 2
+
+
+def test_detect_errors_are_one_line(tmp_path, capsys):
+    assert main(["detect", "--checkpoint", str(tmp_path / "none.pt"), "--images", str(tmp_path),
+                 "--out", str(tmp_path / "o.jsonl")]) == 2
+    assert "none.pt" in capsys.readouterr().err
