@@ -43,6 +43,7 @@ class DataConfig:
     synthetic_count: int = 2000  # images drawn when format=synthetic
     synthetic_seed: int = 0
     synthetic_render_size: int = 0  # side the synthetic images are drawn at before cropping (0 = size)
+    synthetic_object_scale: float = 1.0  # > 1 draws larger objects relative to the frame
     pts_one_based: bool = True  # 300-W .pts files count pixels from 1
 
 

@@ -120,7 +120,8 @@ def _load(item: SourceItem) -> tuple[np.ndarray, np.ndarray | None, np.ndarray |
     if data.format == "synthetic":
         from k2l_dist.data import synthetic
 
-        out = synthetic.render(item.id, data.synthetic_seed, data.synthetic_render_size or data.size)
+        out = synthetic.render(item.id, data.synthetic_seed, data.synthetic_render_size or data.size,
+                               data.synthetic_object_scale)
         return out.image, out.landmarks.astype(np.float32), out.visible
     path = Path(data.root) / item.path
     if not path.is_file():

@@ -171,10 +171,14 @@ def _unit(v: np.ndarray) -> np.ndarray:
     return v / np.linalg.norm(v, axis=-1, keepdims=True)
 
 
-def _sample_params(rng: np.random.Generator) -> _Params:
-    """Draw one instance. The number of draws is fixed, so it never depends on size."""
+def _sample_params(rng: np.random.Generator, object_scale: float = 1.0) -> _Params:
+    """Draw one instance. The number of draws is fixed, so it never depends on size.
+
+    ``object_scale`` enlarges the head relative to the frame (it still fits: the fit below
+    shrinks it if needed and leaves less room for translation).
+    """
     k = NUM_LANDMARKS
-    a = rng.uniform(0.17, 0.26)
+    a = rng.uniform(0.17, 0.26) * object_scale
     radii = np.array([a, a * rng.uniform(0.95, 1.25), a * rng.uniform(0.8, 1.05)])
     xy = _TEMPLATE_XY + rng.normal(0.0, 0.025, (k, 2))
     z = np.sqrt(np.clip(1.0 - (xy**2).sum(1), 0.05, None))
@@ -591,12 +595,14 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return img
 
 
-def _render(index: int, seed: int, size: int) -> tuple[SyntheticImage, np.ndarray]:
+def _render(index: int, seed: int, size: int, object_scale: float = 1.0) -> tuple[SyntheticImage, np.ndarray]:
     """Render one sample and also return its warped part-id map (for tests)."""
     if not 16 <= size <= 1024:
         raise ValueError(f"size must be in [16, 1024], got {size}")
+    if not 0.25 <= object_scale <= 2.5:
+        raise ValueError(f"object_scale must be in [0.25, 2.5], got {object_scale}")
     rng = np.random.default_rng([seed, index])
-    p = _sample_params(rng)  # first: fixed draw count, so instance is size-independent
+    p = _sample_params(rng, object_scale)  # first: fixed draw count, so instance is size-independent
     bg = _background(rng, size)
     premult, alpha, part, lms, vis = _render_layers(p, size)
     img = bg.astype(np.float32)
@@ -615,9 +621,10 @@ def _render(index: int, seed: int, size: int) -> tuple[SyntheticImage, np.ndarra
     return SyntheticImage(image=image, landmarks=lms.astype(np.float32), visible=vis), part
 
 
-def render(index: int, seed: int, size: int) -> SyntheticImage:
+def render(index: int, seed: int, size: int, object_scale: float = 1.0) -> SyntheticImage:
     """Render sample ``index`` of the synthetic dataset ``seed`` at ``size`` × ``size`` px.
 
-    Deterministic: the same ``(index, seed, size)`` always gives identical arrays.
+    Deterministic: the same ``(index, seed, size, object_scale)`` always gives identical
+    arrays. ``object_scale`` > 1 draws larger heads (less room to translate).
     """
-    return _render(int(index), int(seed), int(size))[0]
+    return _render(int(index), int(seed), int(size), float(object_scale))[0]
