@@ -65,7 +65,8 @@ def _planted_extraction(n_images=80, K=4, d=16, seed=0, flip_map=(1, 0, 2, 3)):
 def test_recover_correspondence_gives_consistent_labels_per_landmark():
     ext, which = _planted_extraction()
     cfg = apply_values(Config(), {"cluster": {"K": 4, "M": 8}})
-    table, stats = recover_correspondence(ext, cfg, np.arange(80))
+    table, stats, centroids = recover_correspondence(ext, cfg, np.arange(80))
+    assert centroids.shape == (8, 16)
     assert stats["images_kept_share"] == 1.0
     out = table.lookup(np.arange(80), 4)
     labels = out["labels"].numpy()

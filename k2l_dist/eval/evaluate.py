@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -154,24 +155,36 @@ def evaluate_run(cfg, shard_dir: Path, manifest: dict, meta: dict, split, phi, p
         "normalisation": ecfg_used.norm,
     }
     log.scalars(0, {k: v for k, v in metrics.items() if isinstance(v, float)}, "eval/")
-    _landmark_grid(shard_dir, ids[is_test][:16], pred[is_test][:16], run_dir / "landmarks_test.png", log)
+    log_landmark_grid(shard_dir, ids[is_test][:16], list(pred[is_test][:16]), run_dir / "landmarks_test.png", log,
+                      "landmarks/test")
+    ced = cv2.imread(str(run_dir / "ced.png"))
+    if ced is not None:
+        log.image("eval/ced", ced[..., ::-1].copy(), 0)
     return metrics
 
 
-def _landmark_grid(shard_dir: Path, ids: np.ndarray, points: np.ndarray, path: Path, log) -> None:
+def log_landmark_grid(shard_dir: Path, ids: np.ndarray, points: list[np.ndarray], path: Path, log,
+                      tag: str, step: int = 0) -> None:
+    """Draw ``points[i]`` (row k in colour k, NaN rows skipped) on sample ``ids[i]``'s crop;
+    save a PNG grid and send it to TensorBoard."""
+    import cv2
+
     from k2l_dist.eval.plots import save_grid
 
     wanted = {int(i): k for k, i in enumerate(ids)}
     images: list = [None] * len(ids)
     for s in read_dataset(shard_dir):
         if s.id in wanted:
-            images[wanted[s.id]] = s.image()
-    save_grid(images, list(points), path, cols=8)
-    import cv2
-
+            images[wanted.pop(s.id)] = s.image()
+            if not wanted:
+                break
+    keep = [i for i, im in enumerate(images) if im is not None]
+    if not keep:
+        return
+    save_grid([images[i] for i in keep], [points[i] for i in keep], path, cols=8)
     grid = cv2.imread(str(path))
     if grid is not None:
-        log.image("landmarks/test", grid[..., ::-1].copy(), 0)
+        log.image(tag, grid[..., ::-1].copy(), step)
 
 
 def evaluate_checkpoint(run_dir: str | Path, device: str = "cpu", overrides: list[str] | tuple = ()) -> dict:

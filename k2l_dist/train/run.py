@@ -93,7 +93,7 @@ def _forever(loader) -> Iterator[dict]:
             raise RuntimeError("the training loader yielded no batch")
 
 
-def recover_correspondence(ext: Extraction, cfg: Config, ids: np.ndarray) -> tuple[LabelTable, dict]:
+def recover_correspondence(ext: Extraction, cfg: Config, ids: np.ndarray) -> tuple[LabelTable, dict, np.ndarray]:
     """Paper Eq. 1: two-way K-means → per-point M-cluster labels (+ flipped labels)."""
     res = two_way_cluster(ext.descriptors, ext.image_ids, cfg.cluster.K, cfg.cluster.M, cfg.cluster)
     use = res.usable
@@ -102,8 +102,11 @@ def recover_correspondence(ext: Extraction, cfg: Config, ids: np.ndarray) -> tup
         flipped, _ = assign(ext.flipped_descriptors[use], res.centroids_m, use_gpu=cfg.cluster.use_gpu)
     table = LabelTable.from_points(ext.image_ids[use], ext.points[use], res.labels_m[use], flipped, all_ids=ids)
     stats = res.stats.summary()
+    sizes = res.stats.cluster_sizes_m
+    stats.update(cluster_size_min=int(sizes.min()), cluster_size_median=float(np.median(sizes)),
+                 cluster_size_max=int(sizes.max()))
     stats["images_kept_share"] = 1.0 - len(res.skipped_images) / max(len(ids), 1)
-    return table, stats
+    return table, stats, res.centroids_m
 
 
 def final_landmarks(ext: Extraction, cfg: Config, ids: np.ndarray) -> tuple[LabelTable, np.ndarray, np.ndarray, dict]:
@@ -176,16 +179,18 @@ def train(cfg: Config, resume: bool = True) -> dict:
     # ---- Stage 1 rounds: recover correspondence, then train on the pseudo-labels.
     for rnd in range(done_rounds, s1.rounds):
         ext = _extract_all(phi, extract_loader, cfg, show)
-        table, stats = recover_correspondence(ext, cfg, split.train)
+        table, stats, centroids_m = recover_correspondence(ext, cfg, split.train)
         stats["points_per_image_extracted"] = len(ext.image_ids) / max(ext.num_images, 1)
         log.scalars(rnd + 1, stats, "round/")
+        if info.is_main:
+            _round_grid(shard_dir, table, split.train[:16], run_dir / "rounds" / f"round{rnd + 1:03d}.png", log, rnd + 1)
         if show:
             print(f"round {rnd + 1}/{s1.rounds}: {stats['points_per_image_after']:.1f} points/image kept, "
                   f"{stats['images_kept_share']:.0%} images kept")
         step = run(cfg.loss, s1.iters_per_round, f"round{rnd + 1}/",
                    _loader(cfg, shard_dir, split.train, info, train=True, seed=cfg.seed + rnd + 1))
         done_rounds = rnd + 1
-        checkpoint("stage1")
+        checkpoint("stage1", centroids_m=torch.from_numpy(centroids_m))
     stage1_seconds = time.time() - t0
 
     # ---- Stage 2: K clusters → K-heatmap detector Ψ initialised from Φ.
@@ -220,6 +225,19 @@ def train(cfg: Config, resume: bool = True) -> dict:
         atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=1))
     log.close()
     return metrics
+
+
+def _round_grid(shard_dir: Path, table: LabelTable, ids: np.ndarray, path: Path, log, step: int) -> None:
+    """The round's pseudo-labels drawn on a few training crops (colour = M-cluster)."""
+    from k2l_dist.eval.evaluate import log_landmark_grid
+
+    lab = table.lookup(ids, max(int(table.counts.max(initial=1)), 1))
+    points = []
+    for pts, valid, labels in zip(lab["points"].numpy(), lab["valid"].numpy(), lab["labels"].numpy()):
+        slots = np.full((int(table.labels.max(initial=0)) + 1, 2), np.nan)
+        slots[labels[valid]] = pts[valid]
+        points.append(slots)
+    log_landmark_grid(shard_dir, ids, points, path, log, "landmarks/round", step)
 
 
 def _extract_all(phi: torch.nn.Module, loader, cfg: Config, show: bool) -> Extraction:

@@ -9,6 +9,15 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[BinaryIO]:
     """Open a temporary file beside ``path``; on success fsync and rename it over ``path``.
@@ -19,6 +28,7 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[BinaryIO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; shards and checkpoints are shared
         with os.fdopen(fd, mode) as handle:
             yield handle
             handle.flush()
