@@ -106,6 +106,8 @@ def _view_graph(images: Any, cfg: AugmentConfig, crop_hw: tuple[int, int], size:
         sx = 1.0 - 2.0 * fn.cast(flip, dtype=types.FLOAT)
         mat = fn.transforms.scale(mat, scale=fn.stack(sx, sx * 0.0 + 1.0), center=[centre_view, centre_view])
 
+    # No fill_value: outside the crop DALI repeats the border pixel (as prepare's crops do),
+    # so views carry no black corners for the detector to latch onto.
     # warp_affine puts (0, 0) at the first pixel's corner (pixel-edge convention) and,
     # with inverse_map=False, takes the source→destination map: conjugate by ±0.5.
     # (Its docs contradict themselves on inverse_map; tests/test_augment.py pins it down.)
@@ -117,7 +119,6 @@ def _view_graph(images: Any, cfg: AugmentConfig, crop_hw: tuple[int, int], size:
         matrix=edge,
         size=[size, size],
         inverse_map=False,
-        fill_value=0.0,
         interp_type=types.INTERP_LINEAR,
     )
 
