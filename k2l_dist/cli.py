@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from k2l_dist.config import ConfigError, apply_values, load_config
+from k2l_dist.config import ConfigError, apply_values, load_config, nest_values
 
 # flag name → dotted config key, for `k2l prepare`
 PREPARE_FLAGS = {
@@ -32,17 +32,6 @@ PREPARE_FLAGS = {
     "outlier_fraction": "keypoints.outlier_fraction",
     "seed": "seed",
 }
-
-
-def _nested(pairs: dict) -> dict:
-    out: dict = {}
-    for key, value in pairs.items():
-        node = out
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return out
 
 
 def _add_prepare(sub) -> None:
@@ -80,7 +69,7 @@ def _cmd_prepare(args) -> int:
     if args.strict:
         flags["data.strict"] = True
     cfg = load_config(args.config)
-    cfg = apply_values(cfg, _nested(flags))
+    cfg = apply_values(cfg, nest_values(flags))
     cfg = load_config(None, args.overrides, base=cfg)
     summary = prepare(cfg, args.out, overwrite=args.overwrite)
     print(summary.text())

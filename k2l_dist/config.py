@@ -286,13 +286,15 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def _nest(key: str, value: Any) -> dict:
+def nest_values(pairs: dict[str, Any]) -> dict:
+    """``{"a.b": 1, "a.c": 2}`` → ``{"a": {"b": 1, "c": 2}}``."""
     out: dict = {}
-    node = out
-    parts = key.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
+    for key, value in pairs.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
     return out
 
 
@@ -320,7 +322,7 @@ def load_config(
             raise ConfigError(f"{path}: {err}") from None
     for text in overrides:
         key, value = parse_override(text)
-        cfg = _merge(cfg, _nest(key, value))
+        cfg = _merge(cfg, nest_values({key: value}))
     return cfg
 
 

@@ -23,10 +23,10 @@ from k2l_dist.eval.completion import column_means, fill_with_means, svt_complete
 from k2l_dist.eval.metrics import mean_shape_baseline, raw_landmark_accuracy
 from k2l_dist.eval.regression import backward_nme, forward_nme, landmark_norm
 from k2l_dist.keypoints import descriptors_to_float
+from k2l_dist.models import STRIDE
 from k2l_dist.models.points import heatmap_peaks, to_image_coords
 from k2l_dist.train.extract import extract
 
-STRIDE = 4
 
 
 def slots_from_points(image_ids: np.ndarray, points: np.ndarray, labels: np.ndarray, ids: np.ndarray,

@@ -16,9 +16,9 @@ import torch
 from tqdm import tqdm
 
 from k2l_dist.augment.geometry import inverse_affine, transform_points
+from k2l_dist.models import STRIDE
 from k2l_dist.models.points import nms_peaks, sample_descriptors, to_image_coords
 
-STRIDE = 4  # Φ and Ψ output at 1/4 of the input resolution
 
 
 @dataclass

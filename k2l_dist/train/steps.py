@@ -11,10 +11,10 @@ import torch
 
 from k2l_dist.augment.geometry import inside_view, select_by_flip, transform_points
 from k2l_dist.loss import contrastive_loss, detector_loss, landmark_loss
+from k2l_dist.models import STRIDE
 from k2l_dist.models.points import sample_descriptors, sample_negative_locations, to_feature_coords, to_image_coords
 from k2l_dist.train.labels import LabelTable
 
-STRIDE = 4
 
 
 def _view_labels(batch: dict, table: LabelTable, view: int, max_points: int, device: torch.device):
