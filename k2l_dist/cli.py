@@ -7,6 +7,7 @@ Every subcommand resolves one :class:`~k2l_dist.config.Config` the same way: def
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -82,7 +83,8 @@ def _cmd_train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     metrics = train(cfg, resume=not args.fresh)
-    print(_summary(cfg.run_dir, metrics))
+    if int(os.environ.get("RANK", "0")) == 0:  # one summary per job, not per process
+        print(_summary(cfg.run_dir, metrics))
     return 0
 
 

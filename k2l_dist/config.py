@@ -81,7 +81,7 @@ class AugmentConfig:
     blur_sigma_max: float = 1.5
     noise_std: float = 0.02  # Gaussian pixel noise, fraction of 255
     batch_size: int = 16
-    num_threads: int = 2
+    num_threads: int = 0  # DALI threads; 0 = dist.threads (cores / local world size)
     prefetch: int = 2
     shuffle_buffer: int = 1024  # samples in the reader's shuffle buffer (per rank)
     strict: bool = False  # a bad sample in a shard is an error instead of a counted skip
@@ -159,6 +159,16 @@ class ClusterConfig:
     use_gpu: bool = False  # faiss GPU when the installed faiss sees GPUs, else CPU
     min_points_per_image: int = 2  # images with fewer kept points sit out the round
     verbose: bool = False  # faiss per-iteration log
+    # Where a round's clustering runs. ray: a Ray actor fed through the object store
+    # (joins RAY_ADDRESS, else starts a local Ray); inline: gathered to rank 0 over the
+    # process group; auto: ray when several processes train, inline for one.
+    service: str = "auto"  # auto | ray | inline
+    shards: int = 1  # descriptor shard actors (ray); > 1 spreads one round's descriptors over nodes
+    actor_restarts: int = 1  # times a dead clustering actor is recreated and its round redone
+    actor_resource: str = ""  # custom Ray resource the actor needs (cluster.yaml: k2l_cluster)
+    threads: int = 0  # Faiss threads inside the actor; 0 = the cores Ray gives the node
+    object_store_gb: float = 0.0  # object store of a locally started Ray; 0 = 30% of memory
+    round_timeout_s: float = 3600.0  # longest wait for a round's labels before the job fails
 
 
 @dataclass
@@ -185,6 +195,20 @@ class EvalConfig:
 
 
 @dataclass
+class DistConfig:
+    """Processes, threads and timeouts of a torchrun job (one process = one rank)."""
+
+    timeout_s: float = 1800.0  # a collective that waits longer ends the job
+    prepare_timeout_s: float = 86400.0  # how long ranks > 0 wait for rank 0 to prepare the shards
+    threads: int = 0  # torch / DALI / Faiss threads per process; 0 = cores / local world size
+    # Each rank trains on its own batch of augment.batch_size (the paper's unit: positives
+    # across images come from the local batch); gradients are averaged over ranks, so the
+    # global batch is world_size × batch_size. The learning rate used is
+    # lr × world_size (linear), lr × √world_size (sqrt) or lr (none).
+    lr_scaling: str = "none"  # none | linear | sqrt
+
+
+@dataclass
 class Config:
     run_dir: str = "runs/default"
     seed: int = 0
@@ -200,6 +224,7 @@ class Config:
     stage2: Stage2Config = field(default_factory=Stage2Config)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
 
 # --------------------------------------------------------------------------- loading

@@ -10,7 +10,8 @@ from k2l_dist.config import Config, apply_values
 from k2l_dist.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from k2l_dist.train.extract import Extraction
 from k2l_dist.train.labels import LabelTable
-from k2l_dist.train.run import final_landmarks, initial_table, make_split, recover_correspondence
+from k2l_dist.clustering.rounds import merge_parts, recover
+from k2l_dist.train.run import initial_table, lr_for_world, make_split
 from k2l_dist.train.steps import landmark_targets
 
 
@@ -59,15 +60,21 @@ def _planted_extraction(n_images=80, K=4, d=16, seed=0, flip_map=(1, 0, 2, 3)):
     fdesc = protos[np.asarray(flip_map)[which]] + noise()
     norm = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
     points = np.stack([which * 10.0, which * 5.0 + 1], 1).astype(np.float32)
-    return Extraction(ids, points, np.ones(len(ids), np.float32), norm(desc), norm(fdesc), n_images), which
+    return Extraction(ids, points, np.ones(len(ids), np.float32), norm(desc), norm(fdesc),
+                      np.arange(n_images)), which
+
+
+def _recover(kind, ext, cfg):
+    labels = recover(kind, merge_parts([ext.as_dict()]), cfg.cluster)
+    return LabelTable.from_round(labels), labels
 
 
 def test_recover_correspondence_gives_consistent_labels_per_landmark():
     ext, which = _planted_extraction()
     cfg = apply_values(Config(), {"cluster": {"K": 4, "M": 8}})
-    table, stats, centroids = recover_correspondence(ext, cfg, np.arange(80))
-    assert centroids.shape == (8, 16)
-    assert stats["images_kept_share"] == 1.0
+    table, labels = _recover("round", ext, cfg)
+    assert labels.centroids.shape == (8, 16)
+    assert labels.stats["images_kept_share"] == 1.0
     out = table.lookup(np.arange(80), 4)
     labels = out["labels"].numpy()
     assert (labels >= 0).all()
@@ -82,7 +89,8 @@ def test_recover_correspondence_gives_consistent_labels_per_landmark():
 def test_final_landmarks_find_the_flip_permutation():
     ext, which = _planted_extraction(flip_map=(1, 0, 2, 3))
     cfg = apply_values(Config(), {"cluster": {"K": 4}})
-    table, centroids, perm, stats = final_landmarks(ext, cfg, np.arange(80))
+    table, labels = _recover("final", ext, cfg)
+    perm = labels.flip_permutation
     assert sorted(perm.tolist()) == [0, 1, 2, 3]  # a permutation, always
     # map cluster → landmark through the points, then check the permutation swaps 0 and 1
     out = table.lookup(np.arange(80), 4)
@@ -92,6 +100,14 @@ def test_final_landmarks_find_the_flip_permutation():
     landmark_perm = {cluster_to_landmark[c]: cluster_to_landmark[int(perm[c])] for c in range(4)}
     assert landmark_perm == {0: 1, 1: 0, 2: 2, 3: 3}
     assert np.array_equal(out["flipped_labels"].numpy(), perm[out["labels"].numpy()])
+
+
+def test_learning_rate_rule_for_world_size():
+    assert lr_for_world(1e-3, "none", 4) == 1e-3
+    assert lr_for_world(1e-3, "linear", 4) == pytest.approx(4e-3)
+    assert lr_for_world(1e-3, "sqrt", 4) == pytest.approx(2e-3)
+    with pytest.raises(ValueError, match="dist.lr_scaling"):
+        lr_for_world(1e-3, "cubic", 4)
 
 
 def test_landmark_targets_move_mirrored_points_to_the_mirror_channel():

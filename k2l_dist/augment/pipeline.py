@@ -36,7 +36,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import zlib
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
@@ -45,6 +44,8 @@ import torch
 
 from k2l_dist.augment.validate import CheckedDataset, check_dataset
 from k2l_dist.config import AugmentConfig
+from k2l_dist.distributed.threads import threads_per_process
+from k2l_dist.utils.seeds import derive_seed
 
 log = logging.getLogger("k2l_dist.augment")
 
@@ -53,22 +54,10 @@ Padded = Literal["mark", "drop"]
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` → the local rank's GPU when CUDA is available, else CPU; ``"cuda"`` gets
-    the local rank's index (``LOCAL_RANK``) when none is given."""
-    if isinstance(device, str) and device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"unsupported device {device!r}: use 'cpu', 'cuda', 'cuda:N' or 'auto'")
-    return dev
+    """A device object; ``"auto"`` / ``"cuda"`` resolve to the local rank's GPU (``LOCAL_RANK``)."""
+    from k2l_dist.distributed import resolve_device as resolve
 
-
-def _derive_seed(seed: int, rank: int, what: str) -> int:
-    # Augmentation must differ between ranks (else rank r's k-th sample gets rank 0's
-    # k-th transform) but be a pure function of (seed, rank); DALI seeds are < 2**31.
-    return zlib.crc32(f"{seed}/{rank}/{what}".encode()) & 0x7FFFFFFF
+    return resolve(str(device), int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def _uniform(lo: float, hi: float, **kwargs: Any) -> Any:
@@ -174,14 +163,15 @@ def build_pipeline(
 
     @pipeline_def(
         batch_size=batch_size,
-        num_threads=max(1, cfg.num_threads),
+        num_threads=cfg.num_threads or threads_per_process(),
         device_id=device.index if device.type == "cuda" else None,
-        seed=_derive_seed(seed, rank, "augment"),
+        # per rank: else rank r's k-th sample would get rank 0's k-th transform
+        seed=derive_seed(seed, rank, "augment"),
         prefetch_queue_depth=max(1, cfg.prefetch),
     )
     def graph() -> tuple:
         # DALI warns about a shuffle seed given without shuffling: pass it only when used.
-        shuffle_args = {"shuffle_after_epoch_seed": _derive_seed(seed, 0, "tar-order")} if shuffle else {}
+        shuffle_args = {"shuffle_after_epoch_seed": derive_seed(seed, 0, "tar-order")} if shuffle else {}
         jpeg, sample_id = fn.readers.webdataset(
             paths=[str(p) for p in data.tar_paths],
             index_paths=[str(p) for p in data.index_paths],
@@ -198,7 +188,7 @@ def build_pipeline(
             **shuffle_args,
             random_shuffle=shuffle,
             initial_fill=max(1, min(per_rank, cfg.shuffle_buffer)),
-            seed=_derive_seed(seed, rank, "shuffle"),
+            seed=derive_seed(seed, rank, "shuffle"),
             name=READER_NAME,
         )
         images = fn.decoders.image(jpeg, device="mixed" if device.type == "cuda" else "cpu", output_type=types.RGB)
@@ -406,7 +396,7 @@ def build_loader(
         shard_dir,
         strict=cfg.strict if strict is None else strict,
         cache_dir=cache_dir,
-        threads=cfg.num_threads,
+        threads=cfg.num_threads or threads_per_process(),
         ids=ids,
     )
     if data.num_samples < world_size:

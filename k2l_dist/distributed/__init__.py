@@ -1,17 +1,25 @@
-"""One `enable()` that every entry point calls: single process, or torchrun's environment.
+"""One `enable()` for every entry point: single process, or torchrun's environment.
 
-torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR; without them this is a
-single-process run. NCCL on GPU, gloo on CPU.
+torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE / MASTER_ADDR; without
+them this is a single-process run. NCCL carries gradients on GPUs, gloo on CPUs; a gloo
+group always carries control messages and host arrays (pseudo-labels, statistics).
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Callable
 
-import numpy as np
 import torch
 import torch.distributed as dist
+
+from k2l_dist.config import DistConfig
+from k2l_dist.distributed.threads import pin_threads
+
+_host_group = None
 
 
 @dataclass(frozen=True)
@@ -19,39 +27,90 @@ class DistInfo:
     rank: int
     world_size: int
     local_rank: int
+    local_world_size: int
     device: torch.device
+    threads: int
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def single_node(self) -> bool:
+        return self.world_size == self.local_world_size
 
-def enable(device: str = "auto") -> DistInfo:
-    """Initialise the process group if launched by torchrun; pick this rank's device."""
+
+def resolve_device(device: str, local_rank: int) -> torch.device:
+    """``auto`` → the local rank's GPU when CUDA is available, else CPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device={device!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local_rank)
+    elif dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={device!r} is not supported: use auto, cpu, cuda or cuda:N")
+    return dev
+
+
+def enable(cfg: DistConfig | None = None, device: str = "auto", *,
+           before_group: Callable[["DistInfo"], None] | None = None) -> DistInfo:
+    """Pin threads, pick this rank's device, run ``before_group`` (e.g. rank 0 prepares the
+    shards while the others wait outside any collective), then join the process group."""
+    cfg = cfg or DistConfig()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
-    else:
-        dev = torch.device("cpu")
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
+    threads = pin_threads(cfg.threads)
+    dev = resolve_device(device, local_rank)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} but CUDA is not available here (use device=cpu or auto)")
+        torch.cuda.set_device(dev)
+    info = DistInfo(rank, world_size, local_rank, local_world, dev, threads)
+    if before_group is not None:
+        before_group(info)
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world_size)
-    return DistInfo(rank, world_size, local_rank, dev)
+        global _host_group
+        timeout = timedelta(seconds=cfg.timeout_s)
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout,
+                                device_id=dev if dev.type == "cuda" else None)
+        _host_group = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else dist.group.WORLD
+        atexit.register(shutdown)
+    return info
+
+
+def host_group():
+    """The gloo group for control messages and host arrays (None when not distributed)."""
+    return _host_group if dist.is_initialized() else None
+
+
+def shutdown() -> None:
+    """Leave the process group (idempotent; also registered at exit)."""
+    global _host_group
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _host_group = None
 
 
 def barrier() -> None:
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=_host_group)
 
 
-def all_gather_arrays(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Concatenate per-rank numpy arrays (same keys, any first-axis length) over all ranks."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return arrays
-    gathered: list = [None] * dist.get_world_size()
-    # Arrays produced by our own processes within one job: object gather is fine here.
-    dist.all_gather_object(gathered, arrays)
-    return {k: np.concatenate([g[k] for g in gathered]) for k in arrays}
+def wrap_ddp(module: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
+    """``module`` under DistributedDataParallel when several processes train, else itself.
+
+    Gradients are averaged over ranks; the wrapper is only for training steps (extraction,
+    checkpoints and evaluation use the module itself).
+    """
+    if info.world_size == 1:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [info.device.index] if info.device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)

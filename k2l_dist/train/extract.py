@@ -28,11 +28,16 @@ class Extraction:
     scores: np.ndarray  # (n,) float32 detector confidence
     descriptors: np.ndarray  # (n, d) float32, unit norm
     flipped_descriptors: np.ndarray | None  # (n, d) descriptors of the mirrored image at the mirrored point
-    num_images: int
+    sample_ids: np.ndarray  # (N,) int64 every image processed, with or without points
+
+    @property
+    def num_images(self) -> int:
+        return len(self.sample_ids)
 
     def as_dict(self) -> dict[str, np.ndarray]:
+        """The plain arrays clustering takes (see :func:`k2l_dist.clustering.rounds.merge_parts`)."""
         out = {"image_ids": self.image_ids, "points": self.points, "scores": self.scores,
-               "descriptors": self.descriptors}
+               "descriptors": self.descriptors, "sample_ids": self.sample_ids}
         if self.flipped_descriptors is not None:
             out["flipped_descriptors"] = self.flipped_descriptors
         return out
@@ -45,8 +50,7 @@ def extract(model: torch.nn.Module, batches: Iterable[dict], *, max_points: int,
     """Detect points and descriptors on un-augmented views (``view0``, ``matrix0``, ``id``)."""
     was_training = model.training
     model.eval()
-    ids, pts, scores, descs, fdescs = [], [], [], [], []
-    count = 0
+    ids, pts, scores, descs, fdescs, seen = [], [], [], [], [], []
     for batch in tqdm(batches, total=total, desc="extract", unit="batch", disable=not show_progress, leave=False):
         images = batch["view0"]
         heat, dmap = model(images)
@@ -66,7 +70,7 @@ def extract(model: torch.nn.Module, batches: Iterable[dict], *, max_points: int,
         pts.append(crop_pts[valid].cpu())
         scores.append(score[valid].cpu())
         descs.append(desc[valid].cpu())
-        count += b
+        seen.append(batch["id"].reshape(-1).cpu())
     model.train(was_training)
     cat = lambda xs, shape: torch.cat(xs).numpy() if xs else np.zeros(shape, np.float32)  # noqa: E731
     d = descs[0].shape[-1] if descs else 0
@@ -76,5 +80,5 @@ def extract(model: torch.nn.Module, batches: Iterable[dict], *, max_points: int,
         scores=cat(scores, (0,)).astype(np.float32),
         descriptors=cat(descs, (0, d)).astype(np.float32),
         flipped_descriptors=cat(fdescs, (0, d)).astype(np.float32) if flip else None,
-        num_images=count,
+        sample_ids=cat(seen, (0,)).astype(np.int64),
     )

@@ -34,6 +34,11 @@ class LabelTable:
         return cls(ids, np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
                    np.asarray(points, np.float32)[order].reshape(-1, 2), labels[order], flipped_labels[order])
 
+    @classmethod
+    def from_round(cls, labels) -> "LabelTable":
+        """A round's :class:`~k2l_dist.clustering.rounds.RoundLabels`, without copying its arrays."""
+        return cls(labels.ids, labels.offsets, labels.points, labels.labels, labels.flipped_labels)
+
     @property
     def counts(self) -> np.ndarray:
         return np.diff(self.offsets)
@@ -61,7 +66,7 @@ class LabelTable:
                 "labels": torch.from_numpy(labels), "flipped_labels": torch.from_numpy(flipped)}
 
     def state(self) -> dict[str, torch.Tensor]:
-        return {k: torch.from_numpy(np.ascontiguousarray(getattr(self, k)))
+        return {k: torch.from_numpy(np.array(getattr(self, k)))  # a copy: round arrays may be read-only
                 for k in ("ids", "offsets", "points", "labels", "flipped_labels")}
 
     @classmethod

@@ -1,9 +1,9 @@
 """`k2l train`: prepare-if-needed → Stage 1 (warm-up + rounds) → Stage 2 → evaluation.
 
-The whole method in one readable function, :func:`train`. Its pieces are separate and
-have plain array interfaces so that they can be distributed: :func:`extract`
-(Φ over a set of samples), :func:`recover_correspondence` (clustering → pseudo-labels),
-:func:`train_iterations` (N steps on the current pseudo-labels).
+The whole method in one readable function, :func:`train`, the same for one process and
+for a torchrun job. Each rank trains a DDP replica on its own batches, extracts points
+from its own slice of the dataset each round, and hands them to the clustering service
+(:mod:`k2l_dist.clustering.service`), which returns every rank the same pseudo-labels.
 """
 
 from __future__ import annotations
@@ -21,17 +21,20 @@ from tqdm import tqdm
 
 from k2l_dist import distributed
 from k2l_dist.augment import build_loader
-from k2l_dist.clustering import assign, cluster_dedup, flip_permutation, two_way_cluster
+from k2l_dist.clustering.service import ClusteringService, make_service
 from k2l_dist.config import Config, save_config
 from k2l_dist.data.prepare import is_prepared, prepare
 from k2l_dist.data.shards import load_manifest, load_samples_meta
+from k2l_dist.distributed.collectives import check_replicas, max_over_ranks, mean_over_ranks
 from k2l_dist.models import KeypointNet, LandmarkNet
-from k2l_dist.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from k2l_dist.train.extract import Extraction, extract
+from k2l_dist.train.checkpoint import load_checkpoint, save_checkpoint
+from k2l_dist.train.extract import extract
 from k2l_dist.train.labels import LabelTable
 from k2l_dist.train.steps import stage1_losses, stage2_losses
+from k2l_dist.utils.faults import maybe_raise
 from k2l_dist.utils.io import atomic_write_text
 from k2l_dist.utils.metrics import MetricsLogger
+from k2l_dist.utils.seeds import derive_seed
 
 
 @dataclasses.dataclass
@@ -55,20 +58,45 @@ def initial_table(meta: dict, ids: np.ndarray) -> LabelTable:
     return LabelTable.from_points(image_ids[keep], meta["keypoints"][keep], all_ids=ids)
 
 
-def _loader(cfg: Config, shard_dir: Path, ids: np.ndarray, info, *, train: bool, seed: int):
-    aug = cfg.augment if train else dataclasses.replace(cfg.augment, enabled=False)
+def _loader(cfg: Config, shard_dir: Path, ids: np.ndarray, info, *, train: bool, seed: int, views: int = 2,
+            augment=None):
+    """Training loaders give every rank a full, padded share per epoch (DDP steps in
+    lockstep); extraction loaders give every rank its own disjoint slice, nothing repeated."""
+    aug = (augment or cfg.augment) if train else dataclasses.replace(cfg.augment, enabled=False)
     return build_loader(shard_dir, aug, rank=info.rank, world_size=info.world_size, seed=seed,
-                        device=info.device, views=2 if train else 1, shuffle=train,
+                        device=info.device, views=views if train else 1, shuffle=train,
                         padded="mark" if train else "drop", ids=ids)
+
+
+def seed_phase(cfg: Config, phase: str, rank: int, generator: torch.Generator) -> None:
+    """Every random stream of a phase is a function of (seed, phase, rank): a resume at the
+    same world size is exact, at another world size well defined."""
+    seed = derive_seed(cfg.seed, phase, rank)
+    generator.manual_seed(seed)
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+
+
+def lr_for_world(lr: float, rule: str, world_size: int) -> float:
+    """``dist.lr_scaling``: gradients are averaged over ranks, the global batch grows with them."""
+    factors = {"none": 1.0, "linear": float(world_size), "sqrt": math.sqrt(world_size)}
+    if rule not in factors:
+        raise ValueError(f"dist.lr_scaling={rule!r}: use none, linear or sqrt")
+    return lr * factors[rule]
 
 
 def train_iterations(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader,
                      loss_fn: Callable[[dict], dict], iterations: int, *, step: int, log: MetricsLogger,
                      prefix: str, log_every: int, show_progress: bool) -> int:
-    """``iterations`` optimiser steps over (repeated epochs of) ``loader``; returns the new step."""
+    """``iterations`` optimiser steps over (repeated epochs of) ``loader``; returns the new step.
+
+    Logged losses are averaged over ranks; ``step_seconds_slowest`` is the slowest rank's
+    mean step time since the last log line, where stragglers show."""
     model.train()
     batches = _forever(loader)
     bar = tqdm(range(iterations), desc=prefix.rstrip("/"), unit="it", disable=not show_progress, leave=False)
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    since, tick = 0, time.perf_counter()
     for _ in bar:
         batch = next(batches)
         losses = loss_fn(batch)
@@ -76,10 +104,18 @@ def train_iterations(model: torch.nn.Module, optimizer: torch.optim.Optimizer, l
         losses["loss"].backward()
         optimizer.step()
         step += 1
+        since += 1
         if step % log_every == 0:
-            log.scalars(step, losses, prefix)
-            log.scalars(step, {"lr": optimizer.param_groups[0]["lr"]}, prefix)
-            bar.set_postfix(loss=f"{losses['loss'].item():.4f}")
+            now = time.perf_counter()
+            seconds = (now - tick) / since
+            values = mean_over_ranks({k: float(v.detach()) for k, v in losses.items()})
+            slowest = max_over_ranks(seconds)
+            images = sum(batch[k].shape[0] for k in ("view0", "view1") if k in batch) * world
+            values.update(lr=optimizer.param_groups[0]["lr"], step_seconds=seconds, step_seconds_slowest=slowest,
+                          images_per_second=images / max(slowest, 1e-9))
+            log.scalars(step, values, prefix)
+            bar.set_postfix(loss=f"{values['loss']:.4f}")
+            since, tick = 0, now
     return step
 
 
@@ -93,45 +129,42 @@ def _forever(loader) -> Iterator[dict]:
             raise RuntimeError("the training loader yielded no batch")
 
 
-def recover_correspondence(ext: Extraction, cfg: Config, ids: np.ndarray) -> tuple[LabelTable, dict, np.ndarray]:
-    """Paper Eq. 1: two-way K-means → per-point M-cluster labels (+ flipped labels)."""
-    res = two_way_cluster(ext.descriptors, ext.image_ids, cfg.cluster.K, cfg.cluster.M, cfg.cluster)
-    use = res.usable
-    flipped = res.labels_m[use]
-    if ext.flipped_descriptors is not None:
-        flipped, _ = assign(ext.flipped_descriptors[use], res.centroids_m, use_gpu=cfg.cluster.use_gpu)
-    table = LabelTable.from_points(ext.image_ids[use], ext.points[use], res.labels_m[use], flipped, all_ids=ids)
-    stats = res.stats.summary()
-    sizes = res.stats.cluster_sizes_m
-    stats.update(cluster_size_min=int(sizes.min()), cluster_size_median=float(np.median(sizes)),
-                 cluster_size_max=int(sizes.max()))
-    stats["images_kept_share"] = 1.0 - len(res.skipped_images) / max(len(ids), 1)
-    return table, stats, res.centroids_m
-
-
-def final_landmarks(ext: Extraction, cfg: Config, ids: np.ndarray) -> tuple[LabelTable, np.ndarray, np.ndarray, dict]:
-    """Stage 2 labels (Sec. 3.6-3.7): a last K-means to K, ≤1 point per cluster per image,
-    and the K↔K flip permutation from counts over the whole dataset (Hungarian)."""
-    res = cluster_dedup(ext.descriptors, ext.image_ids, cfg.cluster.K, cfg.cluster)
-    keep = res.keep
-    labels = res.labels[keep]
-    perm = np.arange(cfg.cluster.K)
-    if ext.flipped_descriptors is not None:
-        flipped, _ = assign(ext.flipped_descriptors[keep], res.kmeans.centroids, use_gpu=cfg.cluster.use_gpu)
-        perm = flip_permutation(labels, flipped, cfg.cluster.K)
-    table = LabelTable.from_points(ext.image_ids[keep], ext.points[keep], labels, perm[labels], all_ids=ids)
-    stats = {"points_per_image": float(keep.sum() / max(len(ids), 1)),
-             "cluster_sizes_min": int(np.bincount(labels, minlength=cfg.cluster.K).min())}
-    return table, res.kmeans.centroids, perm, stats
+def _ensure_shards(cfg: Config, shard_dir: Path, info) -> None:
+    """Rank 0 prepares the shards; the other ranks wait on the file system, outside any
+    collective, so a long prepare never meets the process group's timeout."""
+    if info.is_main:
+        if not is_prepared(shard_dir):
+            print(prepare(cfg, shard_dir).text())
+        return
+    deadline = time.time() + cfg.dist.prepare_timeout_s
+    while not is_prepared(shard_dir):
+        if time.time() > deadline:
+            raise TimeoutError(f"rank {info.rank}: {shard_dir} was not prepared by rank 0 within "
+                               f"dist.prepare_timeout_s={cfg.dist.prepare_timeout_s:.0f} s")
+        time.sleep(1.0)
 
 
 def train(cfg: Config, resume: bool = True) -> dict:
-    info = distributed.enable(cfg.device)
+    """Train Φ then Ψ as ``cfg`` says and evaluate; returns the metrics (evaluated on rank 0)."""
     run_dir = Path(cfg.run_dir)
     shard_dir = Path(cfg.data.shards or run_dir / "shards")
-    if info.is_main and not is_prepared(shard_dir):
-        print(prepare(cfg, shard_dir).text())
-    distributed.barrier()
+    lr_for_world(1.0, cfg.dist.lr_scaling, 1)  # a bad rule fails before any work
+    info = distributed.enable(cfg.dist, cfg.device, before_group=lambda i: _ensure_shards(cfg, shard_dir, i))
+    service: ClusteringService | None = None
+    finished = False
+    try:
+        service = make_service(cfg.cluster, info)
+        metrics = _train(cfg, info, shard_dir, service, resume)
+        finished = True
+        return metrics
+    finally:
+        if service is not None:
+            service.close(clean=finished)
+        distributed.shutdown()
+
+
+def _train(cfg: Config, info, shard_dir: Path, service: ClusteringService, resume: bool) -> dict:
+    run_dir = Path(cfg.run_dir)
     if info.is_main:
         save_config(cfg, run_dir / "config.yaml")
     manifest, meta = load_manifest(shard_dir), load_samples_meta(shard_dir)
@@ -139,83 +172,108 @@ def train(cfg: Config, resume: bool = True) -> dict:
     log = MetricsLogger(run_dir, info.is_main)
     show = info.is_main and cfg.progress
     s1, s2 = cfg.stage1, cfg.stage2
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+    gen = torch.Generator(device="cpu")
 
     phi = KeypointNet(cfg.model).to(info.device)
-    opt = torch.optim.RMSprop(phi.parameters(), lr=s1.lr, weight_decay=s1.weight_decay)
+    phi_ddp = distributed.wrap_ddp(phi, info)
+    opt = torch.optim.RMSprop(phi.parameters(), lr=lr_for_world(s1.lr, cfg.dist.lr_scaling, info.world_size),
+                              weight_decay=s1.weight_decay)
     ckpt_path = run_dir / "checkpoint.pt"
     step, done_rounds, table = 0, -1, initial_table(meta, split.train)
     if resume and ckpt_path.is_file():
         ck = load_checkpoint(ckpt_path)
         phi.load_state_dict(ck["phi"])
         opt.load_state_dict(ck["optimizer"])
+        for group in opt.param_groups:  # the lr of this world size, whatever the checkpoint's was
+            group["lr"] = lr_for_world(s1.lr, cfg.dist.lr_scaling, info.world_size)
         step, done_rounds, table = ck["step"], ck["round"], LabelTable.from_state(ck["labels"])
-        set_rng_state(ck["rng"])
-        gen.set_state(ck["generator"])
-        print(f"resumed from {ckpt_path}: step {step}, round {done_rounds}")
+        if info.is_main:
+            print(f"resumed from {ckpt_path}: step {step}, round {done_rounds} "
+                  f"(saved by {ck.get('world_size', 1)} process(es), now {info.world_size})")
 
     def checkpoint(phase: str, **extra) -> None:
         if info.is_main:
             save_checkpoint(ckpt_path, {"phi": phi.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                                        "round": done_rounds, "labels": table.state(), "rng": rng_state(),
-                                        "generator": gen.get_state(), "phase": phase,
-                                        "config": dataclasses.asdict(cfg), **extra})
+                                        "round": done_rounds, "labels": table.state(), "phase": phase,
+                                        "world_size": info.world_size, "config": dataclasses.asdict(cfg), **extra})
 
-    run = lambda loss_cfg, n, prefix, loader: train_iterations(  # noqa: E731
-        phi, opt, loader, lambda b: stage1_losses(phi, b, table, max_points=s1.max_points, loss_cfg=loss_cfg,
-                                                  generator=gen),
-        n, step=step, log=log, prefix=prefix, log_every=cfg.log_every, show_progress=show)
+    def run(loss_cfg, n: int, phase: str, loader) -> int:
+        seed_phase(cfg, phase, info.rank, gen)
+        return train_iterations(
+            phi_ddp, opt, loader, lambda b: stage1_losses(phi_ddp, b, table, max_points=s1.max_points,
+                                                          loss_cfg=loss_cfg, generator=gen),
+            n, step=step, log=log, prefix=f"{phase}/", log_every=cfg.log_every, show_progress=show)
+
+    def recover(kind: str, key: str):
+        """Φ over this rank's slice, then every rank's points clustered together."""
+        t0 = time.perf_counter()
+        ext = extract(phi, extract_loader, max_points=s1.extract_points, threshold=s1.detect_threshold,
+                      nms_radius=s1.nms_radius, flip=s1.flip, total=len(extract_loader), show_progress=show)
+        maybe_raise(f"extract:{key}", info.rank)
+        extract_seconds = max_over_ranks(time.perf_counter() - t0)
+        labels = service.recover(kind, ext.as_dict(), key)
+        return labels, {"extract_seconds": extract_seconds, **service.timings}
 
     # ---- Stage 1: warm-up on known correspondences (two augmentations of one image).
     t0 = time.time()
     if done_rounds < 0:
         warm = dataclasses.replace(cfg.loss, correspondence="equivariance")
-        step = run(warm, s1.warmup_iters, "warmup/", _loader(cfg, shard_dir, split.train, info, train=True, seed=cfg.seed))
+        step = run(warm, s1.warmup_iters, "warmup",
+                   _loader(cfg, shard_dir, split.train, info, train=True, seed=cfg.seed))
         done_rounds = 0
         checkpoint("warmup")
     extract_loader = _loader(cfg, shard_dir, split.train, info, train=False, seed=cfg.seed)
     # ---- Stage 1 rounds: recover correspondence, then train on the pseudo-labels.
     for rnd in range(done_rounds, s1.rounds):
-        ext = _extract_all(phi, extract_loader, cfg, show)
-        table, stats, centroids_m = recover_correspondence(ext, cfg, split.train)
-        stats["points_per_image_extracted"] = len(ext.image_ids) / max(ext.num_images, 1)
-        log.scalars(rnd + 1, stats, "round/")
+        labels, timings = recover("round", f"round{rnd + 1}")
+        table = LabelTable.from_round(labels)
+        log.scalars(rnd + 1, {**labels.stats, **timings}, "round/")
         if info.is_main:
-            _round_grid(shard_dir, table, split.train[:16], run_dir / "rounds" / f"round{rnd + 1:03d}.png", log, rnd + 1)
+            _round_grid(shard_dir, table, split.train[:16], run_dir / "rounds" / f"round{rnd + 1:03d}.png", log,
+                        rnd + 1)
         if show:
-            print(f"round {rnd + 1}/{s1.rounds}: {stats['points_per_image_after']:.1f} points/image kept, "
-                  f"{stats['images_kept_share']:.0%} images kept")
-        step = run(cfg.loss, s1.iters_per_round, f"round{rnd + 1}/",
+            print(f"round {rnd + 1}/{s1.rounds}: {labels.stats['points_per_image_after']:.1f} points/image kept, "
+                  f"{labels.stats['images_kept_share']:.0%} images kept; extraction "
+                  f"{timings['extract_seconds']:.1f} s, clustering {timings['cluster_seconds']:.1f} s")
+        step = run(cfg.loss, s1.iters_per_round, f"round{rnd + 1}",
                    _loader(cfg, shard_dir, split.train, info, train=True, seed=cfg.seed + rnd + 1))
         done_rounds = rnd + 1
-        checkpoint("stage1", centroids_m=torch.from_numpy(centroids_m))
+        check_replicas(phi, f"after round {done_rounds}")
+        checkpoint("stage1", centroids_m=torch.from_numpy(np.array(labels.centroids)))
     stage1_seconds = time.time() - t0
 
     # ---- Stage 2: K clusters → K-heatmap detector Ψ initialised from Φ.
-    ext = _extract_all(phi, extract_loader, cfg, show)
-    table2, centroids, perm, stats2 = final_landmarks(ext, cfg, split.train)
-    log.scalars(0, stats2, "stage2_labels/")
+    final, timings = recover("final", "stage2")
+    table2 = LabelTable.from_round(final)
+    log.scalars(0, {**final.stats, **timings}, "stage2_labels/")
     psi = LandmarkNet.from_keypoint_net(phi, cfg.cluster.K).to(info.device)
-    opt2 = torch.optim.RMSprop(psi.parameters(), lr=s2.lr, weight_decay=s2.weight_decay)
+    psi_ddp = distributed.wrap_ddp(psi, info)
+    opt2 = torch.optim.RMSprop(psi.parameters(), lr=lr_for_world(s2.lr, cfg.dist.lr_scaling, info.world_size),
+                               weight_decay=s2.weight_decay)
     aug2 = dataclasses.replace(cfg.augment, flip_prob=cfg.augment.flip_prob if s2.flip_train else 0.0)
-    loader2 = build_loader(shard_dir, aug2, rank=info.rank, world_size=info.world_size, seed=cfg.seed + 10_000,
-                           device=info.device, views=1, shuffle=True, padded="mark", ids=split.train)
-    step2 = train_iterations(psi, opt2, loader2,
-                             lambda b: stage2_losses(psi, b, table2, num_landmarks=cfg.cluster.K,
+    loader2 = _loader(cfg, shard_dir, split.train, info, train=True, seed=cfg.seed + 10_000, views=1,
+                      augment=aug2)
+    seed_phase(cfg, "stage2", info.rank, gen)
+    step2 = train_iterations(psi_ddp, opt2, loader2,
+                             lambda b: stage2_losses(psi_ddp, b, table2, num_landmarks=cfg.cluster.K,
                                                      sigma=cfg.loss.heatmap_sigma),
                              s2.iterations, step=0, log=log, prefix="stage2/", log_every=cfg.log_every,
                              show_progress=show)
+    check_replicas(psi, "after Stage 2")
+    centroids = np.array(final.centroids, np.float32)
+    perm = np.array(final.flip_permutation, np.int64)
     if info.is_main:
         save_checkpoint(run_dir / "model.pt", {
             "psi": psi.state_dict(), "phi": phi.state_dict(), "centroids": torch.from_numpy(centroids),
-            "flip_permutation": torch.from_numpy(perm.astype(np.int64)), "num_landmarks": cfg.cluster.K,
+            "flip_permutation": torch.from_numpy(perm), "num_landmarks": cfg.cluster.K,
             "stage2_labels": table2.state(), "step": step2, "config": dataclasses.asdict(cfg)})
     train_seconds = time.time() - t0
+    service.close(clean=True)  # the other ranks may leave while rank 0 evaluates
 
-    # ---- Evaluation.
-    metrics: dict = {"train_seconds": round(train_seconds, 1), "stage1_seconds": round(stage1_seconds, 1)}
+    # ---- Evaluation (rank 0, on the unwrapped models).
+    metrics: dict = {"train_seconds": round(train_seconds, 1), "stage1_seconds": round(stage1_seconds, 1),
+                     "world_size": info.world_size}
     if info.is_main and "landmarks" in meta:
         from k2l_dist.eval.evaluate import evaluate_run
 
@@ -238,11 +296,3 @@ def _round_grid(shard_dir: Path, table: LabelTable, ids: np.ndarray, path: Path,
         slots[labels[valid]] = pts[valid]
         points.append(slots)
     log_landmark_grid(shard_dir, ids, points, path, log, "landmarks/round", step)
-
-
-def _extract_all(phi: torch.nn.Module, loader, cfg: Config, show: bool) -> Extraction:
-    ext = extract(phi, loader, max_points=cfg.stage1.extract_points, threshold=cfg.stage1.detect_threshold,
-                  nms_radius=cfg.stage1.nms_radius, flip=cfg.stage1.flip, total=len(loader), show_progress=show)
-    gathered = distributed.all_gather_arrays(ext.as_dict())
-    return Extraction(gathered["image_ids"], gathered["points"], gathered["scores"], gathered["descriptors"],
-                      gathered.get("flipped_descriptors"), num_images=int(len(np.unique(gathered["image_ids"]))))

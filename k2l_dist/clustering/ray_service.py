@@ -1,0 +1,118 @@
+"""The Ray side of :class:`~k2l_dist.clustering.service.ClusteringService`, in each rank.
+
+Rank 0 creates the clustering actor (restartable ``cluster.actor_restarts`` times,
+placed through ``cluster.actor_resource`` when set); every rank puts its own extraction
+into the object store, submits the reference and reads the round's labels from the
+object store: no descriptor goes through torch.distributed. A round whose actor died
+is redone by every rank (they agree over the gloo group), so the labels are those an
+undisturbed actor would have produced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+import uuid
+
+import numpy as np
+
+from k2l_dist.clustering.rounds import RoundLabels
+from k2l_dist.clustering.service import part_nbytes
+from k2l_dist.config import ClusterConfig
+from k2l_dist.distributed import ray_runtime
+
+log = logging.getLogger(__name__)
+
+
+class ClusteringFailed(RuntimeError):
+    """The clustering actor could not produce a round's labels; the message names the round."""
+
+
+class RayService:
+    def __init__(self, cfg: ClusterConfig, info) -> None:
+        from k2l_dist.distributed import collectives
+
+        self.cfg = cfg
+        self.rank = info.rank
+        self.world_size = info.world_size
+        self.timings: dict[str, float] = {}
+        self._closed = False
+        ray_runtime.connect(cfg, info.rank, info.single_node)  # imports ray itself: the auth mode must come first
+        import ray
+
+        from k2l_dist.clustering.actor import ClusteringActor
+
+        name = f"k2l-cluster-{uuid.uuid4().hex[:12]}" if info.rank == 0 else None
+        if info.rank == 0:
+            options = {"name": name, "namespace": ray_runtime.NAMESPACE, "max_restarts": cfg.actor_restarts,
+                       "max_task_retries": 0, "max_concurrency": info.world_size + 4, "num_cpus": 1,
+                       "num_gpus": 1 if cfg.use_gpu else 0, "lifetime": None}
+            if cfg.actor_resource:
+                options["resources"] = {cfg.actor_resource: 1}
+            remote = ray.remote(ClusteringActor)
+            self.actor = remote.options(**options).remote(dataclasses.asdict(cfg), info.world_size,
+                                                          os.environ.get("K2L_FAULT", ""))
+            ray.get(self.actor.ping.remote(), timeout=cfg.round_timeout_s)
+        if info.world_size > 1:
+            name = collectives.broadcast_json(name)
+            if info.rank != 0:
+                self.actor = ray.get_actor(name, namespace=ray_runtime.NAMESPACE)
+
+    def recover(self, kind: str, part: dict[str, np.ndarray], key: str) -> RoundLabels:
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        from k2l_dist.distributed.collectives import all_ranks_true
+
+        attempts = self.cfg.actor_restarts + 1
+        for attempt in range(attempts):
+            t0 = time.perf_counter()
+            error: BaseException | None = None
+            try:
+                ref = ray.put(part)
+                self.actor.submit.remote(f"{key}/try{attempt}", self.rank, [ref], kind)
+                t1 = time.perf_counter()
+                stats, (labels_ref,) = ray.get(self.actor.result.remote(f"{key}/try{attempt}", self.cfg.round_timeout_s),
+                                               timeout=self.cfg.round_timeout_s + 60)
+                t2 = time.perf_counter()
+                arrays = ray.get(labels_ref)
+                t3 = time.perf_counter()
+            except (RayActorError, GetTimeoutError, TimeoutError) as err:
+                error = err
+            if all_ranks_true(error is None):
+                self.timings = {"submit_seconds": t1 - t0, "cluster_seconds": t2 - t1, "broadcast_seconds": t3 - t2,
+                                "bytes_sent": float(part_nbytes(part))}
+                self.timings.update({k: float(v) for k, v in stats.items() if k.startswith(("actor_", "object_"))})
+                return RoundLabels.from_arrays(arrays, {k: v for k, v in stats.items()
+                                                        if not k.startswith(("actor_", "object_"))})
+            reason = f"{type(error).__name__}: {error}" if error is not None else "another rank lost the actor"
+            if attempt + 1 == attempts:
+                raise ClusteringFailed(f"clustering failed in {key} after {attempts} attempt(s) "
+                                       f"(cluster.actor_restarts={self.cfg.actor_restarts}): {reason}")
+            log.warning("clustering actor lost in %s (%s); redoing the round, attempt %d of %d",
+                        key, reason.splitlines()[0], attempt + 2, attempts)
+        raise AssertionError("unreachable")
+
+    def close(self, clean: bool = True) -> None:
+        from k2l_dist.distributed import barrier
+
+        if self._closed:
+            return
+        self._closed = True
+        if not clean:  # a failing job: no collective that could wait on a dead rank
+            ray_runtime.disconnect()
+            return
+        barrier()  # every rank is done with the actor
+        if self.rank != 0:
+            ray_runtime.disconnect()
+        barrier()  # rank 0 stops a Ray it started only after the others left
+        if self.rank == 0:
+            import ray
+
+            try:
+                ray.kill(self.actor)
+            except Exception:  # noqa: BLE001 - already dead
+                pass
+            ray_runtime.disconnect()

@@ -1,0 +1,142 @@
+"""One round of correspondence recovery, from rank extractions to pseudo-labels.
+
+Ranks extract disjoint slices of the dataset. :func:`merge_parts` puts their points in
+one canonical order (image id, then the point's order within its image), so the result
+never depends on the world size or on which rank arrived first. On the merged arrays:
+
+* :func:`pseudo_labels` — a Stage-1 round (Sec. 3.3): the modified two-way K-means,
+  M-cluster labels for the usable points and, for the flip correspondence (Sec. 3.7),
+  the M-cluster of each point's mirrored descriptor;
+* :func:`final_labels` — Stage 2 (Sec. 3.6-3.7): a last K-means to K with ≤ 1 point per
+  cluster per image, and the K↔K flip permutation.
+
+Both return :class:`RoundLabels`, already laid out like a label table (sorted ids, ragged
+offsets), so a rank can use arrays read from Ray's object store without copying them.
+Everything here is numpy + Faiss: it runs inside the torch-free clustering actor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from k2l_dist.clustering.flip import flip_permutation
+from k2l_dist.clustering.kmeans import assign, cluster_dedup, two_way_cluster
+from k2l_dist.config import ClusterConfig
+
+# Per point, plus ``sample_ids``: every image the rank extracted, with or without points.
+PART_KEYS = ("image_ids", "points", "scores", "descriptors", "flipped_descriptors")
+
+
+@dataclass
+class RoundLabels:
+    """Pseudo-labels of one round, by sample id (the layout of ``train.labels.LabelTable``)."""
+
+    ids: np.ndarray  # (N,) int64 sorted: every image that took part (with or without points)
+    offsets: np.ndarray  # (N+1,) int64: image ids[i] owns rows offsets[i]:offsets[i+1]
+    points: np.ndarray  # (P, 2) float32 crop pixels
+    labels: np.ndarray  # (P,) int64 M-cluster (Stage 1) or landmark channel (Stage 2)
+    flipped_labels: np.ndarray  # (P,) int64 the label of the point's mirrored descriptor / channel
+    labels_k: np.ndarray  # (P,) int64 K-pass label (Stage 1); = labels in Stage 2
+    centroids: np.ndarray  # (M or K, d) float32
+    centroids_k: np.ndarray  # (K, d) float32
+    flip_permutation: np.ndarray  # (K,) int64 (Stage 2; identity in Stage 1)
+    stats: dict[str, Any] = field(default_factory=dict)  # scalars for the log
+
+    ARRAYS = ("ids", "offsets", "points", "labels", "flipped_labels", "labels_k", "centroids", "centroids_k",
+              "flip_permutation")
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {k: getattr(self, k) for k in self.ARRAYS}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], stats: dict[str, Any]) -> "RoundLabels":
+        return cls(**{k: arrays[k] for k in cls.ARRAYS}, stats=dict(stats))
+
+    @property
+    def nbytes(self) -> int:
+        return int(sum(a.nbytes for a in self.arrays().values()))
+
+
+def merge_parts(parts: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Concatenate rank extractions in canonical order: image id, then point order in the image.
+
+    Each image must come from exactly one part (ranks extract disjoint slices); an image
+    seen in two parts is an error, since its points would count twice.
+    """
+    if not parts:
+        raise ValueError("no extraction to merge")
+    keys = [k for k in PART_KEYS if k in parts[0]]
+    for i, part in enumerate(parts):
+        if sorted(part) != sorted([*keys, "sample_ids"]):
+            raise ValueError(f"extraction part {i} has keys {sorted(part)}, expected {sorted([*keys, 'sample_ids'])}")
+    every = np.concatenate([np.asarray(p["sample_ids"], np.int64) for p in parts])
+    if len(np.unique(every)) != len(every):
+        raise ValueError("an image was extracted by two ranks: rank slices must be disjoint")
+    merged = {k: np.concatenate([np.asarray(p[k]) for p in parts]) for k in keys}
+    order = np.argsort(merged["image_ids"], kind="stable")  # stable: keeps in-image order
+    out = {k: np.ascontiguousarray(v[order]) for k, v in merged.items()}
+    out["sample_ids"] = np.sort(every)
+    return out
+
+
+def table_layout(image_ids: np.ndarray, all_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted ids (``all_ids`` ∪ ``image_ids``) and ragged offsets for points sorted by image id."""
+    ids = np.unique(np.concatenate([np.asarray(all_ids, np.int64), np.asarray(image_ids, np.int64)]))
+    counts = np.bincount(np.searchsorted(ids, image_ids), minlength=len(ids))
+    return ids, np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+
+def cluster_size_stats(labels: np.ndarray, n_clusters: int) -> dict[str, float]:
+    sizes = np.bincount(labels, minlength=n_clusters) if len(labels) else np.zeros(n_clusters, np.int64)
+    return {"cluster_size_min": int(sizes.min()), "cluster_size_median": float(np.median(sizes)),
+            "cluster_size_max": int(sizes.max())}
+
+
+def pseudo_labels(merged: dict[str, np.ndarray], cfg: ClusterConfig, all_ids: np.ndarray) -> RoundLabels:
+    """Stage-1 round on canonical arrays: M-cluster labels of the usable points (Eq. 1)."""
+    ids = merged["image_ids"]
+    res = two_way_cluster(merged["descriptors"], ids, cfg.K, cfg.M, cfg)
+    use = res.usable
+    flipped = res.labels_m[use]
+    if "flipped_descriptors" in merged:
+        flipped, _ = assign(merged["flipped_descriptors"][use], res.centroids_m, use_gpu=cfg.use_gpu)
+    table_ids, offsets = table_layout(ids[use], all_ids)
+    stats = res.stats.summary()
+    stats.update(cluster_size_stats(res.labels_m[use], cfg.M))
+    stats["images_kept_share"] = 1.0 - len(res.skipped_images) / max(len(table_ids), 1)
+    stats["points_per_image_extracted"] = len(ids) / max(len(table_ids), 1)
+    return RoundLabels(ids=table_ids, offsets=offsets, points=merged["points"][use].astype(np.float32),
+                       labels=res.labels_m[use], flipped_labels=np.asarray(flipped, np.int64),
+                       labels_k=res.labels_k[use], centroids=res.centroids_m, centroids_k=res.centroids_k,
+                       flip_permutation=np.arange(cfg.K, dtype=np.int64), stats=stats)
+
+
+def final_labels(merged: dict[str, np.ndarray], cfg: ClusterConfig, all_ids: np.ndarray) -> RoundLabels:
+    """Stage-2 labels: K clusters, ≤ 1 point per cluster per image, flip permutation (Sec. 3.6-3.7)."""
+    ids = merged["image_ids"]
+    res = cluster_dedup(merged["descriptors"], ids, cfg.K, cfg)
+    keep = res.keep
+    labels = res.labels[keep]
+    perm = np.arange(cfg.K, dtype=np.int64)
+    if "flipped_descriptors" in merged:
+        flipped, _ = assign(merged["flipped_descriptors"][keep], res.kmeans.centroids, use_gpu=cfg.use_gpu)
+        perm = flip_permutation(labels, flipped, cfg.K)
+    table_ids, offsets = table_layout(ids[keep], all_ids)
+    stats = {"points_per_image": float(keep.sum() / max(len(table_ids), 1)),
+             "cluster_sizes_min": int(np.bincount(labels, minlength=cfg.K).min()) if len(labels) else 0}
+    return RoundLabels(ids=table_ids, offsets=offsets, points=merged["points"][keep].astype(np.float32),
+                       labels=labels, flipped_labels=perm[labels], labels_k=labels,
+                       centroids=res.kmeans.centroids, centroids_k=res.kmeans.centroids, flip_permutation=perm,
+                       stats=stats)
+
+
+def recover(kind: str, merged: dict[str, np.ndarray], cfg: ClusterConfig) -> RoundLabels:
+    """``kind`` = ``"round"`` (Stage 1) or ``"final"`` (Stage 2) on :func:`merge_parts` output."""
+    if kind == "round":
+        return pseudo_labels(merged, cfg, merged["sample_ids"])
+    if kind == "final":
+        return final_labels(merged, cfg, merged["sample_ids"])
+    raise ValueError(f"unknown clustering kind {kind!r} (round | final)")
