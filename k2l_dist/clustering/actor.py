@@ -19,9 +19,19 @@ from typing import Any
 
 import numpy as np
 
-from k2l_dist.clustering.rounds import merge_parts, recover
+from k2l_dist.clustering.rounds import PART_KEYS, RoundLabels, merge_parts, recover
+from k2l_dist.clustering.sharded import DescriptorShard, ShardGroup, canonical_slices, sharded_final_labels, \
+    sharded_pseudo_labels
 from k2l_dist.config import ClusterConfig
 from k2l_dist.utils.faults import fault_requested
+
+# A rank's extraction travels as two objects: the ids (all the coordinator reads) and
+# the payload (read only by whoever clusters those points).
+ID_KEYS = ("image_ids", "sample_ids")
+
+
+def split_part(part: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    return ({k: part[k] for k in ID_KEYS}, {k: v for k, v in part.items() if k not in ID_KEYS})
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +56,8 @@ class ClusteringActor:
         return os.getpid()
 
     def submit(self, key: str, rank: int, refs: list, kind: str) -> None:
-        """Rank ``rank``'s extraction for ``key`` (``refs``: one reference, wrapped so Ray keeps it a reference)."""
+        """Rank ``rank``'s extraction for ``key``: ``refs`` = [ids, payload] object references
+        (:func:`split_part`), in a list so that Ray hands them over unresolved."""
         with self._cond:
             if key not in self._parts:
                 # A new round: every rank has read the previous one (DDP keeps ranks in step).
@@ -93,14 +104,79 @@ class ClusteringActor:
                 not ray.get_runtime_context().was_current_actor_reconstructed:
             os._exit(1)  # injected: the actor's process dies mid-round
         t0 = time.perf_counter()
-        refs = [self._parts[key][r][0] for r in range(self.world_size)]
-        parts = ray.get(refs)
-        part_bytes = sum(int(sum(np.asarray(a).nbytes for a in p.values())) for p in parts)
-        t1 = time.perf_counter()
-        labels = recover(self._kinds[key], merge_parts(parts), self.cfg)
-        del parts
+        id_refs = [self._parts[key][r][0] for r in range(self.world_size)]
+        payload_refs = [self._parts[key][r][1] for r in range(self.world_size)]
+        ids = ray.get(id_refs)
+        if self.cfg.shards > 1:
+            labels, part_bytes = self._sharded(self._kinds[key], ids, payload_refs)
+            t1 = t0
+        else:
+            payloads = ray.get(payload_refs)
+            part_bytes = sum(_nbytes(p) for p in ids + payloads)
+            t1 = time.perf_counter()
+            labels = recover(self._kinds[key], merge_parts([{**i, **p} for i, p in zip(ids, payloads)]), self.cfg)
+            del payloads
         t2 = time.perf_counter()
         stats = dict(labels.stats)
         stats.update(actor_fetch_seconds=t1 - t0, actor_cluster_seconds=t2 - t1,
                      object_store_round_bytes=float(part_bytes + labels.nbytes))
         return stats, [ray.put(labels.arrays())]
+
+    def _sharded(self, kind: str, ids: list[dict], payload_refs: list) -> tuple[RoundLabels, int]:
+        """Cluster over ``cfg.shards`` shard actors spread over the nodes; each gathers its
+        own rows from the ranks' payloads, so no process holds every descriptor."""
+        import ray
+
+        all_ids = np.unique(np.concatenate([i["sample_ids"] for i in ids]))
+        if len(all_ids) != sum(len(i["sample_ids"]) for i in ids):
+            raise ValueError("an image was extracted by two ranks: rank slices must be disjoint")
+        slices = canonical_slices([i["image_ids"] for i in ids], self.cfg.shards)
+        if any(len(part) == 0 for part, _ in slices):
+            raise ValueError(f"cluster.shards={self.cfg.shards} is more than the images with points allow")
+        remote = ray.remote(PartShard).options(num_cpus=0, scheduling_strategy="SPREAD",
+                                               num_gpus=1 if self.cfg.use_gpu else 0)
+        shards = [remote.remote([payload_refs], [i["image_ids"] for i in ids], part, row, self.cfg.threads or None,
+                                self.cfg.use_gpu) for part, row in slices]
+        try:
+            group = ShardGroup.ray(shards)
+            part_bytes = int(sum(group.run("nbytes")))
+            fn = sharded_pseudo_labels if kind == "round" else sharded_final_labels
+            return fn(group, self.cfg, all_ids), part_bytes
+        finally:
+            for shard in shards:
+                ray.kill(shard)
+
+
+def _nbytes(arrays: dict[str, np.ndarray]) -> int:
+    return int(sum(np.asarray(a).nbytes for a in arrays.values()))
+
+
+class PartShard(DescriptorShard):
+    """A descriptor shard that gathers its rows from the ranks' payloads in the object store.
+
+    ``part[i]``, ``row[i]``: the rank part and row of the shard's i-th point, in canonical
+    order (:func:`~k2l_dist.clustering.sharded.canonical_slices`).
+    """
+
+    def __init__(self, payload_refs: list, part_image_ids: list[np.ndarray], part: np.ndarray, row: np.ndarray,
+                 threads: int | None, use_gpu: bool) -> None:
+        import ray
+
+        needed = np.unique(part).tolist()
+        payloads = dict(zip(needed, ray.get([payload_refs[0][i] for i in needed])))
+        arrays = {"image_ids": np.zeros(len(part), np.int64)}
+        keys = [k for k in PART_KEYS if k in (payloads[needed[0]] if needed else {})]
+        for key in keys:
+            sample = payloads[needed[0]][key]
+            arrays[key] = np.empty((len(part), *sample.shape[1:]), sample.dtype)
+        for p in needed:
+            at = part == p
+            arrays["image_ids"][at] = np.asarray(part_image_ids[p])[row[at]]
+            for key in keys:
+                arrays[key][at] = payloads[p][key][row[at]]
+        del payloads
+        super().__init__(arrays, threads=threads, use_gpu=use_gpu)
+        self._nbytes = _nbytes(arrays)
+
+    def nbytes(self) -> int:
+        return self._nbytes

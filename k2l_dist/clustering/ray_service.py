@@ -18,6 +18,7 @@ import uuid
 
 import numpy as np
 
+from k2l_dist.clustering.actor import split_part
 from k2l_dist.clustering.rounds import RoundLabels
 from k2l_dist.clustering.service import part_nbytes
 from k2l_dist.config import ClusterConfig
@@ -47,7 +48,7 @@ class RayService:
         name = f"k2l-cluster-{uuid.uuid4().hex[:12]}" if info.rank == 0 else None
         if info.rank == 0:
             options = {"name": name, "namespace": ray_runtime.NAMESPACE, "max_restarts": cfg.actor_restarts,
-                       "max_task_retries": 0, "max_concurrency": info.world_size + 4, "num_cpus": 1,
+                       "max_task_retries": 0, "max_concurrency": info.world_size + 4, "num_cpus": 0,
                        "num_gpus": 1 if cfg.use_gpu else 0, "lifetime": None}
             if cfg.actor_resource:
                 options["resources"] = {cfg.actor_resource: 1}
@@ -71,8 +72,8 @@ class RayService:
             t0 = time.perf_counter()
             error: BaseException | None = None
             try:
-                ref = ray.put(part)
-                self.actor.submit.remote(f"{key}/try{attempt}", self.rank, [ref], kind)
+                refs = [ray.put(half) for half in split_part(part)]  # kept alive until the labels are read
+                self.actor.submit.remote(f"{key}/try{attempt}", self.rank, refs, kind)
                 t1 = time.perf_counter()
                 stats, (labels_ref,) = ray.get(self.actor.result.remote(f"{key}/try{attempt}", self.cfg.round_timeout_s),
                                                timeout=self.cfg.round_timeout_s + 60)

@@ -239,7 +239,7 @@ def _train(cfg: Config, info, shard_dir: Path, service: ClusteringService, resum
         step = run(cfg.loss, s1.iters_per_round, f"round{rnd + 1}",
                    _loader(cfg, shard_dir, split.train, info, train=True, seed=cfg.seed + rnd + 1))
         done_rounds = rnd + 1
-        check_replicas(phi, f"after round {done_rounds}")
+        log.scalars(step, {"phi_checksum": check_replicas(phi, f"after round {done_rounds}")}, "replicas/")
         checkpoint("stage1", centroids_m=torch.from_numpy(np.array(labels.centroids)))
     stage1_seconds = time.time() - t0
 
@@ -260,7 +260,7 @@ def _train(cfg: Config, info, shard_dir: Path, service: ClusteringService, resum
                                                      sigma=cfg.loss.heatmap_sigma),
                              s2.iterations, step=0, log=log, prefix="stage2/", log_every=cfg.log_every,
                              show_progress=show)
-    check_replicas(psi, "after Stage 2")
+    log.scalars(step2, {"psi_checksum": check_replicas(psi, "after Stage 2")}, "replicas/")
     centroids = np.array(final.centroids, np.float32)
     perm = np.array(final.flip_permutation, np.int64)
     if info.is_main:

@@ -1,0 +1,246 @@
+"""The distributed path gives the numbers of the single-process path.
+
+Real ranks come from torchrun (``tests/dist_worker.py``); the clustering actor runs on
+a local Ray. Extraction parts are planted so that the right clustering is known.
+"""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from k2l_dist.clustering.rounds import merge_parts, recover
+from k2l_dist.config import ClusterConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def planted_parts(n_parts: int, seed: int = 0, n_images: int = 60, K: int = 4, d: int = 16,
+                  shuffle: bool = True) -> list[dict[str, np.ndarray]]:
+    """Rank extractions: every image shows K landmarks (descriptor = noisy prototype) plus a
+    background point; images are dealt to ``n_parts`` ranks at random."""
+    rng = np.random.default_rng(seed)
+    protos = rng.normal(size=(K + 1, d)).astype(np.float32)
+    owner = rng.integers(0, n_parts, n_images) if shuffle else np.arange(n_images) % n_parts
+    parts = []
+    for p in range(n_parts):
+        ids = np.flatnonzero(owner == p)
+        if shuffle:
+            ids = rng.permutation(ids)
+        which = np.tile(np.arange(K + 1), len(ids))
+        desc = protos[which] + 0.1 * rng.normal(size=(len(which), d)).astype(np.float32)
+        fdesc = protos[which] + 0.1 * rng.normal(size=(len(which), d)).astype(np.float32)
+        norm = lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)  # noqa: E731
+        parts.append({"image_ids": np.repeat(ids, K + 1).astype(np.int64),
+                      "points": np.stack([which * 7.0, rng.uniform(0, 40, len(which))], 1).astype(np.float32),
+                      "scores": rng.uniform(0.1, 1, len(which)).astype(np.float32),
+                      "descriptors": norm(desc), "flipped_descriptors": norm(fdesc),
+                      "sample_ids": ids.astype(np.int64)})
+    return parts
+
+
+def _torchrun(args: list[str], timeout: float, env: dict | None = None, nproc: int = 2) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
+    full_env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def _worker(check: str, out: Path) -> None:
+    res = _torchrun([str(ROOT / "tests" / "dist_worker.py"), check, str(out)], timeout=180)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+
+
+# --------------------------------------------------------------------------- real ranks
+
+
+@pytest.mark.timeout(240)
+def test_ddp_gradients_of_two_ranks_equal_one_process_on_the_combined_batch(tmp_path):
+    from tests.dist_worker import detector_grads, fixed_batch, tiny_model
+
+    _worker("ddp_grads", tmp_path)
+    ddp = torch.load(tmp_path / "ddp_grads.pt", weights_only=True)
+    single = detector_grads(tiny_model(), *fixed_batch())
+    assert ddp.keys() == single.keys() and len(single) > 10
+    for name, grad in single.items():
+        torch.testing.assert_close(ddp[name], grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+@pytest.mark.timeout(240)
+def test_collectives_move_exact_arrays_and_catch_diverged_replicas(tmp_path):
+    _worker("collectives", tmp_path)  # the worker asserts the gathered / broadcast values
+    for rank in (0, 1):
+        seen = json.loads((tmp_path / f"collectives_rank{rank}.json").read_text())
+        assert "replicas diverged after a nudge" in seen["diverged"], seen
+
+
+@pytest.mark.timeout(240)
+def test_inline_service_gives_every_rank_the_single_process_labels(tmp_path):
+    _worker("inline_service", tmp_path)  # the worker compares the arrays with one-process clustering
+    stats = [json.loads((tmp_path / f"inline_rank{r}.json").read_text()) for r in (0, 1)]
+    assert stats[0] == stats[1] and stats[0]["images"] == 60
+
+
+# --------------------------------------------------------------------------- merge and actor
+
+
+def _same_parts(n: int) -> list[dict[str, np.ndarray]]:
+    """One fixed dataset dealt to n ranks (the same points, whatever n)."""
+    whole = merge_parts(planted_parts(1, seed=3))
+    owner = np.random.default_rng(n).integers(0, n, len(whole["sample_ids"]))
+    parts = []
+    for p in range(n):
+        ids = whole["sample_ids"][owner == p]
+        rows = np.isin(whole["image_ids"], ids)
+        part = {k: v[rows] for k, v in whole.items() if k != "sample_ids"}
+        part["sample_ids"] = ids
+        parts.append(part)
+    return parts
+
+
+def test_merge_is_canonical_whatever_the_split_and_arrival_order():
+    one = merge_parts(_same_parts(1))
+    for n in (2, 3):
+        parts = _same_parts(n)
+        assert all(len(p["sample_ids"]) for p in parts)
+        for order in (list(range(n)), list(reversed(range(n)))):
+            merged = merge_parts([parts[i] for i in order])
+            assert merged.keys() == one.keys()
+            for key in one:
+                assert np.array_equal(merged[key], one[key]), key
+    assert not np.all(np.diff(planted_parts(1)[0]["image_ids"]) >= 0)  # the parts arrive unsorted
+    with pytest.raises(ValueError, match="two ranks"):
+        merge_parts([planted_parts(1)[0], planted_parts(1)[0]])
+
+
+@pytest.fixture
+def local_ray():
+    import ray
+
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200_000_000, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_actor_labels_equal_inline_for_1_2_3_way_splits_in_random_order(local_ray):
+    from k2l_dist.clustering.actor import ClusteringActor, split_part
+
+    ray = local_ray
+    cfg = ClusterConfig(K=4, M=8, nredo=2, threads=1)
+    expected = recover("round", merge_parts(_same_parts(1)), cfg)
+    for n in (1, 2, 3):
+        parts = _same_parts(n)
+        actor = ray.remote(ClusteringActor).options(max_concurrency=n + 2).remote(dataclasses.asdict(cfg), n)
+        order = np.random.default_rng(n).permutation(n)
+        refs = {int(r): [ray.put(half) for half in split_part(parts[r])] for r in order}
+        for r in order:
+            actor.submit.remote("round1/try0", int(r), refs[int(r)], "round")
+        results = ray.get([actor.result.remote("round1/try0", 60) for _ in range(n)])
+        for stats, (labels_ref,) in results:
+            got = ray.get(labels_ref)
+            for key, value in expected.arrays().items():
+                assert np.array_equal(got[key], value), (n, key)
+            assert stats["kept"] == expected.stats["kept"]
+        ray.kill(actor)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_actor_over_2_and_3_shard_actors_agrees_with_one_shard(local_ray):
+    from k2l_dist.clustering.actor import ClusteringActor, split_part
+    from k2l_dist.clustering.sharded import DescriptorShard, ShardGroup, sharded_pseudo_labels
+
+    ray = local_ray
+    base = ClusterConfig(K=4, M=8, nredo=2, threads=1, niter=10)
+    whole = merge_parts(_same_parts(1))
+    one = sharded_pseudo_labels(ShardGroup.local([DescriptorShard(whole)]), base, whole["sample_ids"])
+    for shards in (2, 3):
+        parts = _same_parts(3)
+        cfg = dataclasses.replace(base, shards=shards)
+        actor = ray.remote(ClusteringActor).options(max_concurrency=5, num_cpus=0).remote(dataclasses.asdict(cfg), 3)
+        for r in (2, 0, 1):
+            actor.submit.remote("round1/try0", r, [ray.put(h) for h in split_part(parts[r])], "round")
+        stats, (ref,) = ray.get(actor.result.remote("round1/try0", 120))
+        got = ray.get(ref)
+        assert np.array_equal(got["ids"], one.ids) and np.array_equal(got["points"], one.points)
+        assert (got["labels"] == one.labels).mean() >= 0.999 and (got["labels_k"] == one.labels_k).mean() >= 0.999
+        np.testing.assert_allclose(got["centroids"], one.centroids, atol=1e-4)
+        assert stats["object_store_round_bytes"] > 0 and stats["kept"] == one.stats["kept"]
+        ray.kill(actor)
+
+
+def _service(restarts: int):
+    from k2l_dist.clustering.ray_service import RayService
+    from k2l_dist.distributed import DistInfo
+
+    cfg = ClusterConfig(K=4, M=8, nredo=2, threads=1, actor_restarts=restarts, object_store_gb=0.2,
+                        round_timeout_s=60)
+    return cfg, RayService(cfg, DistInfo(0, 1, 0, 1, torch.device("cpu"), 1))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_actor_killed_mid_round_is_recreated_and_the_round_redone(monkeypatch, caplog):
+    monkeypatch.setenv("K2L_FAULT", "actor:round2")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg, service = _service(restarts=1)
+    try:
+        part = _same_parts(1)[0]
+        service.recover("round", part, "round1")
+        labels = service.recover("round", part, "round2")  # the actor dies here once
+    finally:
+        service.close()
+    expected = recover("round", merge_parts([part]), cfg)
+    for key, value in expected.arrays().items():
+        assert np.array_equal(labels.arrays()[key], value), key
+    assert "redoing the round" in caplog.text and "round2" in caplog.text
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_without_restarts_a_dead_actor_fails_the_round_by_name_quickly(monkeypatch):
+    from k2l_dist.clustering.ray_service import ClusteringFailed
+
+    monkeypatch.setenv("K2L_FAULT", "actor:round1")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    _, service = _service(restarts=0)
+    t0 = time.time()
+    try:
+        with pytest.raises(ClusteringFailed, match="round1"):
+            service.recover("round", _same_parts(1)[0], "round1")
+    finally:
+        service.close(clean=False)
+    assert time.time() - t0 < 60
+
+
+# --------------------------------------------------------------------------- threads
+
+
+def test_threads_are_pinned_to_cores_per_local_rank(monkeypatch, caplog):
+    import faiss
+
+    from k2l_dist.distributed import threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(threads, "available_cores", lambda: 8)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+        monkeypatch.setattr(threads, "_pinned", None)
+        assert threads.pin_threads() == 2
+        assert torch.get_num_threads() == 2 and os.environ["OMP_NUM_THREADS"] == "2"
+        assert faiss.omp_get_max_threads() == 2
+        assert threads.threads_per_process() == 2  # what DALI pipelines then use
+        assert "thrash" not in caplog.text
+        assert threads.pin_threads(3) == 3
+        assert "3 threads per process × 4 processes on this node > 8 cores" in caplog.text
+    finally:
+        threads.pin_threads(before)

@@ -1,0 +1,112 @@
+"""Two processes under torchrun train one model: replicas agree, resumes are exact, faults end the job.
+
+Slow: each torchrun run of the tiny config takes about half a minute on two cores.
+"""
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from k2l_dist.augment import build_loader
+from k2l_dist.clustering.rounds import merge_parts
+from k2l_dist.config import AugmentConfig, load_config
+from k2l_dist.data.prepare import prepare
+from k2l_dist.models import KeypointNet
+from k2l_dist.train.checkpoint import load_checkpoint
+from k2l_dist.train.extract import extract
+from tests.test_distributed import _torchrun
+from tests.tiny import TINY
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tiny") / "shards"
+    prepare(load_config(None, TINY), out)
+    return out
+
+
+def test_two_rank_extractions_merge_to_the_one_rank_extraction(shards):
+    cfg = load_config(None, TINY)
+    torch.manual_seed(0)
+    phi = KeypointNet(cfg.model).eval()
+    aug = AugmentConfig(enabled=False, batch_size=8, num_threads=1)
+
+    def part(rank: int, world: int) -> dict:
+        loader = build_loader(shards, aug, rank=rank, world_size=world, views=1, shuffle=False, padded="drop")
+        return extract(phi, loader, max_points=12, threshold=0.0, show_progress=False).as_dict()
+
+    one = merge_parts([part(0, 1)])
+    two = merge_parts([part(1, 2), part(0, 2)])
+    assert len(one["sample_ids"]) == 120 and np.array_equal(one["sample_ids"], two["sample_ids"])
+    assert np.array_equal(one["image_ids"], two["image_ids"]) and len(one["image_ids"]) > 500
+    for key in ("points", "scores", "descriptors", "flipped_descriptors"):
+        np.testing.assert_allclose(two[key], one[key], rtol=1e-4, atol=1e-5, err_msg=key)
+
+
+def _run(run_dir: Path, shards: Path, *extra: str, nproc: int = 2, env: dict | None = None, timeout: float = 400):
+    args = ["-m", "k2l_dist.cli", "train", "configs/quickstart.yaml", *TINY, f"run_dir={run_dir}",
+            f"data.shards={shards}", "dist.timeout_s=60", *extra]
+    return _torchrun(args, timeout=timeout, env=env, nproc=nproc)
+
+
+def _ok(res) -> str:
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-4000:]
+    return res.stdout + res.stderr
+
+
+def _log(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_two_process_runs_agree_resume_exactly_and_resume_at_another_world_size(shards, tmp_path):
+    straight, cut, other = tmp_path / "straight", tmp_path / "cut", tmp_path / "other"
+    _ok(_run(straight, shards, "stage1.rounds=2"))
+    metrics = json.loads((straight / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and "forward_nme" in metrics
+    log = _log(straight)
+    # every round compared the replicas' parameters (a mismatch raises) and logged its costs
+    assert sum("replicas/phi_checksum" in r for r in log) == 2 and any("replicas/psi_checksum" in r for r in log)
+    rounds = [r for r in log if "round/extract_seconds" in r]
+    assert len(rounds) == 2
+    for key in ("cluster_seconds", "broadcast_seconds", "bytes_sent", "actor_cluster_seconds",
+                "object_store_round_bytes"):
+        assert all(r[f"round/{key}"] >= 0 for r in rounds), key
+    assert rounds[0]["round/bytes_sent"] > 0
+    assert any("warmup/step_seconds_slowest" in r for r in log)
+
+    _ok(_run(cut, shards, "stage1.rounds=1"))
+    shutil.copytree(cut, other)
+    out = _ok(_run(cut, shards, "stage1.rounds=2"))
+    assert "resumed from" in out
+    a, b = load_checkpoint(straight / "checkpoint.pt"), load_checkpoint(cut / "checkpoint.pt")
+    assert a["round"] == b["round"] == 2
+    for name, tensor in a["phi"].items():
+        assert torch.equal(b["phi"][name], tensor), name
+    for key in ("points", "labels", "flipped_labels"):
+        assert torch.equal(a["labels"][key], b["labels"][key]), key
+    ma, mb = load_checkpoint(straight / "model.pt"), load_checkpoint(cut / "model.pt")
+    for name, tensor in ma["psi"].items():
+        assert torch.equal(mb["psi"][name], tensor), name
+
+    out = _ok(_run(other, shards, "stage1.rounds=2", nproc=1))
+    assert "saved by 2 process(es), now 1" in out
+    assert json.loads((other / "metrics.json").read_text())["world_size"] == 1
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_rank_that_raises_during_extraction_ends_the_job(shards, tmp_path):
+    t0 = time.time()
+    res = _run(tmp_path / "run", shards, "stage1.rounds=1", "cluster.service=inline",
+               env={"K2L_FAULT": "extract:round1@rank1"}, timeout=240)
+    assert res.returncode != 0
+    assert "injected fault (K2L_FAULT) at extract:round1 on rank 1" in res.stdout + res.stderr
+    assert time.time() - t0 < 180
+    assert not (tmp_path / "run" / "metrics.json").exists()

@@ -1,0 +1,303 @@
+"""The launch files: cluster.yaml (Ray's own validation, offline) and launch/torchrun.sh."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shlex
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "launch" / "torchrun.sh"
+CLUSTER = ROOT / "cluster.yaml"
+TRAIN = ["-m", "k2l_dist.cli", "train"]
+ENV_DEFAULTS = {"MALLOC_MMAP_THRESHOLD_": "17179869184", "MALLOC_TRIM_THRESHOLD_": "17179869184",
+                "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+# ---------------------------------------------------------------- cluster.yaml
+
+
+@pytest.fixture(scope="module")
+def prepared():
+    """cluster.yaml as `ray up` sees it before talking to AWS: prepare_config, then validate_config."""
+    pytest.importorskip("jsonschema")
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load(CLUSTER.read_text())
+    cfg = prepare_config(copy.deepcopy(raw))  # defaults merged, setup commands merged per node kind
+    validate_config(cfg)  # ray-schema.json + head_node_type / max_workers checks
+    return raw, cfg
+
+
+def test_cluster_yaml_passes_ray_validation(prepared):
+    raw, cfg = prepared
+    assert raw["cluster_name"] == "k2l-dist"
+    assert raw["provider"]["type"] == "aws" and raw["provider"]["region"]
+    types = cfg["available_node_types"]
+    head = cfg["head_node_type"]
+    assert set(types) == {head, "gpu_worker"}
+    assert types[head]["max_workers"] == 0
+    assert 0 <= types["gpu_worker"]["min_workers"] <= types["gpu_worker"]["max_workers"] <= cfg["max_workers"]
+
+
+def test_ray_validation_is_not_vacuous(prepared):
+    """The same validation rejects a broken copy, so passing it above means something."""
+    from jsonschema import ValidationError
+    from ray.autoscaler._private.util import validate_config
+
+    _, cfg = prepared
+    bad = copy.deepcopy(cfg)
+    bad["available_node_types"]["gpu_worker"]["resources"] = {"GPU": "eight"}
+    with pytest.raises(ValidationError):
+        validate_config(bad)
+    bad = copy.deepcopy(cfg)
+    bad["head_node_type"] = "nope"
+    with pytest.raises(ValueError):
+        validate_config(bad)
+
+
+def _ray_start_flags(command: str) -> dict[str, str]:
+    """`--flag=value` / `--flag value` / `--flag` of the `ray start` in one shell command line."""
+    words = shlex.split(command.replace(";", " ; "))
+    start = next(i for i in range(len(words) - 1) if words[i:i + 2] == ["ray", "start"])
+    flags: dict[str, str] = {}
+    rest = words[start + 2:]
+    for i, w in enumerate(rest):
+        if w == ";":
+            break
+        if w.startswith("--"):
+            if "=" in w:
+                key, value = w.split("=", 1)
+            elif i + 1 < len(rest) and not rest[i + 1].startswith("--") and rest[i + 1] != ";":
+                key, value = w, rest[i + 1]
+            else:
+                key, value = w, ""
+            flags[key] = value
+    return flags
+
+
+def test_head_start_holds_the_clustering_resource_and_store(prepared):
+    _, cfg = prepared
+    starts = [c for c in cfg["head_start_ray_commands"] if "ray start" in c]
+    assert len(starts) == 1
+    flags = _ray_start_flags(starts[0])
+    assert "--head" in flags
+    assert json.loads(flags["--resources"]) == {"k2l_cluster": 1}
+    assert flags["--dashboard-host"] == "127.0.0.1"
+    one_round = 200_000 * 60 * 256 * 4 * 2  # images × points × dim × float32 × mirrored
+    assert one_round <= int(flags["--object-store-memory"]) <= 2 * one_round
+    # the workers join the head and never offer the actor's resource
+    workers = [c for c in cfg["worker_start_ray_commands"] if "ray start" in c]
+    assert len(workers) == 1
+    wflags = _ray_start_flags(workers[0])
+    assert wflags["--address"].endswith(":6379") and "--head" not in wflags
+    assert "k2l_cluster" not in workers[0]
+    assert "k2l_cluster" not in json.dumps(cfg["available_node_types"]["gpu_worker"])
+
+
+def _index(commands: list[str], pattern: str) -> int:
+    hits = [i for i, c in enumerate(commands) if re.search(pattern, c)]
+    assert hits, f"no setup command matches {pattern!r}: {commands}"
+    return hits[0]
+
+
+def test_gpu_setup_swaps_faiss_cpu_for_faiss_gpu(prepared):
+    _, cfg = prepared
+    gpu = cfg["worker_setup_commands"]  # setup_commands + worker_setup_commands, as Ray runs them
+    project = _index(gpu, r"pip install (-U )?-e \.")
+    uninstall = _index(gpu, r"pip uninstall -y faiss-cpu\b")
+    install = _index(gpu, r"pip install [^;&|]*\bfaiss-gpu")
+    torch = _index(gpu, r"pip install [^;]*torch==2\.13\.0[^;]*--index-url")
+    assert project < uninstall < install, gpu
+    assert project < torch
+    # never both: nothing after the uninstall brings faiss-cpu back
+    assert not any(re.search(r"pip install [^;&|]*faiss-cpu", c) for c in gpu[uninstall:])
+    assert all("faiss-gpu" not in c for c in gpu[:uninstall])
+    # the CPU head keeps faiss-cpu (from `pip install -e .`) and never gets faiss-gpu
+    head = cfg["head_setup_commands"]
+    _index(head, r"pip install (-U )?-e \.")
+    assert not any("faiss-gpu" in c for c in head)
+
+
+# ---------------------------------------------------------------- launch/torchrun.sh
+
+
+@pytest.fixture
+def fake_bin(tmp_path):
+    """A PATH with this venv's torchrun and a stub nvidia-smi (`gpus` lines, or failing)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+
+    def make(gpus: int | None = None) -> dict[str, str]:
+        smi = bin_dir / "nvidia-smi"
+        if gpus is None:
+            smi.write_text("#!/bin/sh\nexit 9\n")
+        else:
+            lines = "".join(f"GPU {i}: Fake (UUID: GPU-{i})\\n" for i in range(gpus))
+            smi.write_text(f"#!/bin/sh\nprintf '{lines}'\n")
+        smi.chmod(smi.stat().st_mode | stat.S_IEXEC)
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("OMP_NUM_THREADS", *ENV_DEFAULTS)}
+        env["PATH"] = os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), env.get("PATH", "")])
+        return env
+
+    return make
+
+
+def _run(args: list[str], env: dict[str, str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(SCRIPT), *args], env=env, cwd=cwd, capture_output=True, text=True,
+                          timeout=60)
+
+
+def _dry(args: list[str], env: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+    res = _run(["--dry-run", *args], env)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert len(lines) == 2, res.stdout
+    exports = shlex.split(lines[0])
+    assert exports[0] == "export"
+    return dict(kv.split("=", 1) for kv in exports[1:]), shlex.split(lines[1])
+
+
+def _options(argv: list[str]) -> tuple[dict[str, str | bool], list[str]]:
+    """torchrun's own options (before `-m`) as a dict, and the program with its arguments."""
+    assert Path(argv[0]).name == "torchrun", argv
+    m = argv.index("-m")
+    opts: dict[str, str | bool] = {}
+    words = argv[1:m]
+    i = 0
+    while i < len(words):
+        assert words[i].startswith("--"), words
+        if words[i] == "--standalone":
+            opts[words[i]] = True
+            i += 1
+        else:
+            assert words[i] not in opts, f"{words[i]} given twice"
+            opts[words[i]] = words[i + 1]
+            i += 2
+    return opts, argv[m:]
+
+
+def _torchrun_parse(argv: list[str]):
+    """Parse with torch 2.13's own torchrun parser: every flag must exist there."""
+    from torch.distributed.run import get_args_parser
+
+    return get_args_parser().parse_args(argv[1:])
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def test_dry_run_single_node_standalone(fake_bin, monkeypatch):
+    env = fake_bin(gpus=None)  # nvidia-smi present but failing: one rank
+    exports, argv = _dry(["--", "configs/quickstart.yaml", "run_dir=X"], env)
+    assert exports == {"OMP_NUM_THREADS": str(max(1, _cores())), **ENV_DEFAULTS}
+    opts, program = _options(argv)
+    assert opts == {"--standalone": True, "--nproc-per-node": "1", "--max-restarts": "0",
+                    "--log-dir": "X/logs", "--tee": "3", "--local-ranks-filter": "0"}
+    assert program == [*TRAIN, "configs/quickstart.yaml", "run_dir=X"]
+
+    args = _torchrun_parse(argv)
+    assert args.standalone and args.module and args.nnodes == "1:1"  # torchrun's default
+    assert args.training_script == "k2l_dist.cli"
+    assert args.training_script_args == ["train", "configs/quickstart.yaml", "run_dir=X"]
+    # what torchrun makes of the log flags: all ranks' streams to files, console = local rank 0
+    from torch.distributed.elastic.multiprocessing import Std
+    from torch.distributed.run import config_from_args
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # config_from_args may set it in this process
+    config, cmd, cmd_args = config_from_args(args)
+    specs = config.logs_specs
+    assert specs._tee == Std.ALL and specs._local_ranks_filter == {0}
+    assert Path(specs.root_log_dir) == Path("X/logs")
+    assert cmd_args == ["-u", "-m", "k2l_dist.cli", "train", "configs/quickstart.yaml", "run_dir=X"]
+
+
+def test_dry_run_counts_gpus_splits_cores_and_keeps_user_env(fake_bin):
+    env = fake_bin(gpus=3)
+    exports, argv = _dry(["--", "c.yaml", "run_dir=runs/a/", "run_dir=runs/b"], env)
+    opts, program = _options(argv)
+    assert opts["--nproc-per-node"] == "3"
+    assert exports["OMP_NUM_THREADS"] == str(max(1, _cores() // 3))
+    assert opts["--log-dir"] == "runs/b/logs"  # the last run_dir override wins, as in k2l train
+    assert program == [*TRAIN, "c.yaml", "run_dir=runs/a/", "run_dir=runs/b"]
+
+    env.update(OMP_NUM_THREADS="7", MALLOC_MMAP_THRESHOLD_="123", RAY_USAGE_STATS_ENABLED="1")
+    exports, argv = _dry(["--nproc-per-node", "2", "--log-dir", "L", "--", "c.yaml", "a=b c"], env)
+    assert exports == {"OMP_NUM_THREADS": "7", "MALLOC_MMAP_THRESHOLD_": "123",
+                       "MALLOC_TRIM_THRESHOLD_": "17179869184", "RAY_USAGE_STATS_ENABLED": "1"}
+    opts, program = _options(argv)
+    assert opts["--nproc-per-node"] == "2" and opts["--log-dir"] == "L"
+    assert program == [*TRAIN, "c.yaml", "a=b c"]  # shell-quoted on the printed line
+
+    env.pop("OMP_NUM_THREADS")
+    exports, argv = _dry(["--", "c.yaml"], env)
+    assert _options(argv)[0]["--log-dir"] == "runs/logs"
+
+
+def test_dry_run_multi_node_rendezvous(fake_bin):
+    env = fake_bin(gpus=None)
+    exports, argv = _dry(["--nnodes", "2", "--node-rank", "1", "--endpoint", "host:29400", "--run-id", "r1",
+                          "--max-restarts", "1", "--", "configs/quickstart.yaml", "run_dir=X"], env)
+    opts, program = _options(argv)
+    assert opts == {"--nnodes": "2", "--node-rank": "1", "--rdzv-backend": "c10d",
+                    "--rdzv-endpoint": "host:29400", "--rdzv-id": "r1", "--nproc-per-node": "1",
+                    "--max-restarts": "1", "--log-dir": "X/logs", "--tee": "3", "--local-ranks-filter": "0"}
+    assert "--standalone" not in argv
+    assert program == [*TRAIN, "configs/quickstart.yaml", "run_dir=X"]
+    args = _torchrun_parse(argv)
+    assert (args.nnodes, args.node_rank, args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id,
+            args.max_restarts, args.standalone) == ("2", 1, "c10d", "host:29400", "r1", 1, False)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--nnodes", "2", "--node-rank", "0"], "--endpoint HOST:PORT is required"),
+    (["--nnodes", "2", "--endpoint", "host:29400"], "--node-rank is required"),
+    (["--nnodes", "2", "--node-rank", "2", "--endpoint", "host:29400"], "--node-rank must be"),
+    (["--nnodes", "2", "--node-rank", "0", "--endpoint", "host"], "--endpoint must be HOST:PORT"),
+    (["--nproc-per-node", "0"], "--nproc-per-node must be"),
+    (["--bogus"], "unknown option --bogus"),
+])
+def test_bad_arguments_fail_naming_the_flag(fake_bin, args, message):
+    res = _run(["--dry-run", *args, "--", "configs/quickstart.yaml"], fake_bin())
+    assert res.returncode != 0
+    assert message in res.stderr
+    assert res.stdout == ""
+
+
+def test_runs_exactly_what_dry_run_prints(fake_bin, tmp_path):
+    """Without --dry-run the script execs that very command, with those variables set."""
+    env = fake_bin(gpus=2)
+    record = tmp_path / "record.json"
+    stub = Path(env["PATH"].split(os.pathsep)[0]) / "torchrun"
+    stub.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
+                    f"json.dump({{'argv': sys.argv[1:], 'env': dict(os.environ)}}, open({str(record)!r}, 'w'))\n")
+    stub.chmod(stub.stat().st_mode | stat.S_IEXEC)
+    args = ["--", "configs/quickstart.yaml", f"run_dir={tmp_path / 'run'}"]
+    exports, argv = _dry(args, env)
+    res = _run(args, env)
+    assert res.returncode == 0, res.stderr
+    seen = json.loads(record.read_text())
+    assert seen["argv"] == argv[1:]
+    assert {k: seen["env"].get(k) for k in exports} == exports
+    assert (tmp_path / "run" / "logs").is_dir()  # created for torchrun's log files
+
+
+def test_help_and_executable():
+    assert os.access(SCRIPT, os.X_OK)
+    res = subprocess.run([str(SCRIPT), "--help"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0
+    for flag in ("--nproc-per-node", "--nnodes", "--node-rank", "--endpoint", "--run-id", "--max-restarts",
+                 "--log-dir", "--dry-run"):
+        assert flag in res.stdout
+    assert SCRIPT.read_text().splitlines()[:4].count("set -euo pipefail") == 1
