@@ -41,8 +41,9 @@ from k2l_dist.augment import build_loader
 from k2l_dist.config import AugmentConfig
 from k2l_dist.data.shards import SHARD_PATTERN, Sample, shard_paths, write_index, write_shard
 
-SECTION_START = "<!-- bench_loader:start -->"
-SECTION_END = "<!-- bench_loader:end -->"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import write_section  # noqa: E402
+
 
 
 # --------------------------------------------------------------------------- synthetic shards
@@ -200,18 +201,6 @@ def time_epochs(make_iter: Callable[[], Iterable], repeats: int) -> tuple[list[f
     return times, count
 
 
-def write_section(path: Path, body: str) -> None:
-    section = f"{SECTION_START}\n{body.rstrip()}\n{SECTION_END}\n"
-    text = path.read_text() if path.is_file() else "# Benchmarks\n\n"
-    if SECTION_START in text and SECTION_END in text:
-        head, rest = text.split(SECTION_START, 1)
-        tail = rest.split(SECTION_END, 1)[1].lstrip("\n")
-        text = head + section + ("\n" + tail if tail else "")
-    else:
-        text = text.rstrip() + "\n\n" + section
-    path.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shards", type=Path, help="a prepared shard folder (default: synthetic, in a temp dir)")
@@ -334,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(body)
     if not args.no_write:
-        write_section(args.out, body)
+        write_section(args.out, "bench_loader", body)
         print(f"\nwrote {args.out}")
     return 0
 

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Submit `k2l train` to a Ray cluster as a Ray job. The job's entrypoint runs on the head
+# node only, so it is the driver k2l_dist.distributed.ray_launch: a placement group of one
+# bundle per node, one torchrun per node started from there (see that module).
+set -euo pipefail
+
+usage() {
+  cat <<'EOF2'
+usage: launch/ray_submit.sh [options] -- CONFIG [key=value ...]
+
+options:
+  --address URL        the cluster's job server (default $RAY_ADDRESS, else http://127.0.0.1:8265;
+                       with cluster.yaml: `ray dashboard cluster.yaml` tunnels it to localhost)
+  --nodes N            nodes to train on (default 1)
+  --nproc-per-node P   ranks per node (default 1; one per GPU on GPU nodes)
+  --gpus-per-node G    GPUs reserved per node (default 0)
+  --cpus-per-node C    CPUs reserved per node (default 1)
+  --project-dir DIR    where the project lives on the nodes (default: this checkout's path;
+                       cluster.yaml syncs it to ~/k2l-dist)
+  --max-restarts K     torchrun restarts of a failed worker group (default 0)
+  --no-wait            return once submitted (default: follow the job's log to its end)
+  --dry-run            print the `ray job submit` command, submit nothing
+  -h, --help           this help
+
+Keep Ray's token authentication on: the client needs RAY_AUTH_MODE=token (set here unless
+already set) and the cluster's token (~/.ray/auth_token or RAY_AUTH_TOKEN).
+EOF2
+}
+
+die() { echo "launch/ray_submit.sh: error: $*" >&2; exit 2; }
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+address="${RAY_ADDRESS:-http://127.0.0.1:8265}"
+nodes=1 nproc=1 gpus=0 cpus=1 project_dir="$here" max_restarts=0 wait=1 dry_run=0
+train_args=()
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --address) address="${2:?--address needs a value}"; shift 2 ;;
+    --nodes) nodes="${2:?--nodes needs a value}"; shift 2 ;;
+    --nproc-per-node) nproc="${2:?--nproc-per-node needs a value}"; shift 2 ;;
+    --gpus-per-node) gpus="${2:?--gpus-per-node needs a value}"; shift 2 ;;
+    --cpus-per-node) cpus="${2:?--cpus-per-node needs a value}"; shift 2 ;;
+    --project-dir) project_dir="${2:?--project-dir needs a value}"; shift 2 ;;
+    --max-restarts) max_restarts="${2:?--max-restarts needs a value}"; shift 2 ;;
+    --no-wait) wait=0; shift ;;
+    --dry-run) dry_run=1; shift ;;
+    -h|--help) usage; exit 0 ;;
+    --) shift; train_args=("$@"); break ;;
+    *) die "unknown option $1" ;;
+  esac
+done
+[[ ${#train_args[@]} -gt 0 ]] || die "give the \`k2l train\` arguments after --, e.g. -- configs/quickstart.yaml"
+
+export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
+export RAY_USAGE_STATS_ENABLED="${RAY_USAGE_STATS_ENABLED:-0}"
+
+entry="cd $(printf '%q' "$project_dir") && python -m k2l_dist.distributed.ray_launch --nodes $nodes"
+entry+=" --nproc-per-node $nproc --gpus-per-node $gpus --cpus-per-node $cpus --max-restarts $max_restarts --"
+for a in "${train_args[@]}"; do entry+=" $(printf '%q' "$a")"; done
+
+cmd=(ray job submit --address "$address" --submission-id "k2l-$(date +%Y%m%d-%H%M%S)-$$")
+[[ $wait -eq 1 ]] || cmd+=(--no-wait)
+cmd+=(-- bash -c "$entry")
+
+if [[ $dry_run -eq 1 ]]; then
+  echo "export RAY_AUTH_MODE=$RAY_AUTH_MODE RAY_USAGE_STATS_ENABLED=$RAY_USAGE_STATS_ENABLED"
+  printf '%q ' "${cmd[@]}"; echo
+  exit 0
+fi
+exec "${cmd[@]}"
