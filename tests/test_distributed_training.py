@@ -4,7 +4,10 @@ Slow: each torchrun run of the tiny config takes about half a minute on two core
 """
 
 import json
+import os
 import shutil
+import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -19,7 +22,7 @@ from k2l_dist.data.prepare import prepare
 from k2l_dist.models import KeypointNet
 from k2l_dist.train.checkpoint import load_checkpoint
 from k2l_dist.train.extract import extract
-from tests.test_distributed import _torchrun
+from tests.test_distributed import ROOT, _torchrun
 from tests.tiny import TINY
 
 
@@ -110,3 +113,33 @@ def test_a_rank_that_raises_during_extraction_ends_the_job(shards, tmp_path):
     assert "injected fault (K2L_FAULT) at extract:round1 on rank 1" in res.stdout + res.stderr
     assert time.time() - t0 < 180
     assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_ray_submit_trains_through_a_ray_job_on_a_local_head(shards, tmp_path):
+    """``launch/ray_submit.sh`` against ``ray start --head``: the job's driver reserves a
+    placement group and starts torchrun from a launcher actor. Stops Ray afterwards."""
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    port, dashboard = _free_port(), _free_port()
+    start = subprocess.run(["ray", "start", "--head", f"--port={port}", "--num-cpus=2", "--dashboard-host=127.0.0.1",
+                            f"--dashboard-port={dashboard}", "--object-store-memory=300000000"], env=env, capture_output=True, text=True, timeout=120)
+    assert start.returncode == 0, start.stderr[-2000:]
+    try:
+        run_dir = tmp_path / "run"
+        res = subprocess.run([str(ROOT / "launch" / "ray_submit.sh"), "--address", f"http://127.0.0.1:{dashboard}",
+                              "--nproc-per-node", "2", "--", "configs/quickstart.yaml", *TINY, f"run_dir={run_dir}",
+                              f"data.shards={shards}", "stage1.rounds=1"],
+                             env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+        out = res.stdout + res.stderr
+        assert res.returncode == 0, out[-4000:]
+        assert "--standalone" in out and "node exit codes: [0]" in out
+        assert json.loads((run_dir / "metrics.json").read_text())["world_size"] == 2
+    finally:
+        subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)

@@ -113,4 +113,4 @@ def wrap_ddp(module: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [info.device.index] if info.device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
+    return DistributedDataParallel(module, device_ids=ids, forward_sync_buffers=False)
