@@ -41,13 +41,13 @@ def detector_grads(model: torch.nn.Module, images, points, valid, forward=None) 
 
 def check_ddp_grads(info, out: Path) -> None:
     """Each rank takes its half of a fixed batch through DDP; rank 0 saves the averaged grads."""
-    model = tiny_model()
+    model = tiny_model().to(info.device)
     ddp = distributed.wrap_ddp(model, info)
-    images, points, valid = fixed_batch()
+    images, points, valid = (t.to(info.device) for t in fixed_batch())
     half = slice(info.rank * 2, info.rank * 2 + 2)
     grads = detector_grads(model, images[half], points[half], valid[half], forward=ddp)
     if info.is_main:
-        torch.save(grads, out / "ddp_grads.pt")
+        torch.save({k: v.cpu() for k, v in grads.items()}, out / "ddp_grads.pt")
 
 
 def check_collectives(info, out: Path) -> None:
@@ -100,7 +100,9 @@ CHECKS = {"ddp_grads": check_ddp_grads, "collectives": check_collectives, "inlin
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     name, out_dir = sys.argv[1], Path(sys.argv[2])
-    info = distributed.enable(DistConfig(threads=1, timeout_s=60), "cpu")
+    import os
+
+    info = distributed.enable(DistConfig(threads=1, timeout_s=60), os.environ.get("K2L_TEST_DEVICE", "cpu"))
     try:
         CHECKS[name](info, out_dir)
         dist.barrier()

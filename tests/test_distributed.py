@@ -244,3 +244,39 @@ def test_threads_are_pinned_to_cores_per_local_rank(monkeypatch, caplog):
         assert "3 threads per process × 4 processes on this node > 8 cores" in caplog.text
     finally:
         threads.pin_threads(before)
+
+
+# --------------------------------------------------------------------------- GPU paths (skipped without a GPU)
+
+
+def _faiss_gpus() -> int:
+    import faiss
+
+    get = getattr(faiss, "get_num_gpus", None)
+    return int(get()) if get is not None else 0
+
+
+@pytest.mark.skipif(_faiss_gpus() == 0, reason="needs faiss-gpu and a GPU")
+def test_faiss_gpu_index_reuses_cached_resources_and_matches_cpu():
+    from k2l_dist.clustering.kmeans import _flat_index, _gpu_resources, assign
+
+    first, again = _flat_index(8, True), _flat_index(8, True)
+    assert "Gpu" in type(first).__name__ or "Shards" in type(first).__name__
+    assert _gpu_resources() is _gpu_resources() and again is not first
+    rng = np.random.default_rng(0)
+    x, c = rng.normal(size=(1000, 8)).astype(np.float32), rng.normal(size=(10, 8)).astype(np.float32)
+    assert np.array_equal(assign(x, c, use_gpu=True)[0], assign(x, c, use_gpu=False)[0])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 GPUs (NCCL)")
+@pytest.mark.timeout(240)
+def test_ddp_gradients_over_nccl(tmp_path):
+    res = _torchrun([str(ROOT / "tests" / "dist_worker.py"), "ddp_grads", str(tmp_path)], timeout=180,
+                    env={"K2L_TEST_DEVICE": "cuda"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    from tests.dist_worker import detector_grads, fixed_batch, tiny_model
+
+    ddp = torch.load(tmp_path / "ddp_grads.pt", weights_only=True)
+    single = detector_grads(tiny_model(), *fixed_batch())
+    for name, grad in single.items():  # TF32 convolutions on the GPU: looser tolerance
+        torch.testing.assert_close(ddp[name], grad, rtol=2e-2, atol=1e-5, msg=name)

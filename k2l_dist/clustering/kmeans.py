@@ -11,11 +11,12 @@ Every K-means in the project goes through :func:`kmeans` (faiss). On top of it:
 * :func:`assign_flipped` = cluster labels of the descriptors taken on the flipped image
   (Sec. 3.7).
 
-Everything is plain numpy in/out (this runs inside a Ray actor; no torch).
+Everything is plain numpy in/out, torch-free: it runs inside the Ray clustering actor too.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -105,6 +106,30 @@ def _gpu_count() -> int:
     return int(get()) if get is not None else 0
 
 
+GPU_TEMP_MEMORY = 1 << 30  # Faiss scratch memory per GPU (its default grows with the card)
+
+
+@functools.lru_cache(maxsize=1)
+def _gpu_resources() -> tuple:
+    """One StandardGpuResources per visible GPU, created once per process (creating them
+    allocates scratch memory and CUDA handles: too slow to repeat every search)."""
+    resources = []
+    for _ in range(_gpu_count()):
+        res = faiss.StandardGpuResources()
+        res.setTempMemory(GPU_TEMP_MEMORY)
+        resources.append(res)
+    return tuple(resources)
+
+
+def _flat_index(d: int, use_gpu: bool):
+    """An exact L2 index: on every visible GPU (cached resources) when asked and possible."""
+    index = faiss.IndexFlatL2(d)
+    resources = _gpu_resources() if use_gpu and _gpu_count() > 0 else ()
+    if resources:
+        index = faiss.index_cpu_to_gpu_multiple_py(list(resources), index)
+    return index
+
+
 _INIT_METHODS = {
     "random": "ClusteringInitMethod_RANDOM",
     "kmeans++": "ClusteringInitMethod_KMEANS_PLUS_PLUS",
@@ -171,7 +196,6 @@ def kmeans(x: np.ndarray, k: int, cfg: ClusterConfig | None = None) -> KMeansRes
         seed=int(cfg.seed),
         max_points_per_centroid=faiss_cap,
         verbose=bool(getattr(cfg, "verbose", False)),
-        gpu=ngpu if ngpu > 0 else False,
     )
     if init_method is not None:
         params["init_method"] = init_method
@@ -185,6 +209,7 @@ def kmeans(x: np.ndarray, k: int, cfg: ClusterConfig | None = None) -> KMeansRes
     for restart in range(max(1, int(cfg.nredo))):
         params["seed"] = int(cfg.seed) + 7919 * restart
         km = faiss.Kmeans(d, k, **params)
+        km.index = _flat_index(d, ngpu > 0)  # GPUs through the cached resources
         km.train(x)
         cand = np.ascontiguousarray(km.centroids, dtype=np.float32).reshape(k, d)
         objective = float(assign(probe, cand, use_gpu=ngpu > 0)[1].sum())
@@ -214,9 +239,7 @@ def assign(x: np.ndarray, centroids: np.ndarray, use_gpu: bool = False) -> tuple
         raise ValueError(f"dimension mismatch: x has d={x.shape[1]}, centroids d={centroids.shape[1]}")
     if x.shape[0] == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.float32)
-    index = faiss.IndexFlatL2(centroids.shape[1])
-    if use_gpu and _gpu_count() > 0:
-        index = faiss.index_cpu_to_all_gpus(index)
+    index = _flat_index(centroids.shape[1], use_gpu)
     index.add(centroids)
     dist, lab = index.search(x, 1)
     return lab[:, 0].astype(np.int64), dist[:, 0].astype(np.float32)
