@@ -75,11 +75,15 @@ def merge_parts(parts: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]
     every = np.concatenate([np.asarray(p["sample_ids"], np.int64) for p in parts])
     if len(np.unique(every)) != len(every):
         raise ValueError("an image was extracted by two ranks: rank slices must be disjoint")
-    merged = {k: np.concatenate([np.asarray(p[k]) for p in parts]) for k in keys}
-    order = np.argsort(merged["image_ids"], kind="stable")  # stable: keeps in-image order
-    out = {k: np.ascontiguousarray(v[order]) for k, v in merged.items()}
-    out["sample_ids"] = np.sort(every)
-    return out
+    # Rank slices are usually contiguous id ranges: copy (and reorder) only when needed.
+    merged = {k: np.asarray(parts[0][k]) if len(parts) == 1 else np.concatenate([np.asarray(p[k]) for p in parts])
+              for k in keys}
+    ids = merged["image_ids"]
+    if len(ids) and (np.diff(ids) < 0).any():
+        order = np.argsort(ids, kind="stable")  # stable: keeps in-image order
+        merged = {k: np.ascontiguousarray(v[order]) for k, v in merged.items()}
+    merged["sample_ids"] = np.sort(every)
+    return merged
 
 
 def table_layout(image_ids: np.ndarray, all_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
