@@ -152,10 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     from k2l_dist.data.prepare import PrepareError
     from k2l_dist.data.readers import DatasetError
     from k2l_dist.data.shards import ShardError
+    from k2l_dist.train.run import NonFiniteLoss
 
     try:
         return args.func(args)
-    except (ConfigError, DatasetError, PrepareError, ShardError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, DatasetError, PrepareError, ShardError, FileNotFoundError, ValueError, NonFiniteLoss) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -360,3 +360,36 @@ def save_config(cfg: Config, path: str | Path) -> None:
     from k2l_dist.utils.io import atomic_write_text
 
     atomic_write_text(Path(path), yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def validate(cfg: Config) -> None:
+    """Refuse, before any work starts, values that cannot work; the error names every key."""
+    c, s1, s2 = cfg.cluster, cfg.stage1, cfg.stage2
+    device_ok = cfg.device in ("auto", "cpu", "cuda") or (cfg.device.startswith("cuda:")
+                                                          and cfg.device[5:].isdigit())
+    rules = [
+        (c.K >= 1, "cluster.K", f"must be >= 1, got {c.K}"),
+        (c.M >= c.K, "cluster.M", f"must be >= cluster.K ({c.K}), got {c.M}"),
+        (c.min_points_per_image >= 0, "cluster.min_points_per_image", "must be >= 0"),
+        (c.service in ("auto", "ray", "inline"), "cluster.service", f"{c.service!r} is not auto, ray or inline"),
+        (c.shards >= 1, "cluster.shards", f"must be >= 1, got {c.shards}"),
+        (c.actor_restarts >= 0, "cluster.actor_restarts", "must be >= 0"),
+        (s1.warmup_iters >= 0, "stage1.warmup_iters", f"must be >= 0, got {s1.warmup_iters}"),
+        (s1.rounds >= 0, "stage1.rounds", f"must be >= 0, got {s1.rounds}"),
+        (s1.iters_per_round >= 0, "stage1.iters_per_round", f"must be >= 0, got {s1.iters_per_round}"),
+        (s1.lr > 0, "stage1.lr", f"must be > 0, got {s1.lr}"),
+        (s1.extract_points >= 1, "stage1.extract_points", "must be >= 1"),
+        (s2.iterations >= 0, "stage2.iterations", f"must be >= 0, got {s2.iterations}"),
+        (s2.lr > 0, "stage2.lr", f"must be > 0, got {s2.lr}"),
+        (cfg.augment.batch_size >= 1, "augment.batch_size", f"must be >= 1, got {cfg.augment.batch_size}"),
+        (0 <= cfg.keypoints.outlier_fraction < 1, "keypoints.outlier_fraction",
+         f"must be in [0, 1), got {cfg.keypoints.outlier_fraction} (1 would drop every keypoint)"),
+        (cfg.log_every >= 1, "log_every", f"must be >= 1, got {cfg.log_every}"),
+        (device_ok, "device", f"{cfg.device!r} is not auto, cpu, cuda or cuda:N"),
+        (cfg.dist.lr_scaling in ("none", "linear", "sqrt"), "dist.lr_scaling",
+         f"{cfg.dist.lr_scaling!r} is not none, linear or sqrt"),
+        (cfg.dist.timeout_s > 0, "dist.timeout_s", "must be > 0"),
+    ]
+    problems = [f"{key}: {why}" for ok, key, why in rules if not ok]
+    if problems:
+        raise ConfigError("; ".join(problems))

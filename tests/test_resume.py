@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from k2l_dist.config import load_config
+from k2l_dist.data.prepare import prepare
 from k2l_dist.train.checkpoint import load_checkpoint
 from k2l_dist.train.run import train
 from tests.tiny import TINY
@@ -13,6 +14,7 @@ from tests.tiny import TINY
 @pytest.mark.slow
 def test_resumed_run_matches_an_uninterrupted_one(tmp_path, capsys):
     shards = tmp_path / "shards"
+    prepare(load_config(None, TINY), shards)
     straight = load_config(None, [*TINY, f"run_dir={tmp_path / 'a'}", f"data.shards={shards}", "stage1.rounds=2"])
     train(straight)
     first = load_config(None, [*TINY, f"run_dir={tmp_path / 'b'}", f"data.shards={shards}", "stage1.rounds=1"])

@@ -269,8 +269,12 @@ def prepare(cfg: Config, out_dir: str | Path, overwrite: bool = False) -> Summar
         d.keypoints, d.descriptors = d.keypoints[keep], d.descriptors[keep]
     summary.keypoints_after = sum(len(d.keypoints) for d in detected)
 
-    # Pass 2: encode and write shards.
+    # Pass 2: encode and write shards. The old index goes first: a prepare killed while
+    # replacing a dataset must not leave a folder that looks complete (index.json is
+    # written last and marks one).
     out_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("index.json", "samples.npz"):
+        (out_dir / name).unlink(missing_ok=True)
     for stale in list(out_dir.glob("shard-*.tar")) + list(out_dir.glob("shard-*.idx")):
         stale.unlink()
     shards = []

@@ -22,16 +22,17 @@ from tqdm import tqdm
 from k2l_dist import distributed
 from k2l_dist.augment import build_loader
 from k2l_dist.clustering.service import ClusteringService, make_service
-from k2l_dist.config import Config, save_config
+from k2l_dist.config import Config, save_config, validate
 from k2l_dist.data.prepare import is_prepared, prepare
 from k2l_dist.data.shards import load_manifest, load_samples_meta
 from k2l_dist.distributed.collectives import check_replicas, max_over_ranks, mean_over_ranks
 from k2l_dist.models import KeypointNet, LandmarkNet
-from k2l_dist.train.checkpoint import load_checkpoint, save_checkpoint
+from k2l_dist.train.checkpoint import load_latest_checkpoint, save_checkpoint
+from k2l_dist.train.compat import incompatible_changes
 from k2l_dist.train.extract import extract
 from k2l_dist.train.labels import LabelTable
 from k2l_dist.train.steps import stage1_losses, stage2_losses
-from k2l_dist.utils.faults import maybe_raise
+from k2l_dist.utils.faults import fault_requested, maybe_raise
 from k2l_dist.utils.io import atomic_write_text
 from k2l_dist.utils.metrics import MetricsLogger
 from k2l_dist.utils.seeds import derive_seed
@@ -97,11 +98,15 @@ def train_iterations(model: torch.nn.Module, optimizer: torch.optim.Optimizer, l
     bar = tqdm(range(iterations), desc=prefix.rstrip("/"), unit="it", disable=not show_progress, leave=False)
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     since, tick = 0, time.perf_counter()
+    poison = fault_requested(f"nan:{prefix.rstrip('/')}")
     for _ in bar:
         batch = next(batches)
         losses = loss_fn(batch)
+        if poison:  # injected (K2L_FAULT=nan:<phase>): the first step's loss becomes NaN
+            losses["loss"], poison = losses["loss"] * float("nan"), False
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
+        _check_finite(losses, model, f"{prefix.rstrip('/')} step {step + 1}")
         optimizer.step()
         step += 1
         since += 1
@@ -119,6 +124,26 @@ def train_iterations(model: torch.nn.Module, optimizer: torch.optim.Optimizer, l
     return step
 
 
+class NonFiniteLoss(RuntimeError):
+    """A loss term or gradient became NaN or inf; the message names the step and the terms."""
+
+
+def _check_finite(losses: dict[str, torch.Tensor], model: torch.nn.Module, where: str) -> None:
+    """Stop before a NaN/inf reaches the weights (one host sync per step: the terms and the
+    gradient norm checked together)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    terms = [k for k, v in losses.items() if v.requires_grad or k == "loss"]
+    values = torch.stack([losses[k].detach().float() for k in terms] +
+                         [torch.nn.utils.get_total_norm(grads).float().to(losses["loss"].device)])
+    finite = torch.isfinite(values)
+    if bool(finite.all()):
+        return
+    bad = [k for k, ok in zip(terms, finite.tolist()) if not ok]
+    grad = "" if bool(finite[-1]) else "; the gradient norm is not finite"
+    raise NonFiniteLoss(f"{where}: loss term(s) {', '.join(bad) or 'none'} not finite{grad}. The weights were not "
+                        f"updated; resume from the last checkpoint with a lower learning rate")
+
+
 def _forever(loader) -> Iterator[dict]:
     while True:
         yielded = False
@@ -134,6 +159,10 @@ def _ensure_shards(cfg: Config, shard_dir: Path, info) -> None:
     collective, so a long prepare never meets the process group's timeout."""
     if info.is_main:
         if not is_prepared(shard_dir):
+            if cfg.data.shards:  # never prepare into (and wipe) a folder the user named
+                raise ValueError(f"data.shards={cfg.data.shards}: not a prepared shard folder (no index.json); "
+                                 f"run `k2l prepare --out {cfg.data.shards}`, or leave data.shards empty to "
+                                 f"prepare into <run_dir>/shards")
             print(prepare(cfg, shard_dir).text())
         return
     deadline = time.time() + cfg.dist.prepare_timeout_s
@@ -148,7 +177,7 @@ def train(cfg: Config, resume: bool = True) -> dict:
     """Train Φ then Ψ as ``cfg`` says and evaluate; returns the metrics (evaluated on rank 0)."""
     run_dir = Path(cfg.run_dir)
     shard_dir = Path(cfg.data.shards or run_dir / "shards")
-    lr_for_world(1.0, cfg.dist.lr_scaling, 1)  # a bad rule fails before any work
+    validate(cfg)  # values that cannot work fail here, not after the warm-up
     info = distributed.enable(cfg.dist, cfg.device, before_group=lambda i: _ensure_shards(cfg, shard_dir, i))
     service: ClusteringService | None = None
     finished = False
@@ -165,8 +194,6 @@ def train(cfg: Config, resume: bool = True) -> dict:
 
 def _train(cfg: Config, info, shard_dir: Path, service: ClusteringService, resume: bool) -> dict:
     run_dir = Path(cfg.run_dir)
-    if info.is_main:
-        save_config(cfg, run_dir / "config.yaml")
     manifest, meta = load_manifest(shard_dir), load_samples_meta(shard_dir)
     split = make_split(meta["ids"], cfg.eval.test_count if "landmarks" in meta else 0)
     log = MetricsLogger(run_dir, info.is_main)
@@ -181,22 +208,31 @@ def _train(cfg: Config, info, shard_dir: Path, service: ClusteringService, resum
                               weight_decay=s1.weight_decay)
     ckpt_path = run_dir / "checkpoint.pt"
     step, done_rounds, table = 0, -1, initial_table(meta, split.train)
-    if resume and ckpt_path.is_file():
-        ck = load_checkpoint(ckpt_path)
+    latest = load_latest_checkpoint(ckpt_path) if resume else None
+    if latest is not None:
+        ck, used = latest
+        changes = incompatible_changes(ck["config"], dataclasses.asdict(cfg))
+        if changes:
+            raise ValueError(f"cannot resume from {used}: the config changed in ways the checkpoint cannot "
+                             f"follow ({'; '.join(changes)}); use another run_dir, or --fresh to start over")
         phi.load_state_dict(ck["phi"])
         opt.load_state_dict(ck["optimizer"])
         for group in opt.param_groups:  # the lr of this world size, whatever the checkpoint's was
             group["lr"] = lr_for_world(s1.lr, cfg.dist.lr_scaling, info.world_size)
         step, done_rounds, table = ck["step"], ck["round"], LabelTable.from_state(ck["labels"])
         if info.is_main:
-            print(f"resumed from {ckpt_path}: step {step}, round {done_rounds} "
+            print(f"resumed from {used}: step {step}, round {done_rounds} "
                   f"(saved by {ck.get('world_size', 1)} process(es), now {info.world_size})")
+
+    if info.is_main:  # after the resume check: a refused resume leaves the run's config alone
+        save_config(cfg, run_dir / "config.yaml")
 
     def checkpoint(phase: str, **extra) -> None:
         if info.is_main:
             save_checkpoint(ckpt_path, {"phi": phi.state_dict(), "optimizer": opt.state_dict(), "step": step,
                                         "round": done_rounds, "labels": table.state(), "phase": phase,
-                                        "world_size": info.world_size, "config": dataclasses.asdict(cfg), **extra})
+                                        "world_size": info.world_size, "config": dataclasses.asdict(cfg), **extra},
+                            keep_previous=True)
 
     def run(loss_cfg, n: int, phase: str, loader) -> int:
         seed_phase(cfg, phase, info.rank, gen)

@@ -1,0 +1,95 @@
+"""Failures that used to lose work or give wrong results: each is refused clearly now."""
+
+import yaml
+
+import pytest
+import torch
+
+from k2l_dist.config import ConfigError, load_config, validate
+from k2l_dist.data import prepare as prepare_module
+from k2l_dist.data.prepare import is_prepared, prepare
+from k2l_dist.train.checkpoint import load_checkpoint, load_latest_checkpoint, previous, save_checkpoint
+from k2l_dist.train.run import NonFiniteLoss, train
+from tests.tiny import TINY
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("rel") / "shards"
+    prepare(load_config(None, TINY), out)
+    return out
+
+
+def test_an_overwrite_killed_midway_leaves_no_folder_that_looks_complete(tmp_path, monkeypatch):
+    cfg = load_config(None, [*TINY, "data.synthetic_count=24", "data.samples_per_shard=8"])
+    prepare(cfg, tmp_path)
+    assert is_prepared(tmp_path)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare_module, "write_shard", killed)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(cfg, tmp_path, overwrite=True)
+    assert not is_prepared(tmp_path) and not (tmp_path / "samples.npz").exists()
+
+
+def test_a_named_shard_folder_that_is_not_prepared_is_refused_not_overwritten(tmp_path):
+    typo = tmp_path / "shardz"
+    cfg = load_config(None, [*TINY, f"run_dir={tmp_path / 'run'}", f"data.shards={typo}"])
+    with pytest.raises(ValueError, match="data.shards=.*shardz: not a prepared shard folder"):
+        train(cfg)
+    assert not typo.exists()
+
+
+def test_values_that_cannot_work_are_refused_before_any_work_naming_each_key(tmp_path):
+    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", "cluster.K=0", "stage1.rounds=-2", "device=tpu",
+                             "keypoints.outlier_fraction=1.0"])
+    with pytest.raises(ConfigError) as err:
+        train(cfg)
+    for key in ("cluster.K", "stage1.rounds", "device", "keypoints.outlier_fraction"):
+        assert key in str(err.value)
+    assert not (tmp_path / "run").exists()
+    validate(load_config(None, TINY))  # the tiny config is fine
+
+
+@pytest.mark.slow
+def test_incompatible_resume_is_refused_by_key_and_leaves_the_run_alone(shards, tmp_path):
+    run = [*TINY, f"run_dir={tmp_path}", f"data.shards={shards}", "stage1.rounds=1", "stage2.iterations=1"]
+    train(load_config(None, run))
+    saved = (tmp_path / "config.yaml").read_text()
+    with pytest.raises(ValueError) as err:
+        train(load_config(None, [*run, "cluster.K=5", "model.width=8", "stage1.rounds=2"]))
+    assert "cluster.K: 6 → 5" in str(err.value) and "model.width: 16 → 8" in str(err.value)
+    assert "stage1.rounds" not in str(err.value)  # a schedule change is compatible
+    assert (tmp_path / "config.yaml").read_text() == saved
+
+
+@pytest.mark.slow
+def test_a_nan_loss_stops_naming_step_and_term_and_a_lower_lr_resumes(shards, tmp_path, monkeypatch):
+    run = [*TINY, f"run_dir={tmp_path}", f"data.shards={shards}", "stage1.rounds=2", "stage2.iterations=1"]
+    monkeypatch.setenv("K2L_FAULT", "nan:round2")
+    with pytest.raises(NonFiniteLoss, match=r"round2 step 21: loss term\(s\) loss not finite"):
+        train(load_config(None, run))
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["round"] == 1  # the last good checkpoint
+    monkeypatch.delenv("K2L_FAULT")
+    train(load_config(None, [*run, "stage1.lr=0.0005"]))
+    ck = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert ck["round"] == 2 and ck["optimizer"]["param_groups"][0]["lr"] == 0.0005
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["stage1"]["lr"] == 0.0005
+
+
+def test_a_torn_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, {"round": 1, "w": torch.ones(3)}, keep_previous=True)
+    save_checkpoint(path, {"round": 2, "w": torch.full((3,), 2.0)}, keep_previous=True)
+    assert load_latest_checkpoint(path)[0]["round"] == 2
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # a crash or a full disk mid-write
+    state, used = load_latest_checkpoint(path)
+    assert state["round"] == 1 and used == previous(path)
+    assert "torn or altered checkpoint" in caplog.text
+    path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # same size, one bit flipped
+    with pytest.raises(ValueError, match="checksum"):
+        load_checkpoint(path)
+    assert load_latest_checkpoint(tmp_path / "none.pt") is None
