@@ -85,3 +85,16 @@ def test_detect_errors_are_one_line(tmp_path, capsys):
     assert main(["detect", "--checkpoint", str(tmp_path / "none.pt"), "--images", str(tmp_path),
                  "--out", str(tmp_path / "o.jsonl")]) == 2
     assert "none.pt" in capsys.readouterr().err
+
+
+def test_detect_never_draws_over_the_input_images(model_pt, images, tmp_path, capsys):
+    root, _ = images
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    assert main(["detect", "--checkpoint", str(model_pt), "--images", str(root), "--out", str(tmp_path / "o.jsonl"),
+                 "--draw", str(root)]) == 2
+    assert "replace the originals" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before
+    drawn = tmp_path / "drawn"
+    assert main(["detect", "--checkpoint", str(model_pt), "--images", str(root), "--out", str(tmp_path / "o.jsonl"),
+                 "--draw", str(drawn)]) == 0
+    assert (drawn / "tall.png").is_file() and {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before

@@ -93,3 +93,33 @@ def test_a_torn_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplo
     with pytest.raises(ValueError, match="checksum"):
         load_checkpoint(path)
     assert load_latest_checkpoint(tmp_path / "none.pt") is None
+
+
+@pytest.mark.slow
+def test_a_truncated_shard_is_skipped_and_counted_not_a_crash_after_training(tmp_path, caplog):
+    shards = tmp_path / "shards"
+    prepare(load_config(None, [*TINY, "data.samples_per_shard=40"]), shards)
+    last = sorted(shards.glob("shard-*.tar"))[-1]
+    last.write_bytes(last.read_bytes()[: int(last.stat().st_size * 0.7)])
+    metrics = train(load_config(None, [*TINY, f"run_dir={tmp_path / 'run'}", f"data.shards={shards}",
+                                       "stage1.rounds=1", "stage2.iterations=1"]))
+    assert metrics["eval_images_skipped"] > 0 and metrics["test_images"] < 30
+    assert metrics["test_images"] + metrics["eval_images_skipped"] >= 30
+    assert "left out of the metrics" in caplog.text
+
+
+class Evil:  # loading it would need unpickling
+    pass
+
+
+def test_foreign_and_pickled_checkpoints_are_refused_without_torch_advice(tmp_path):
+    import os
+
+    (tmp_path / "random.pt").write_bytes(os.urandom(2000))
+    torch.save({"x": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match="not a checkpoint") as err:
+        load_checkpoint(tmp_path / "random.pt")
+    assert "weights_only" not in str(err.value)
+    with pytest.raises(ValueError, match="never done here") as err:
+        load_checkpoint(tmp_path / "evil.pt")
+    assert "weights_only" not in str(err.value) and "trust" not in str(err.value)

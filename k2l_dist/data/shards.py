@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import tarfile
 from dataclasses import dataclass
@@ -270,7 +271,16 @@ def read_shard(path: str | Path) -> Iterator[Sample]:
         yield decode_sample(members, f"{path.name}:{key}")
 
 
-def read_dataset(shard_dir: str | Path) -> Iterator[Sample]:
-    """Every sample of a prepared dataset, in id order."""
+def read_dataset(shard_dir: str | Path, skip_unreadable: bool = False) -> Iterator[Sample]:
+    """Every sample of a prepared dataset, in id order.
+
+    ``skip_unreadable``: a shard that cannot be read to its end (truncated, corrupt)
+    yields what precedes the damage and a warning naming it, instead of raising.
+    """
     for path in shard_paths(shard_dir):
-        yield from read_shard(path)
+        try:
+            yield from read_shard(path)
+        except ShardError as err:
+            if not skip_unreadable:
+                raise
+            logging.getLogger(__name__).warning("%s; its remaining samples are skipped", err)

@@ -49,6 +49,9 @@ def detect(checkpoint: str | Path, out: str | Path, *, data: str | Path | None =
     """Write one JSON line per image: ``{"image": path, "landmarks": [[x, y] | null, ...]}``."""
     if (data is None) == (images is None):
         raise ValueError("give exactly one of --data SHARDS or --images DIR")
+    if draw is not None and images is not None and Path(draw).resolve() == Path(images).resolve():
+        raise ValueError(f"--draw {draw} is the --images folder: drawings would replace the originals; "
+                         f"pick another folder")
     dev = torch.device(device)
     cfg, psi, perm = load_model(checkpoint, dev)
     use_flip = cfg.stage2.flip_test if flip_test is None else flip_test
@@ -80,6 +83,8 @@ def _draw(src: Path, points: np.ndarray, keep: np.ndarray, dst: Path) -> None:
     image = cv2.imread(str(src), cv2.IMREAD_COLOR)
     if image is None:
         return
+    if dst.with_suffix(".png").resolve() == src.resolve():  # never overwrite an input image
+        raise ValueError(f"--draw would overwrite the input image {src}; pick another folder")
     pts = np.where(keep[:, None], points, np.nan)
     radius = max(2, round(max(image.shape[:2]) / 100))
     dst.parent.mkdir(parents=True, exist_ok=True)

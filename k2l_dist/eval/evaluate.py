@@ -8,6 +8,7 @@ K groups with the same modified K-means, no learning).
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import cv2
@@ -26,6 +27,8 @@ from k2l_dist.keypoints import descriptors_to_float
 from k2l_dist.models import STRIDE
 from k2l_dist.models.points import heatmap_peaks, to_image_coords
 from k2l_dist.train.extract import extract
+
+log_ = logging.getLogger(__name__)
 
 
 
@@ -75,7 +78,7 @@ def stage1_landmarks(phi: torch.nn.Module, loader, centroids: np.ndarray, ids: n
 def keypoint_baseline(shard_dir: Path, train_ids: np.ndarray, ids: np.ndarray, cfg) -> np.ndarray:
     """The method's first correspondence step without learning, on the generic keypoints."""
     image_ids, points, descs = [], [], []
-    for s in read_dataset(shard_dir):
+    for s in read_dataset(shard_dir, skip_unreadable=True):  # unreadable images count as undetected
         image_ids.append(np.full(len(s.keypoints), s.id, np.int64))
         points.append(s.keypoints)
         descs.append(descriptors_to_float(s.descriptors))
@@ -122,7 +125,17 @@ def evaluate_run(cfg, shard_dir: Path, manifest: dict, meta: dict, split, phi, p
     is_reg, is_test = np.isin(eval_ids, reg_ids), np.isin(eval_ids, test_ids)
 
     ids, pred, _ = predict_landmarks(psi, loader(), perm if cfg.stage2.flip_test else None)
-    assert np.array_equal(ids, eval_ids), "every evaluation image must be predicted exactly once"
+    # Samples the loader had to skip (corrupt image, truncated shard) cannot be scored:
+    # evaluate on the rest and say how many were left out.
+    predicted = np.isin(eval_ids, ids)
+    skipped = int((~predicted).sum())
+    if skipped:
+        log_.warning("evaluation: %d of %d images unreadable in %s, left out of the metrics", skipped,
+                     len(eval_ids), shard_dir)
+        eval_ids, gt = eval_ids[predicted], gt[predicted]
+        is_reg, is_test = np.isin(eval_ids, reg_ids), np.isin(eval_ids, test_ids)
+    if not np.array_equal(ids, eval_ids):
+        raise RuntimeError("evaluation predicted images outside the evaluation split, or one image twice")
     fwd = forward_nme(pred[is_reg], gt[is_reg], pred[is_test], gt[is_test], ecfg_used)
     bwd = backward_nme(pred[is_reg], gt[is_reg], pred[is_test], gt[is_test], ecfg_used)
 
@@ -152,7 +165,7 @@ def evaluate_run(cfg, shard_dir: Path, manifest: dict, meta: dict, split, phi, p
         "raw_accuracy_per_landmark": dict(zip(names, map(float, acc["accuracy"]))),
         "forward_nme_per_landmark": dict(zip(names, map(float, fwd.per_landmark_mean))),
         "ced_auc": aucs, "regressor_train_images": int(is_reg.sum()), "test_images": int(is_test.sum()),
-        "normalisation": ecfg_used.norm,
+        "normalisation": ecfg_used.norm, "eval_images_skipped": skipped,
     }
     log.scalars(0, {k: v for k, v in metrics.items() if isinstance(v, float)}, "eval/")
     log_landmark_grid(shard_dir, ids[is_test][:16], list(pred[is_test][:16]), run_dir / "landmarks_test.png", log,
@@ -173,7 +186,7 @@ def log_landmark_grid(shard_dir: Path, ids: np.ndarray, points: list[np.ndarray]
 
     wanted = {int(i): k for k, i in enumerate(ids)}
     images: list = [None] * len(ids)
-    for s in read_dataset(shard_dir):
+    for s in read_dataset(shard_dir, skip_unreadable=True):
         if s.id in wanted:
             images[wanted.pop(s.id)] = s.image()
             if not wanted:

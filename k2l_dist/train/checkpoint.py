@@ -11,6 +11,7 @@ import io
 import logging
 import os
 import random
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -86,12 +87,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     _verify(path)
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path}: not a checkpoint (not torch's zip format: random, truncated or foreign bytes)")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - a torn, foreign or pickled-object file
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ValueError(f"{path}: not a k2l-dist checkpoint, or one holding objects other than tensors "
-                         f"and plain values ({reason[:200]})") from None
+    except Exception:  # noqa: BLE001 - torch's message advises unpickling, which we never do
+        raise ValueError(f"{path}: refused: it holds objects other than tensors and plain values, which would "
+                         f"need unpickling (never done here), or it is damaged") from None
 
 
 def load_latest_checkpoint(path: str | Path) -> tuple[dict[str, Any], Path] | None:
