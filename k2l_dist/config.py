@@ -214,6 +214,7 @@ class Config:
     seed: int = 0
     device: str = "auto"  # auto (CUDA when available) | cpu | cuda
     log_every: int = 25  # iterations between logged losses
+    checkpoint_every: int = 1000  # iterations between checkpoints inside a phase (also at every phase end)
     progress: bool = True  # progress bars on rank 0
     data: DataConfig = field(default_factory=DataConfig)
     keypoints: KeypointConfig = field(default_factory=KeypointConfig)
@@ -385,6 +386,7 @@ def validate(cfg: Config) -> None:
         (0 <= cfg.keypoints.outlier_fraction < 1, "keypoints.outlier_fraction",
          f"must be in [0, 1), got {cfg.keypoints.outlier_fraction} (1 would drop every keypoint)"),
         (cfg.log_every >= 1, "log_every", f"must be >= 1, got {cfg.log_every}"),
+        (cfg.checkpoint_every >= 1, "checkpoint_every", f"must be >= 1, got {cfg.checkpoint_every}"),
         (device_ok, "device", f"{cfg.device!r} is not auto, cpu, cuda or cuda:N"),
         (cfg.dist.lr_scaling in ("none", "linear", "sqrt"), "dist.lr_scaling",
          f"{cfg.dist.lr_scaling!r} is not none, linear or sqrt"),

@@ -46,8 +46,9 @@ def planted_parts(n_parts: int, seed: int = 0, n_images: int = 60, K: int = 4, d
     return parts
 
 
-def _torchrun(args: list[str], timeout: float, env: dict | None = None, nproc: int = 2) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
+def _torchrun(args: list[str], timeout: float, env: dict | None = None, nproc: int = 2,
+              flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *flags, *args]
     full_env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
 

@@ -51,10 +51,11 @@ def test_two_rank_extractions_merge_to_the_one_rank_extraction(shards):
         np.testing.assert_allclose(two[key], one[key], rtol=1e-4, atol=1e-5, err_msg=key)
 
 
-def _run(run_dir: Path, shards: Path, *extra: str, nproc: int = 2, env: dict | None = None, timeout: float = 400):
+def _run(run_dir: Path, shards: Path, *extra: str, nproc: int = 2, env: dict | None = None, timeout: float = 400,
+         flags: tuple[str, ...] = ()):
     args = ["-m", "k2l_dist.cli", "train", "configs/quickstart.yaml", *TINY, f"run_dir={run_dir}",
             f"data.shards={shards}", "dist.timeout_s=60", *extra]
-    return _torchrun(args, timeout=timeout, env=env, nproc=nproc)
+    return _torchrun(args, timeout=timeout, env=env, nproc=nproc, flags=flags)
 
 
 def _ok(res) -> str:
@@ -101,6 +102,24 @@ def test_two_process_runs_agree_resume_exactly_and_resume_at_another_world_size(
     out = _ok(_run(other, shards, "stage1.rounds=2", nproc=1))
     assert "saved by 2 process(es), now 1" in out
     assert json.loads((other / "metrics.json").read_text())["world_size"] == 1
+
+    # rank 1 SIGKILLed after step 6 of round 1: torchrun restarts both ranks, which resume
+    # from the in-phase checkpoint of step 4 and end where the uninterrupted run ended
+    killed = tmp_path / "killed"
+    out = _ok(_run(killed, shards, "stage1.rounds=2", "checkpoint_every=4", flags=("--max-restarts=1",),
+                   env={"K2L_FAULT": "kill:round1:6@rank1"}))
+    assert "resumed from" in out and "round phase, step 4 of it" in out
+    got = json.loads((killed / "metrics.json").read_text())
+    for key in ("forward_nme", "backward_nme", "stage1_forward_nme"):
+        assert got[key] == metrics[key], key
+    mk = load_checkpoint(killed / "model.pt")
+    for name, tensor in ma["psi"].items():
+        assert torch.equal(mk["psi"][name], tensor), name
+
+    # a finished run, rerun, does nothing and says so
+    out = _ok(_run(straight, shards, "stage1.rounds=2", nproc=1))
+    assert "is a finished run" in out
+    assert json.loads((straight / "metrics.json").read_text()) == metrics
 
 
 @pytest.mark.slow

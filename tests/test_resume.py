@@ -29,3 +29,35 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path, capsys):
         torch.testing.assert_close(b["phi"][name], tensor, rtol=0, atol=0, msg=name)
     for key in ("points", "labels", "flipped_labels"):
         assert torch.equal(a["labels"][key], b["labels"][key])
+
+
+@pytest.mark.slow
+def test_a_run_stopped_inside_a_phase_resumes_at_the_same_batch(tmp_path, monkeypatch, capsys):
+    """Checkpoints every 4 iterations; stopped after step 6 of round 1 and of Stage 2, the
+    resumed run ends with the weights and metrics of an uninterrupted one."""
+    shards = tmp_path / "shards"
+    prepare(load_config(None, TINY), shards)
+    args = [*TINY, f"data.shards={shards}", "stage1.rounds=2", "stage2.iterations=10", "checkpoint_every=4"]
+    straight = train(load_config(None, [*args, f"run_dir={tmp_path / 'a'}"]))
+    cut = load_config(None, [*args, f"run_dir={tmp_path / 'b'}"])
+    monkeypatch.setenv("K2L_FAULT", "stop:round1:6")  # after the in-phase checkpoint at step 4
+    with pytest.raises(RuntimeError, match="injected fault"):
+        train(cut)
+    monkeypatch.setenv("K2L_FAULT", "stop:stage2:7")  # the resumed run, stopped again in Stage 2
+    with pytest.raises(RuntimeError, match="injected fault"):
+        train(cut)
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "round phase, step 4 of it, 0 round(s) done" in out
+    monkeypatch.delenv("K2L_FAULT")
+    resumed = train(cut)
+    out = capsys.readouterr().out
+    assert "stage2 phase, step 4" in out
+    for key in ("forward_nme", "backward_nme", "stage1_forward_nme"):
+        assert resumed[key] == straight[key], key
+    a, b = load_checkpoint(tmp_path / "a" / "model.pt"), load_checkpoint(tmp_path / "b" / "model.pt")
+    for name in ("psi", "phi"):
+        for key, tensor in a[name].items():
+            assert torch.equal(b[name][key], tensor), (name, key)
+    # a finished run rerun does nothing and says so
+    again = train(cut)
+    assert "is a finished run" in capsys.readouterr().out and again == resumed

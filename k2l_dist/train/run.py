@@ -32,7 +32,7 @@ from k2l_dist.train.compat import incompatible_changes
 from k2l_dist.train.extract import extract
 from k2l_dist.train.labels import LabelTable
 from k2l_dist.train.steps import stage1_losses, stage2_losses
-from k2l_dist.utils.faults import fault_requested, maybe_raise
+from k2l_dist.utils.faults import fault_requested, maybe_interrupt, maybe_raise
 from k2l_dist.utils.io import atomic_write_text
 from k2l_dist.utils.metrics import MetricsLogger
 from k2l_dist.utils.seeds import derive_seed
@@ -88,18 +88,30 @@ def lr_for_world(lr: float, rule: str, world_size: int) -> float:
 
 def train_iterations(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader,
                      loss_fn: Callable[[dict], dict], iterations: int, *, step: int, log: MetricsLogger,
-                     prefix: str, log_every: int, show_progress: bool) -> int:
-    """``iterations`` optimiser steps over (repeated epochs of) ``loader``; returns the new step.
+                     prefix: str, log_every: int, show_progress: bool, start: int = 0,
+                     before_step: Callable[[int], None] | None = None,
+                     after_step: Callable[[int, int], None] | None = None) -> int:
+    """Optimiser steps ``start`` … ``iterations - 1`` of a phase over (repeated epochs of)
+    ``loader``; returns the new global step.
 
-    Logged losses are averaged over ranks; ``step_seconds_slowest`` is the slowest rank's
-    mean step time since the last log line, where stragglers show."""
+    A phase resumed at ``start`` first draws (and drops) the ``start`` batches it had
+    already trained on, so it goes on with the batches it would have seen.
+    ``before_step(i)`` runs before phase step i (e.g. reseeding), ``after_step(i + 1,
+    global_step)`` after its update (e.g. checkpoints). Logged losses are averaged over
+    ranks; ``step_seconds_slowest`` is the slowest rank's mean step time since the last
+    log line, where stragglers show."""
     model.train()
     batches = _forever(loader)
-    bar = tqdm(range(iterations), desc=prefix.rstrip("/"), unit="it", disable=not show_progress, leave=False)
+    for _ in range(start):
+        next(batches)
+    bar = tqdm(range(start, iterations), desc=prefix.rstrip("/"), unit="it", disable=not show_progress,
+               leave=False)
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     since, tick = 0, time.perf_counter()
     poison = fault_requested(f"nan:{prefix.rstrip('/')}")
-    for _ in bar:
+    for i in bar:
+        if before_step is not None:
+            before_step(i)
         batch = next(batches)
         losses = loss_fn(batch)
         if poison:  # injected (K2L_FAULT=nan:<phase>): the first step's loss becomes NaN
@@ -121,6 +133,8 @@ def train_iterations(model: torch.nn.Module, optimizer: torch.optim.Optimizer, l
             log.scalars(step, values, prefix)
             bar.set_postfix(loss=f"{values['loss']:.4f}")
             since, tick = 0, now
+        if after_step is not None:
+            after_step(i + 1, step)
     return step
 
 
@@ -192,11 +206,21 @@ def train(cfg: Config, resume: bool = True) -> dict:
         distributed.shutdown()
 
 
+@dataclasses.dataclass
+class Progress:
+    """Where a run stands; a checkpoint holding it resumes at the same batch."""
+
+    phase: str = "warmup"  # warmup | round | stage2 | done
+    rounds_done: int = 0  # finished Stage-1 rounds
+    phase_step: int = 0  # iterations done in the current phase
+    step: int = 0  # Stage-1 iterations so far
+    step2: int = 0  # Stage-2 iterations so far
+
+
 def _train(cfg: Config, info, shard_dir: Path, service: ClusteringService, resume: bool) -> dict:
     run_dir = Path(cfg.run_dir)
     manifest, meta = load_manifest(shard_dir), load_samples_meta(shard_dir)
     split = make_split(meta["ids"], cfg.eval.test_count if "landmarks" in meta else 0)
-    log = MetricsLogger(run_dir, info.is_main)
     show = info.is_main and cfg.progress
     s1, s2 = cfg.stage1, cfg.stage2
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
@@ -207,7 +231,8 @@ def _train(cfg: Config, info, shard_dir: Path, service: ClusteringService, resum
     opt = torch.optim.RMSprop(phi.parameters(), lr=lr_for_world(s1.lr, cfg.dist.lr_scaling, info.world_size),
                               weight_decay=s1.weight_decay)
     ckpt_path = run_dir / "checkpoint.pt"
-    step, done_rounds, table = 0, -1, initial_table(meta, split.train)
+    progress, table, ck = Progress(), initial_table(meta, split.train), None
+    stage2_state: dict = {}  # round centroids; Ψ, its optimiser and labels once Stage 2 has started
     latest = load_latest_checkpoint(ckpt_path) if resume else None
     if latest is not None:
         ck, used = latest
@@ -215,31 +240,66 @@ def _train(cfg: Config, info, shard_dir: Path, service: ClusteringService, resum
         if changes:
             raise ValueError(f"cannot resume from {used}: the config changed in ways the checkpoint cannot "
                              f"follow ({'; '.join(changes)}); use another run_dir, or --fresh to start over")
+        progress = Progress(**ck["progress"])
+        if progress.phase == "done" and progress.rounds_done == s1.rounds and progress.step2 == s2.iterations \
+                and (run_dir / "metrics.json").is_file():
+            if info.is_main:
+                print(f"{run_dir} is a finished run (metrics.json); nothing to do. Pass --fresh to train again, "
+                      f"or ask for more rounds or iterations to go on")
+            return json.loads((run_dir / "metrics.json").read_text())
+        if progress.phase in ("stage2", "done") and progress.rounds_done < s1.rounds:
+            progress = dataclasses.replace(progress, phase="round", phase_step=0, step2=0)  # more rounds asked
+        elif progress.phase == "done":
+            progress = dataclasses.replace(progress, phase="stage2", phase_step=progress.step2)
         phi.load_state_dict(ck["phi"])
         opt.load_state_dict(ck["optimizer"])
         for group in opt.param_groups:  # the lr of this world size, whatever the checkpoint's was
             group["lr"] = lr_for_world(s1.lr, cfg.dist.lr_scaling, info.world_size)
-        step, done_rounds, table = ck["step"], ck["round"], LabelTable.from_state(ck["labels"])
+        table = LabelTable.from_state(ck["labels"])
+        if "centroids_m" in ck:
+            stage2_state["centroids_m"] = ck["centroids_m"]
         if info.is_main:
-            print(f"resumed from {used}: step {step}, round {done_rounds} "
-                  f"(saved by {ck.get('world_size', 1)} process(es), now {info.world_size})")
-
+            print(f"resumed from {used}: {progress.phase} phase, step {progress.phase_step} of it, "
+                  f"{progress.rounds_done} round(s) done (saved by {ck.get('world_size', 1)} process(es), "
+                  f"now {info.world_size})")
     if info.is_main:  # after the resume check: a refused resume leaves the run's config alone
         save_config(cfg, run_dir / "config.yaml")
+    log = MetricsLogger(run_dir, info.is_main)
 
-    def checkpoint(phase: str, **extra) -> None:
+    def checkpoint(**extra) -> None:
         if info.is_main:
-            save_checkpoint(ckpt_path, {"phi": phi.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                                        "round": done_rounds, "labels": table.state(), "phase": phase,
-                                        "world_size": info.world_size, "config": dataclasses.asdict(cfg), **extra},
-                            keep_previous=True)
+            save_checkpoint(ckpt_path, {
+                "phi": phi.state_dict(), "optimizer": opt.state_dict(), "labels": table.state(),
+                "progress": dataclasses.asdict(progress), "step": progress.step, "round": progress.rounds_done,
+                "world_size": info.world_size, "config": dataclasses.asdict(cfg), **stage2_state, **extra},
+                keep_previous=True)
+
+    def phase_hooks(phase: str, on_stage2: bool = False):
+        """Per-step seeds (a resumed phase draws the same negatives) and in-phase checkpoints."""
+        def before(i: int) -> None:
+            gen.manual_seed(derive_seed(cfg.seed, phase, info.rank, i))
+
+        def after(done: int, global_step: int) -> None:
+            nonlocal progress
+            if on_stage2:
+                progress = dataclasses.replace(progress, phase_step=done, step2=global_step)
+            else:
+                progress = dataclasses.replace(progress, phase_step=done, step=global_step)
+            if done % cfg.checkpoint_every == 0:
+                if on_stage2:
+                    stage2_state.update(psi=psi.state_dict(), optimizer2=opt2.state_dict())
+                checkpoint()
+            maybe_interrupt(f"{phase}:{done}", info.rank, run_dir)
+        return before, after
 
     def run(loss_cfg, n: int, phase: str, loader) -> int:
         seed_phase(cfg, phase, info.rank, gen)
+        before, after = phase_hooks(phase)
         return train_iterations(
             phi_ddp, opt, loader, lambda b: stage1_losses(phi_ddp, b, table, max_points=s1.max_points,
                                                           loss_cfg=loss_cfg, generator=gen),
-            n, step=step, log=log, prefix=f"{phase}/", log_every=cfg.log_every, show_progress=show)
+            n, step=progress.step, log=log, prefix=f"{phase}/", log_every=cfg.log_every, show_progress=show,
+            start=progress.phase_step, before_step=before, after_step=after)
 
     def recover(kind: str, key: str):
         """Φ over this rank's slice, then every rank's points clustered together."""
@@ -253,57 +313,74 @@ def _train(cfg: Config, info, shard_dir: Path, service: ClusteringService, resum
 
     # ---- Stage 1: warm-up on known correspondences (two augmentations of one image).
     t0 = time.time()
-    if done_rounds < 0:
+    if progress.phase == "warmup":
         warm = dataclasses.replace(cfg.loss, correspondence="equivariance")
         step = run(warm, s1.warmup_iters, "warmup",
                    _loader(cfg, shard_dir, split.train, info, train=True, seed=cfg.seed))
-        done_rounds = 0
-        checkpoint("warmup")
+        progress = Progress(phase="round", step=step)
+        checkpoint()
     extract_loader = _loader(cfg, shard_dir, split.train, info, train=False, seed=cfg.seed)
     # ---- Stage 1 rounds: recover correspondence, then train on the pseudo-labels.
-    for rnd in range(done_rounds, s1.rounds):
-        labels, timings = recover("round", f"round{rnd + 1}")
-        table = LabelTable.from_round(labels)
-        log.scalars(rnd + 1, {**labels.stats, **timings}, "round/")
-        if info.is_main:
-            _round_grid(shard_dir, table, split.train[:16], run_dir / "rounds" / f"round{rnd + 1:03d}.png", log,
-                        rnd + 1)
-        if show:
-            print(f"round {rnd + 1}/{s1.rounds}: {labels.stats['points_per_image_after']:.1f} points/image kept, "
-                  f"{labels.stats['images_kept_share']:.0%} images kept; extraction "
-                  f"{timings['extract_seconds']:.1f} s, clustering {timings['cluster_seconds']:.1f} s")
-        step = run(cfg.loss, s1.iters_per_round, f"round{rnd + 1}",
-                   _loader(cfg, shard_dir, split.train, info, train=True, seed=cfg.seed + rnd + 1))
-        done_rounds = rnd + 1
-        log.scalars(step, {"phi_checksum": check_replicas(phi, f"after round {done_rounds}")}, "replicas/")
-        checkpoint("stage1", centroids_m=torch.from_numpy(np.array(labels.centroids)))
+    while progress.phase == "round" and progress.rounds_done < s1.rounds:
+        rnd = progress.rounds_done + 1
+        if progress.phase_step == 0:  # else: resumed inside the round, its labels are the checkpoint's
+            labels, timings = recover("round", f"round{rnd}")
+            table = LabelTable.from_round(labels)
+            stage2_state["centroids_m"] = torch.from_numpy(np.array(labels.centroids))
+            log.scalars(rnd, {**labels.stats, **timings}, "round/")
+            if info.is_main:
+                _round_grid(shard_dir, table, split.train[:16], run_dir / "rounds" / f"round{rnd:03d}.png", log, rnd)
+            if show:
+                print(f"round {rnd}/{s1.rounds}: {labels.stats['points_per_image_after']:.1f} points/image kept, "
+                      f"{labels.stats['images_kept_share']:.0%} images kept; extraction "
+                      f"{timings['extract_seconds']:.1f} s, clustering {timings['cluster_seconds']:.1f} s")
+        step = run(cfg.loss, s1.iters_per_round, f"round{rnd}",
+                   _loader(cfg, shard_dir, split.train, info, train=True, seed=cfg.seed + rnd))
+        log.scalars(step, {"phi_checksum": check_replicas(phi, f"after round {rnd}")}, "replicas/")
+        progress = dataclasses.replace(progress, rounds_done=rnd, phase_step=0, step=step)
+        checkpoint()
     stage1_seconds = time.time() - t0
 
     # ---- Stage 2: K clusters → K-heatmap detector Ψ initialised from Φ.
-    final, timings = recover("final", "stage2")
-    table2 = LabelTable.from_round(final)
-    log.scalars(0, {**final.stats, **timings}, "stage2_labels/")
-    psi = LandmarkNet.from_keypoint_net(phi, cfg.cluster.K).to(info.device)
+    seed_phase(cfg, "stage2", info.rank, gen)  # Ψ's new head: the same init however the run got here
+    if progress.phase == "round":
+        final, timings = recover("final", "stage2")
+        table2 = LabelTable.from_round(final)
+        centroids = np.array(final.centroids, np.float32)
+        perm = np.array(final.flip_permutation, np.int64)
+        log.scalars(0, {**final.stats, **timings}, "stage2_labels/")
+        psi = LandmarkNet.from_keypoint_net(phi, cfg.cluster.K).to(info.device)
+        progress = dataclasses.replace(progress, phase="stage2", phase_step=0, step2=0)
+    else:  # resumed inside Stage 2
+        table2 = LabelTable.from_state(ck["stage2_labels"])
+        centroids, perm = ck["centroids"].numpy(), ck["flip_permutation"].numpy()
+        psi = LandmarkNet(cfg.model, cfg.cluster.K).to(info.device)
+        psi.load_state_dict(ck["psi"])
     psi_ddp = distributed.wrap_ddp(psi, info)
     opt2 = torch.optim.RMSprop(psi.parameters(), lr=lr_for_world(s2.lr, cfg.dist.lr_scaling, info.world_size),
                                weight_decay=s2.weight_decay)
+    if "optimizer2" in (ck or {}) and progress.phase_step > 0:
+        opt2.load_state_dict(ck["optimizer2"])
+    stage2_state.update(stage2_labels=table2.state(), centroids=torch.from_numpy(centroids),
+                        flip_permutation=torch.from_numpy(perm))
     aug2 = dataclasses.replace(cfg.augment, flip_prob=cfg.augment.flip_prob if s2.flip_train else 0.0)
     loader2 = _loader(cfg, shard_dir, split.train, info, train=True, seed=cfg.seed + 10_000, views=1,
                       augment=aug2)
-    seed_phase(cfg, "stage2", info.rank, gen)
+    before, after = phase_hooks("stage2", on_stage2=True)
     step2 = train_iterations(psi_ddp, opt2, loader2,
                              lambda b: stage2_losses(psi_ddp, b, table2, num_landmarks=cfg.cluster.K,
                                                      sigma=cfg.loss.heatmap_sigma),
-                             s2.iterations, step=0, log=log, prefix="stage2/", log_every=cfg.log_every,
-                             show_progress=show)
+                             s2.iterations, step=progress.step2, log=log, prefix="stage2/", log_every=cfg.log_every,
+                             show_progress=show, start=progress.phase_step, before_step=before, after_step=after)
     log.scalars(step2, {"psi_checksum": check_replicas(psi, "after Stage 2")}, "replicas/")
-    centroids = np.array(final.centroids, np.float32)
-    perm = np.array(final.flip_permutation, np.int64)
     if info.is_main:
         save_checkpoint(run_dir / "model.pt", {
             "psi": psi.state_dict(), "phi": phi.state_dict(), "centroids": torch.from_numpy(centroids),
             "flip_permutation": torch.from_numpy(perm), "num_landmarks": cfg.cluster.K,
             "stage2_labels": table2.state(), "step": step2, "config": dataclasses.asdict(cfg)})
+    progress = dataclasses.replace(progress, phase="done", phase_step=step2, step2=step2)
+    stage2_state.update(psi=psi.state_dict(), optimizer2=opt2.state_dict())
+    checkpoint()
     train_seconds = time.time() - t0
     service.close(clean=True)  # the other ranks may leave while rank 0 evaluates
 
