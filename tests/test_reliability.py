@@ -123,3 +123,9 @@ def test_foreign_and_pickled_checkpoints_are_refused_without_torch_advice(tmp_pa
     with pytest.raises(ValueError, match="never done here") as err:
         load_checkpoint(tmp_path / "evil.pt")
     assert "weights_only" not in str(err.value) and "trust" not in str(err.value)
+
+
+def test_shards_prepared_at_another_size_are_refused_by_name(shards, tmp_path):
+    cfg = load_config(None, [*TINY, f"run_dir={tmp_path}", f"data.shards={shards}", "data.size=64"])
+    with pytest.raises(ValueError, match="data.size=64 but the shards have 48"):
+        train(cfg)

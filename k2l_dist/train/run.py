@@ -220,6 +220,12 @@ class Progress:
 def _train(cfg: Config, info, shard_dir: Path, service: ClusteringService, resume: bool) -> dict:
     run_dir = Path(cfg.run_dir)
     manifest, meta = load_manifest(shard_dir), load_samples_meta(shard_dir)
+    prepared = {"data.size": manifest.get("size"), "keypoints.method": manifest.get("keypoints", {}).get("method")}
+    asked = {"data.size": cfg.data.size, "keypoints.method": cfg.keypoints.method}
+    differ = [f"{k}={asked[k]!r} but the shards have {prepared[k]!r}" for k in asked if prepared[k] != asked[k]]
+    if differ:
+        raise ValueError(f"{shard_dir} was prepared with other settings: {'; '.join(differ)} (set them as the shards "
+                         f"were prepared, or prepare again)")
     split = make_split(meta["ids"], cfg.eval.test_count if "landmarks" in meta else 0)
     show = info.is_main and cfg.progress
     s1, s2 = cfg.stage1, cfg.stage2
