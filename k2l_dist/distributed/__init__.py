@@ -78,10 +78,25 @@ def enable(cfg: DistConfig | None = None, device: str = "auto", *,
         timeout = timedelta(seconds=cfg.timeout_s)
         backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout,
-                                device_id=dev if dev.type == "cuda" else None)
+                                device_id=dev if dev.type == "cuda" else None, store=_attempt_store(timeout))
         _host_group = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else dist.group.WORLD
         atexit.register(shutdown)
     return info
+
+
+def _attempt_store(timeout: timedelta):
+    """Under torchrun restarts, a store whose keys are this attempt's own.
+
+    torchrun's workers share the agent's TCPStore across restarts; without a prefix per
+    attempt, a restarted rank can read the address a dead rank published before (gloo:
+    "Connection refused" at start). None: let init_process_group use the environment.
+    """
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                         timeout=timeout)
+    return dist.PrefixStore(f"k2l/attempt{restart}", base)
 
 
 def host_group():
