@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from k2l_dist.clustering.rounds import PART_KEYS, RoundLabels, merge_parts, recover
+from k2l_dist.clustering.rounds import PART_KEYS, RoundLabels, merge_parts, part_nbytes, recover
 from k2l_dist.clustering.sharded import DescriptorShard, ShardGroup, canonical_slices, sharded_final_labels, \
     sharded_pseudo_labels
 from k2l_dist.config import ClusterConfig
@@ -112,7 +112,7 @@ class ClusteringActor:
             t1 = t0
         else:
             payloads = ray.get(payload_refs)
-            part_bytes = sum(_nbytes(p) for p in ids + payloads)
+            part_bytes = sum(part_nbytes(p) for p in ids + payloads)
             t1 = time.perf_counter()
             labels = recover(self._kinds[key], merge_parts([{**i, **p} for i, p in zip(ids, payloads)]), self.cfg)
             del payloads
@@ -147,10 +147,6 @@ class ClusteringActor:
                 ray.kill(shard)
 
 
-def _nbytes(arrays: dict[str, np.ndarray]) -> int:
-    return int(sum(np.asarray(a).nbytes for a in arrays.values()))
-
-
 class PartShard(DescriptorShard):
     """A descriptor shard that gathers its rows from the ranks' payloads in the object store.
 
@@ -176,7 +172,7 @@ class PartShard(DescriptorShard):
                 arrays[key][at] = payloads[p][key][row[at]]
         del payloads
         super().__init__(arrays, threads=threads, use_gpu=use_gpu)
-        self._nbytes = _nbytes(arrays)
+        self._nbytes = part_nbytes(arrays)
 
     def nbytes(self) -> int:
         return self._nbytes

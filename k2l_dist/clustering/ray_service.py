@@ -19,8 +19,7 @@ import uuid
 import numpy as np
 
 from k2l_dist.clustering.actor import split_part
-from k2l_dist.clustering.rounds import RoundLabels
-from k2l_dist.clustering.service import part_nbytes
+from k2l_dist.clustering.rounds import RoundLabels, part_nbytes
 from k2l_dist.config import ClusterConfig
 from k2l_dist.distributed import ray_runtime
 

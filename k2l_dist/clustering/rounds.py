@@ -60,6 +60,11 @@ class RoundLabels:
         return int(sum(a.nbytes for a in self.arrays().values()))
 
 
+def part_nbytes(part: dict[str, np.ndarray]) -> int:
+    """Bytes of a rank's extraction (or any dict of arrays)."""
+    return int(sum(np.asarray(a).nbytes for a in part.values()))
+
+
 def merge_parts(parts: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Concatenate rank extractions in canonical order: image id, then point order in the image.
 

@@ -21,7 +21,7 @@ from typing import Protocol
 
 import numpy as np
 
-from k2l_dist.clustering.rounds import RoundLabels, merge_parts, recover
+from k2l_dist.clustering.rounds import RoundLabels, merge_parts, part_nbytes, recover
 from k2l_dist.config import ClusterConfig
 
 
@@ -35,10 +35,6 @@ class ClusteringService(Protocol):
     def close(self, clean: bool = True) -> None:
         """Release the service (idempotent); ``clean=False`` after a failure: no collective."""
         ...
-
-
-def part_nbytes(part: dict[str, np.ndarray]) -> int:
-    return int(sum(np.asarray(a).nbytes for a in part.values()))
 
 
 class InlineService:

@@ -31,13 +31,12 @@ from scipy import sparse
 
 from k2l_dist.clustering.flip import flip_count_matrix, flip_permutation
 from k2l_dist.clustering.kmeans import ClusterStats, KMeansResult, assign, dedup_per_image, kmeans
-from k2l_dist.clustering.rounds import RoundLabels, cluster_size_stats, table_layout
+from k2l_dist.clustering.rounds import PART_KEYS, RoundLabels, cluster_size_stats, table_layout
 from k2l_dist.config import ClusterConfig
 
 log = logging.getLogger(__name__)
 
-POINT_KEYS = ("image_ids", "points", "scores", "descriptors", "flipped_descriptors")
-_REQUIRED_KEYS = POINT_KEYS[:4]
+_REQUIRED_KEYS = PART_KEYS[:4]
 _CHUNK = 32768  # rows per faiss search in a Lloyd pass: bounds the float64 copy of a chunk
 _REL_TOL = 1e-7  # Lloyd stops when the objective moves by less than this, relatively
 _DEFAULT_CAP = 256  # sample points per centroid when cfg.max_points_per_centroid is 0
@@ -284,7 +283,7 @@ def split_canonical(merged: dict[str, np.ndarray], n_shards: int) -> list[dict[s
         raise ValueError("image_ids must be sorted ascending (canonical order)")
     cuts = _image_cuts(ids, n_shards) if n else np.zeros(n_shards - 1, np.int64)
     edges = np.r_[0, cuts, n].astype(np.int64)
-    keys = [k for k in POINT_KEYS if k in merged]
+    keys = [k for k in PART_KEYS if k in merged]
     return [{k: merged[k][a:b] for k in keys} for a, b in zip(edges[:-1], edges[1:])]
 
 
