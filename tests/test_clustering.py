@@ -51,9 +51,17 @@ def test_kmeans_deterministic_given_seed() -> None:
     assert not np.array_equal(a.centroids, c.centroids)
 
 
-def test_kmeans_rejects_too_few_points() -> None:
-    with pytest.raises(ValueError, match="cannot cluster"):
-        kmeans(np.zeros((3, 4), np.float32), 5)
+def test_fewer_points_than_clusters_leaves_the_rest_empty_with_a_warning(caplog) -> None:
+    x = np.random.default_rng(3).standard_normal((3, 4)).astype(np.float32)
+    with caplog.at_level("WARNING"):
+        res = kmeans(x, 5)
+    assert res.centroids.shape == (5, 4)
+    labels, dist = assign(np.concatenate([x, x + 0.01]), res.centroids)
+    np.testing.assert_array_equal(labels, [0, 1, 2, 0, 1, 2])  # every point its own cluster, 3 and 4 empty
+    assert dist[:3].max() == 0
+    assert "only 3 points for 5 clusters: 2 cluster(s) stay empty" in caplog.text
+    with pytest.raises(ValueError, match="no points to cluster"):
+        kmeans(np.zeros((0, 4), np.float32), 5)
 
 
 def test_assign_is_nearest_centroid() -> None:

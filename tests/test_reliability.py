@@ -1,11 +1,12 @@
 """Failures that used to lose work or give wrong results: each is refused clearly now."""
 
-import yaml
-
+import numpy as np
 import pytest
 import torch
+import yaml
 
-from k2l_dist.config import ConfigError, load_config, validate
+from k2l_dist.clustering.rounds import degenerate_warnings, recover
+from k2l_dist.config import ClusterConfig, ConfigError, load_config, validate
 from k2l_dist.data import prepare as prepare_module
 from k2l_dist.data.prepare import is_prepared, prepare
 from k2l_dist.train.checkpoint import load_checkpoint, load_latest_checkpoint, previous, save_checkpoint
@@ -129,3 +130,33 @@ def test_shards_prepared_at_another_size_are_refused_by_name(shards, tmp_path):
     cfg = load_config(None, [*TINY, f"run_dir={tmp_path}", f"data.shards={shards}", "data.size=64"])
     with pytest.raises(ValueError, match="data.size=64 but the shards have 48"):
         train(cfg)
+
+
+def test_a_round_where_most_images_lose_their_points_warns_with_the_numbers(caplog):
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((6, 8)).astype(np.float32) * 10
+    # images 0 and 1 see all six parts; images 2..9 one part each, so they sit out (< 2 points)
+    ids = np.r_[np.repeat([0, 1], 6), np.arange(2, 10)]
+    desc = np.concatenate([centres, centres, centres[rng.integers(0, 6, 8)]]) + rng.normal(0, .01, (20, 8))
+    merged = {"image_ids": ids.astype(np.int64), "points": rng.uniform(0, 48, (20, 2)).astype(np.float32),
+              "scores": np.ones(20, np.float32), "descriptors": desc.astype(np.float32),
+              "sample_ids": np.arange(10, dtype=np.int64)}
+    with caplog.at_level("WARNING"):
+        labels = recover("round", merged, ClusterConfig(K=6, M=8, niter=5))
+        warned = degenerate_warnings(labels, "round 3")
+    assert labels.stats["images_kept_share"] == pytest.approx(0.2)
+    assert any("round 3: only 2 of 10 images keep pseudo-labels" in w for w in warned)
+    assert "round 3: only 2 of 10 images keep" in caplog.text
+    with pytest.raises(ValueError, match="no image has a detection above stage1.detect_threshold"):
+        recover("round", {k: v[:0] for k, v in merged.items()}, ClusterConfig(K=6, M=8))
+
+
+@pytest.mark.slow
+def test_a_single_image_dataset_trains_with_warnings_instead_of_a_crash(tmp_path, caplog):
+    cfg = load_config(None, [*TINY, f"run_dir={tmp_path}", "data.synthetic_count=1", "stage1.rounds=1", "stage2.iterations=2"])
+    with caplog.at_level("WARNING"):
+        metrics = train(cfg)
+    # one image, at most K=6 survivors of the first pass for M=12 clusters
+    assert "clusters have no points" in caplog.text and "stay empty" in caplog.text
+    assert "evaluation skipped" in caplog.text and "evaluation_skipped" in metrics
+    assert (tmp_path / "model.pt").exists() and (tmp_path / "metrics.json").exists()

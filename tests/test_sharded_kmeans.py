@@ -230,7 +230,7 @@ def test_sharded_final_labels_flip_permutation_and_layout():
     np.testing.assert_array_equal(np.repeat(out.ids, counts), data["image_ids"][rows])
     assert (counts[np.searchsorted(out.ids, np.unique(data["image_ids"]))] >= 1).all()
     assert len(np.unique(np.repeat(out.ids, counts) * 1000 + out.labels)) == len(out.labels)
-    assert set(out.stats) == {"points_per_image", "cluster_sizes_min"}
+    assert set(out.stats) == {"points_per_image", "cluster_sizes_min", "images_kept_share"}
     assert out.stats["points_per_image"] == pytest.approx(len(out.labels) / len(out.ids))
 
     # the shards' flip count matrices add up to the matrix the permutation was solved on

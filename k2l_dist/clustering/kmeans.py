@@ -173,10 +173,12 @@ def kmeans(x: np.ndarray, k: int, cfg: ClusterConfig | None = None) -> KMeansRes
     k = int(k)
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    if n < k:
-        raise ValueError(f"cannot cluster {n} points into {k} clusters")
+    if n == 0:
+        raise ValueError(f"no points to cluster into {k} clusters")
     if not np.isfinite(x).all():
         raise ValueError("x contains NaN or inf")
+    if n < k:
+        return _fewer_points_than_clusters(x, k)
     # 0 = no cap; faiss stores the cap as a C int, so clip to what an int holds
     cap = int(cfg.max_points_per_centroid) if cfg.max_points_per_centroid > 0 else 0
     faiss_cap = cap if cap > 0 else max(1, min(2**31 - 1, -(-n // k)))
@@ -229,6 +231,20 @@ def kmeans(x: np.ndarray, k: int, cfg: ClusterConfig | None = None) -> KMeansRes
         on_gpu=ngpu > 0,
         max_points_per_centroid=cap,
     )
+
+
+def _fewer_points_than_clusters(x: np.ndarray, k: int) -> KMeansResult:
+    """Each point its own centroid, the other clusters parked far away and left empty.
+
+    A tiny or starved round (one image, most detections lost) must not stop a multi-day
+    run; the label space keeps its k clusters so every table and head keeps its shape.
+    """
+    n, d = x.shape
+    log.warning("kmeans: only %d points for %d clusters: %d cluster(s) stay empty", n, k, k - n)
+    far = np.float32(1e3 * (1.0 + float(np.abs(x).max())))
+    parked = x[:1] + far * (1.0 + np.arange(k - n, dtype=np.float32))[:, None]
+    return KMeansResult(centroids=np.ascontiguousarray(np.concatenate([x, parked]), np.float32), trained_on=n,
+                        n_points=n, inertia=0.0, on_gpu=False, max_points_per_centroid=0)
 
 
 def assign(x: np.ndarray, centroids: np.ndarray, use_gpu: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -346,8 +362,6 @@ def two_way_cluster(
 
     first = cluster_dedup(desc, image_ids, K, cfg)
     n_first = int(first.keep.sum())
-    if n_first < M:
-        raise ValueError(f"only {n_first} points survive the K={K} pass; cannot form M={M} clusters")
     second = cluster_dedup(desc, image_ids, M, cfg, mask=first.keep)
 
     keep = first.keep & second.keep

@@ -17,6 +17,7 @@ Everything here is numpy + Faiss: it runs inside the torch-free clustering actor
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -25,6 +26,8 @@ import numpy as np
 from k2l_dist.clustering.flip import flip_permutation
 from k2l_dist.clustering.kmeans import assign, cluster_dedup, two_way_cluster
 from k2l_dist.config import ClusterConfig
+
+log = logging.getLogger(__name__)
 
 # Per point, plus ``sample_ids``: every image the rank extracted, with or without points.
 PART_KEYS = ("image_ids", "points", "scores", "descriptors", "flipped_descriptors")
@@ -98,6 +101,37 @@ def table_layout(image_ids: np.ndarray, all_ids: np.ndarray) -> tuple[np.ndarray
     return ids, np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
 
+def images_kept_share(offsets: np.ndarray) -> float:
+    """Share of the table's images that keep at least one point."""
+    counts = np.diff(offsets)
+    return float((counts > 0).mean()) if len(counts) else 0.0
+
+
+def degenerate_warnings(labels: RoundLabels, where: str) -> list[str]:
+    """Logs (and returns) what makes a round's labels weak: most images without points,
+    clusters without points. The round still trains; the user sees the numbers."""
+    n_images = len(labels.ids)
+    kept = int(round(images_kept_share(labels.offsets) * n_images))
+    n_clusters = len(labels.centroids)
+    empty = int((np.bincount(labels.labels, minlength=n_clusters) == 0).sum())
+    out = []
+    if kept < n_images / 2:
+        out.append(f"{where}: only {kept} of {n_images} images keep pseudo-labels (the others sit out; "
+                   "a lower stage1.detect_threshold or more training before the round keeps more)")
+    if empty:
+        out.append(f"{where}: {empty} of {n_clusters} clusters have no points")
+    for message in out:
+        log.warning(message)
+    return out
+
+
+def final_stats(labels: np.ndarray, offsets: np.ndarray, k: int) -> dict[str, float]:
+    """Scalars of the Stage-2 labels (for TensorBoard and the warnings)."""
+    return {"points_per_image": float(len(labels) / max(len(offsets) - 1, 1)),
+            "cluster_sizes_min": int(np.bincount(labels, minlength=k).min()) if len(labels) else 0,
+            "images_kept_share": images_kept_share(offsets)}
+
+
 def cluster_size_stats(labels: np.ndarray, n_clusters: int) -> dict[str, float]:
     sizes = np.bincount(labels, minlength=n_clusters) if len(labels) else np.zeros(n_clusters, np.int64)
     return {"cluster_size_min": int(sizes.min()), "cluster_size_median": float(np.median(sizes)),
@@ -115,7 +149,7 @@ def pseudo_labels(merged: dict[str, np.ndarray], cfg: ClusterConfig, all_ids: np
     table_ids, offsets = table_layout(ids[use], all_ids)
     stats = res.stats.summary()
     stats.update(cluster_size_stats(res.labels_m[use], cfg.M))
-    stats["images_kept_share"] = 1.0 - len(res.skipped_images) / max(len(table_ids), 1)
+    stats["images_kept_share"] = images_kept_share(offsets)
     stats["points_per_image_extracted"] = len(ids) / max(len(table_ids), 1)
     return RoundLabels(ids=table_ids, offsets=offsets, points=merged["points"][use].astype(np.float32),
                        labels=res.labels_m[use], flipped_labels=np.asarray(flipped, np.int64),
@@ -134,8 +168,7 @@ def final_labels(merged: dict[str, np.ndarray], cfg: ClusterConfig, all_ids: np.
         flipped, _ = assign(merged["flipped_descriptors"][keep], res.kmeans.centroids, use_gpu=cfg.use_gpu)
         perm = flip_permutation(labels, flipped, cfg.K)
     table_ids, offsets = table_layout(ids[keep], all_ids)
-    stats = {"points_per_image": float(keep.sum() / max(len(table_ids), 1)),
-             "cluster_sizes_min": int(np.bincount(labels, minlength=cfg.K).min()) if len(labels) else 0}
+    stats = final_stats(labels, offsets, cfg.K)
     return RoundLabels(ids=table_ids, offsets=offsets, points=merged["points"][keep].astype(np.float32),
                        labels=labels, flipped_labels=perm[labels], labels_k=labels,
                        centroids=res.kmeans.centroids, centroids_k=res.kmeans.centroids, flip_permutation=perm,
@@ -144,6 +177,8 @@ def final_labels(merged: dict[str, np.ndarray], cfg: ClusterConfig, all_ids: np.
 
 def recover(kind: str, merged: dict[str, np.ndarray], cfg: ClusterConfig) -> RoundLabels:
     """``kind`` = ``"round"`` (Stage 1) or ``"final"`` (Stage 2) on :func:`merge_parts` output."""
+    if len(merged["image_ids"]) == 0:
+        raise ValueError(f"{kind} clustering: no image has a detection above stage1.detect_threshold")
     if kind == "round":
         return pseudo_labels(merged, cfg, merged["sample_ids"])
     if kind == "final":

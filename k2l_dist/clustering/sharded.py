@@ -31,7 +31,8 @@ from scipy import sparse
 
 from k2l_dist.clustering.flip import flip_count_matrix, flip_permutation
 from k2l_dist.clustering.kmeans import ClusterStats, KMeansResult, assign, dedup_per_image, kmeans
-from k2l_dist.clustering.rounds import PART_KEYS, RoundLabels, cluster_size_stats, table_layout
+from k2l_dist.clustering.rounds import (PART_KEYS, RoundLabels, cluster_size_stats, final_stats, images_kept_share,
+                                       table_layout)
 from k2l_dist.config import ClusterConfig
 
 log = logging.getLogger(__name__)
@@ -335,8 +336,8 @@ def sharded_kmeans(group: ShardGroup, k: int, cfg: ClusterConfig | None = None,
     k = int(k)
     counts = np.asarray(group.run("count", pass_name), np.int64)
     n = int(counts.sum())
-    if n < k:
-        raise ValueError(f"cannot cluster {n} points into {k} clusters")
+    if n == 0:
+        raise ValueError(f"no points to cluster into {k} clusters")
     sample = _fetch_rows(group, counts, _global_sample(n, k, cfg), pass_name)
     init = kmeans(sample, k, cfg)
     centroids, objective, passes = _lloyd(group, init.centroids, int(cfg.niter), pass_name)
@@ -433,8 +434,6 @@ def sharded_pseudo_labels(group: ShardGroup, cfg: ClusterConfig, all_ids: np.nda
     has_flipped = _check_shards(group)
     km_k = sharded_kmeans(group, K, cfg)
     n_first = _assign_dedup(group, km_k.centroids, "k")
-    if n_first < M:
-        raise ValueError(f"only {n_first} points survive the K={K} pass; cannot form M={M} clusters")
     km_m = sharded_kmeans(group, M, cfg, pass_name="k")
     _assign_dedup(group, km_m.centroids, "m", "k")
     sel = group.run("select", "m", int(getattr(cfg, "min_points_per_image", 2)), {"k": K, "m": M})
@@ -460,7 +459,7 @@ def sharded_pseudo_labels(group: ShardGroup, cfg: ClusterConfig, all_ids: np.nda
     ).summary()
     table_ids, offsets = table_layout(res["image_ids"], all_ids)
     stats.update(cluster_size_stats(res["labels"], M))
-    stats["images_kept_share"] = 1.0 - n_skipped / max(len(table_ids), 1)
+    stats["images_kept_share"] = images_kept_share(offsets)
     stats["points_per_image_extracted"] = km_k.n_points / max(len(table_ids), 1)
     log.info("sharded_pseudo_labels: %s", stats)
     return RoundLabels(ids=table_ids, offsets=offsets, points=res["points"].astype(np.float32),
@@ -485,8 +484,7 @@ def sharded_final_labels(group: ShardGroup, cfg: ClusterConfig, all_ids: np.ndar
         # the flipped labels are small ints: the permutation is solved once, by flip.py
         perm = flip_permutation(labels, res["flipped"], K)
     table_ids, offsets = table_layout(res["image_ids"], all_ids)
-    stats = {"points_per_image": float(labels.size / max(len(table_ids), 1)),
-             "cluster_sizes_min": int(np.bincount(labels, minlength=K).min()) if labels.size else 0}
+    stats = final_stats(labels, offsets, K)
     return RoundLabels(ids=table_ids, offsets=offsets, points=res["points"].astype(np.float32),
                        labels=labels, flipped_labels=perm[labels], labels_k=labels,
                        centroids=km.centroids, centroids_k=km.centroids, flip_permutation=perm, stats=stats)

@@ -116,6 +116,10 @@ def evaluate_run(cfg, shard_dir: Path, manifest: dict, meta: dict, split, phi, p
     ecfg_used = dataclasses.replace(ecfg, norm=norm, eye_indices=eyes, regressor_train_count=0)
     reg_ids = split.train[: ecfg.regressor_train_count] if ecfg.regressor_train_count > 0 else split.train
     test_ids = split.test
+    if len(test_ids) == 0 or len(reg_ids) < 2:
+        log_.warning("evaluation skipped: %d held-out and %d regressor images (eval.test_count=%d of %d images)",
+                     len(test_ids), len(reg_ids), ecfg.test_count, len(split.train) + len(split.test))
+        return {"evaluation_skipped": "too few images to hold out a test set"}
     eval_ids = np.union1d(reg_ids, test_ids)
     aug = dataclasses.replace(cfg.augment, enabled=False)
     loader = lambda: build_loader(shard_dir, aug, device=device, views=1, shuffle=False,  # noqa: E731

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from k2l_dist import distributed
 from k2l_dist.augment import build_loader
+from k2l_dist.clustering.rounds import degenerate_warnings
 from k2l_dist.clustering.service import ClusteringService, make_service
 from k2l_dist.config import Config, save_config, validate
 from k2l_dist.data.prepare import is_prepared, prepare
@@ -315,6 +316,8 @@ def _train(cfg: Config, info, shard_dir: Path, service: ClusteringService, resum
         maybe_raise(f"extract:{key}", info.rank)
         extract_seconds = max_over_ranks(time.perf_counter() - t0)
         labels = service.recover(kind, ext.as_dict(), key)
+        if info.is_main:
+            degenerate_warnings(labels, "stage 2 labels" if kind == "final" else key.replace("round", "round "))
         return labels, {"extract_seconds": extract_seconds, **service.timings}
 
     # ---- Stage 1: warm-up on known correspondences (two augmentations of one image).
