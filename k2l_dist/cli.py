@@ -110,9 +110,11 @@ def _cmd_evaluate(args) -> int:
 def _cmd_detect(args) -> int:
     from k2l_dist.eval.detect import detect
 
-    n = detect(args.checkpoint, args.out, data=args.data, images=args.images, draw=args.draw,
-               min_confidence=args.min_confidence, device=args.device)
-    print(f"{n} images → {args.out}" + (f", drawings in {args.draw}" if args.draw else ""))
+    result = detect(args.checkpoint, args.out, data=args.data, images=args.images, draw=args.draw,
+                    min_confidence=args.min_confidence, device=args.device)
+    print(f"{result.written} images → {args.out}" + (f", drawings in {args.draw}" if args.draw else ""))
+    if result.skipped:
+        print(f"{len(result.skipped)} images skipped, each named in a warning above")
     return 0
 
 

@@ -2,6 +2,8 @@
 
 import dataclasses
 import json
+import logging
+import tarfile
 
 import cv2
 import numpy as np
@@ -53,8 +55,8 @@ def test_detect_maps_crop_points_back_to_original_pixels(model_pt, images, tmp_p
 
     monkeypatch.setattr(detect_module, "predict_landmarks", fake_predict)
     out = tmp_path / "preds.jsonl"
-    n = detect_module.detect(model_pt, out, images=root, draw=tmp_path / "drawn", min_confidence=0.1)
-    assert n == 3
+    result = detect_module.detect(model_pt, out, images=root, draw=tmp_path / "drawn", min_confidence=0.1)
+    assert result.written == 3 and result.skipped == []
     rows = {r["image"]: r["landmarks"] for r in map(json.loads, out.read_text().splitlines())}
     assert set(rows) == set(sizes)
     for name, (h, w) in sizes.items():
@@ -98,3 +100,56 @@ def test_detect_never_draws_over_the_input_images(model_pt, images, tmp_path, ca
     assert main(["detect", "--checkpoint", str(model_pt), "--images", str(root), "--out", str(tmp_path / "o.jsonl"),
                  "--draw", str(drawn)]) == 0
     assert (drawn / "tall.png").is_file() and {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before
+
+
+def test_detect_names_every_image_it_skips(model_pt, images, tmp_path, capsys, caplog):
+    root, _ = images
+    (root / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    data = cv2.imencode(".jpg", np.random.default_rng(1).integers(0, 255, (60, 60, 3), dtype=np.uint8))[1].tobytes()
+    (root / "sub/cut.jpg").write_bytes(data[: len(data) * 2 // 3])
+    assert cv2.imread(str(root / "sub/cut.jpg")) is not None  # decodes, grey-filled
+    out = tmp_path / "p.jsonl"
+    with caplog.at_level(logging.WARNING, logger="k2l_dist.eval.detect"):
+        assert main(["detect", "--checkpoint", str(model_pt), "--images", str(root), "--out", str(out)]) == 0
+    assert len(out.read_text().splitlines()) == 3
+    warned = [r.getMessage() for r in caplog.records if r.name == "k2l_dist.eval.detect"]
+    assert sorted(warned) == [f"{root / 'broken.jpg'}: skipped, unreadable image",
+                              f"{root / 'sub/cut.jpg'}: skipped, truncated image"]
+    assert "2 images skipped" in capsys.readouterr().out
+
+
+def _corrupt_member(tar_path, suffix):
+    with tarfile.open(tar_path) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(suffix))
+    with open(tar_path, "r+b") as handle:
+        handle.seek(member.offset_data)
+        handle.write(b"\0" * member.size)
+    return member.name
+
+
+def test_detect_on_shards_names_samples_the_shard_check_left_out(model_pt, images, tmp_path, caplog):
+    root, _ = images
+    shards = tmp_path / "shards"
+    cfg = apply_values(Config(), {"data": {"size": 32, "workers": 0}})
+    detect_module.prepare_images(cfg, root, shards)
+    _corrupt_member(next(shards.glob("shard-*.tar")), ".jpg")
+    with caplog.at_level(logging.WARNING, logger="k2l_dist.eval.detect"):
+        result = detect_module.detect(model_pt, tmp_path / "p.jsonl", data=shards)
+    assert result.written == 2 and len(result.skipped) == 1
+    assert result.skipped[0].reason == "left out by the shard check"
+    assert any(result.skipped[0].path in r.getMessage() for r in caplog.records if r.name == "k2l_dist.eval.detect")
+
+
+@pytest.mark.parametrize("size, warned", [(48, True), (32, False)])
+def test_detect_warns_when_shards_have_another_crop_size(model_pt, images, tmp_path, caplog, size, warned):
+    root, _ = images
+    shards = tmp_path / f"s{size}"
+    detect_module.prepare_images(apply_values(Config(), {"data": {"size": size, "workers": 0}}), root, shards)
+    with caplog.at_level(logging.WARNING, logger="k2l_dist.eval.detect"):
+        assert detect_module.detect(model_pt, tmp_path / "p.jsonl", data=shards).written == 3
+    messages = [r.getMessage() for r in caplog.records if r.name == "k2l_dist.eval.detect"]
+    if warned:
+        assert len(messages) == 1 and "48x48 crops" in messages[0] and "data.size=32" in messages[0]
+        assert str(shards) in messages[0]
+    else:
+        assert messages == []

@@ -124,13 +124,20 @@ def test_two_process_runs_agree_resume_exactly_and_resume_at_another_world_size(
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_a_rank_that_raises_during_extraction_ends_the_job(shards, tmp_path):
+@pytest.mark.parametrize("fault, extra, says", [
+    ("extract:round1@rank1", "cluster.service=inline", ["injected fault (K2L_FAULT) at extract:round1 on rank 1"]),
+    # a rank that stops making progress: the watchdog names it, where it stopped, and who waits
+    ("hang:round1:3@rank1", "dist.timeout_s=15",
+     ["k2l watchdog: rank 1 made no progress", "in phase round1 (last step 3", "rank(s) 0 wait for it"]),
+], ids=["raises during extraction", "hangs during a round"])
+def test_a_rank_that_fails_or_hangs_ends_the_job_naming_it(shards, tmp_path, fault, extra, says):
     t0 = time.time()
-    res = _run(tmp_path / "run", shards, "stage1.rounds=1", "cluster.service=inline",
-               env={"K2L_FAULT": "extract:round1@rank1"}, timeout=240)
+    res = _run(tmp_path / "run", shards, "stage1.rounds=1", extra, env={"K2L_FAULT": fault}, timeout=240)
+    out = res.stdout + res.stderr
     assert res.returncode != 0
-    assert "injected fault (K2L_FAULT) at extract:round1 on rank 1" in res.stdout + res.stderr
-    assert time.time() - t0 < 180
+    for text in says:
+        assert text in out, out[-3000:]
+    assert time.time() - t0 < 180  # the prepare, the warm-up and one extraction come first
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 

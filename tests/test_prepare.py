@@ -9,7 +9,7 @@ import pytest
 from k2l_dist.cli import main
 from k2l_dist.config import load_config
 from k2l_dist.data.crop import to_original
-from k2l_dist.data.prepare import PrepareError, prepare
+from k2l_dist.data.prepare import PrepareError, jpeg_is_complete, prepare
 from k2l_dist.data.shards import load_manifest, load_samples_meta, read_dataset
 
 SHARED = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -22,6 +22,11 @@ def _textured(rng, width=120, height=100):
         w, h = rng.integers(5, 25, 2)
         cv2.rectangle(image, (int(x), int(y)), (int(x + w), int(y + h)), tuple(int(c) for c in rng.integers(0, 255, 3)), -1)
     return image
+
+
+def _write_truncated_jpeg(path, image):
+    data = cv2.imencode(".jpg", image)[1].tobytes()
+    path.write_bytes(data[: len(data) * 2 // 3])
 
 
 @pytest.fixture
@@ -43,6 +48,8 @@ def mtfl_like(tmp_path):
     cv2.imwrite(str(root / "imgs/blank.jpg"), np.full((100, 120, 3), 128, np.uint8))
     lines.append("imgs/blank.jpg 50 60 55 50 60 40 40 50 60 60 1 2 2 3")  # no keypoint at all
     lines.append("imgs/gone.jpg 50 60 55 50 60 40 40 50 60 60 1 2 2 3")  # file does not exist
+    _write_truncated_jpeg(root / "imgs/truncated.jpg", _textured(rng))  # decodes, grey-filled
+    lines.append("imgs/truncated.jpg 50 60 55 50 60 40 40 50 60 60 1 2 2 3")
     (root / "training.txt").write_text("\n".join(lines) + "\n")
     return root
 
@@ -66,6 +73,7 @@ def test_prepare_skips_every_bad_input_with_a_named_reason(mtfl_like, tmp_path):
         "landmark outside the image": 1,
         "too few keypoints found": 1,
         "missing image file": 1,
+        "truncated image": 1,
     }
     assert "imgs/outside.jpg" in summary.examples["landmark outside the image"][0]
     manifest = load_manifest(out)
@@ -100,6 +108,51 @@ def test_strict_turns_a_skip_into_an_error_naming_the_file(mtfl_like, tmp_path):
     with pytest.raises(PrepareError, match="imgs/short.jpg"):
         prepare(_cfg(mtfl_like, strict=True), tmp_path / "shards")
     assert not (tmp_path / "shards" / "index.json").exists()
+
+
+def test_truncated_jpeg_is_skipped_or_under_strict_an_error_naming_it(tmp_path):
+    rng = np.random.default_rng(1)
+    root = tmp_path / "folder"
+    root.mkdir()
+    cv2.imwrite(str(root / "good.jpg"), _textured(rng))
+    _write_truncated_jpeg(root / "cut.jpg", _textured(rng))
+    assert cv2.imread(str(root / "cut.jpg")) is not None  # OpenCV alone does not notice
+    cfg = load_config(None, [f"data.root={root}", "data.format=folder", "data.size=32", "data.workers=0",
+                             "keypoints.method=none"])
+    summary = prepare(cfg, tmp_path / "a")
+    assert summary.written == 1 and summary.skipped == {"truncated image": 1}
+    assert "cut.jpg" in summary.examples["truncated image"][0]
+    from k2l_dist.config import apply_values
+
+    with pytest.raises(PrepareError, match="cut.jpg: truncated image"):
+        prepare(apply_values(cfg, {"data": {"strict": True}}), tmp_path / "b")
+
+
+def test_jpeg_completeness_follows_the_markers():
+    image = _textured(np.random.default_rng(2))
+    for flags in ([], [cv2.IMWRITE_JPEG_PROGRESSIVE, 1], [cv2.IMWRITE_JPEG_RST_INTERVAL, 2]):
+        data = cv2.imencode(".jpg", image, flags)[1].tobytes()
+        assert jpeg_is_complete(data)
+        assert jpeg_is_complete(data + b"appended video \xff\xd8")  # bytes after the EOI are allowed
+        assert not any(jpeg_is_complete(data[:n]) for n in range(len(data)))
+    # an EOI inside a segment (as in an EXIF thumbnail) is not the image's end
+    payload = b"Exif\0\0\xff\xd8thumbnail\xff\xd9"
+    with_app1 = data[:2] + b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload + data[2:]
+    assert jpeg_is_complete(with_app1)
+    assert not jpeg_is_complete(with_app1[: 6 + len(payload) + 200])
+
+
+def test_non_finite_annotation_is_skipped_or_under_strict_an_error_naming_file_and_line(mtfl_like, tmp_path, capsys):
+    good = (mtfl_like / "training.txt").read_text().splitlines()[:2]
+    (mtfl_like / "training.txt").write_text("\n".join([*good, "imgs/2.jpg" + " nan" * 10 + " 1 2 2 3"]) + "\n")
+    summary = prepare(_cfg(mtfl_like), tmp_path / "a")
+    assert summary.written == 2 and summary.skipped == {"malformed annotation line": 1}
+    args = ["prepare", "--format", "mtfl", "--root", str(mtfl_like), "--box", "landmarks", "--size", "64",
+            "--workers", "0", "--out", str(tmp_path / "b")]
+    capsys.readouterr()
+    assert main([*args, "--strict"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "imgs/2.jpg" in err and "training.txt line 3" in err
 
 
 def test_existing_output_needs_overwrite(mtfl_like, tmp_path):

@@ -31,6 +31,54 @@ def test_mtfl_parses_points_and_skips_malformed_lines(tmp_path):
     assert "line 2" in skips[0].detail and "expected 15 fields, got 4" in skips[0].detail
 
 
+def test_mtfl_skips_non_finite_coordinates_naming_file_and_line(tmp_path):
+    ann = tmp_path / "training.txt"
+    ann.write_text(
+        "a/1.jpg" + " nan" * 10 + " 1 2 2 3\n"
+        "a/2.jpg 1 2 3 4 5 6 7 8 9 10 1 2 2 3\n"
+        "a/3.jpg 1 2 3 4 inf 6 7 8 9 10 1 2 2 3\n"
+        "a/4.jpg 1 2 3 4 5 6 7 8 9 1e39 1 2 2 3\n"  # overflows float32
+    )
+    items, skips = read_mtfl(tmp_path, ann)
+    assert [i.path for i in items] == ["a/2.jpg"]
+    assert [s.path for s in skips] == ["a/1.jpg", "a/3.jpg", "a/4.jpg"]
+    assert {s.reason for s in skips} == {"malformed annotation line"}
+    assert [s.detail for s in skips] == [f"training.txt line {n}: non-finite coordinate" for n in (1, 3, 4)]
+
+
+def test_lsp_skips_images_without_a_finite_joint(tmp_path):
+    import scipy.io
+
+    joints = np.zeros((3, 14, 3))
+    joints[:2] = 10.0
+    joints[:2, :, 1] = np.nan
+    joints[0, 3, 2] = np.nan  # one missing joint still leaves a box and a score
+    scipy.io.savemat(tmp_path / "joints.mat", {"joints": joints})
+    items, skips = read_lsp(tmp_path)
+    assert [i.id for i in items] == [0, 2]
+    assert [(s.path, s.reason) for s in skips] == [("images/im0002.jpg", "malformed annotation")]
+    assert "joints.mat image 2" in skips[0].detail
+
+
+def test_pts_with_non_finite_coordinates_is_malformed(tmp_path):
+    blocks = {"f": "11 21\n31 41", "g": "11 nan\n31 41", "h": "11 21\ninf 41", "i": "11 21\n31 1e39"}
+    for name, block in blocks.items():
+        (tmp_path / f"{name}.png").write_bytes(b"x")
+        (tmp_path / f"{name}.pts").write_text(f"version: 1\nn_points: 2\n{{\n{block}\n}}\n")
+    items, skips = read_pts(tmp_path)
+    assert [i.path for i in items] == ["f.png"]
+    assert [(s.path, s.reason) for s in skips] == [(f"{n}.png", "malformed .pts file") for n in "ghi"]
+    assert "g.pts" in skips[0].detail and "non-finite" in skips[0].detail
+
+
+def test_box_file_refuses_non_finite_or_empty_boxes_naming_the_line(tmp_path):
+    path = tmp_path / "boxes.txt"
+    for bad in ["b.jpg nan 2 3 4", "b.jpg 1 2 inf 4", "b.jpg 1 2 0 4", "b.jpg 1 2 3 -4"]:
+        path.write_text(f"a.jpg 1 2 3 4\n{bad}\n")
+        with pytest.raises(DatasetError, match=r"boxes.txt line 2: box '.*' needs finite values"):
+            read_box_file(path)
+
+
 def test_missing_root_or_annotation_is_a_named_error(tmp_path):
     with pytest.raises(DatasetError, match="nowhere"):
         read_mtfl(tmp_path / "nowhere", tmp_path / "t.txt")

@@ -1,5 +1,7 @@
 """Failures that used to lose work or give wrong results: each is refused clearly now."""
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +10,7 @@ import yaml
 from k2l_dist.clustering.rounds import degenerate_warnings, recover
 from k2l_dist.config import ClusterConfig, ConfigError, load_config, validate
 from k2l_dist.data import prepare as prepare_module
+from k2l_dist.distributed.watchdog import Watchdog
 from k2l_dist.data.prepare import is_prepared, prepare
 from k2l_dist.train.checkpoint import load_checkpoint, load_latest_checkpoint, previous, save_checkpoint
 from k2l_dist.train.run import NonFiniteLoss, train
@@ -160,3 +163,22 @@ def test_a_single_image_dataset_trains_with_warnings_instead_of_a_crash(tmp_path
     assert "clusters have no points" in caplog.text and "stay empty" in caplog.text
     assert "evaluation skipped" in caplog.text and "evaluation_skipped" in metrics
     assert (tmp_path / "model.pt").exists() and (tmp_path / "metrics.json").exists()
+
+
+def test_the_watchdog_fires_only_on_an_armed_silent_rank_and_names_its_phase():
+    fired = []
+    dog = Watchdog(rank=0, world_size=1, timeout_s=0.6, on_hang=fired.append).start()
+    try:
+        dog.beat("round2", 7)
+        dog.pause()  # e.g. building a loader: not watched
+        time.sleep(1.5)
+        assert fired == []
+        for i in range(6):  # steady progress never fires
+            dog.beat("round2", 8 + i)
+            time.sleep(0.2)
+        assert fired == []
+        time.sleep(1.8)  # silent past the timeout
+        assert len(fired) == 1 and "rank 0 made no progress" in fired[0] and "phase round2 (last step 13" in fired[0]
+        assert "dist.timeout_s=0.6" in fired[0]
+    finally:
+        dog.stop()

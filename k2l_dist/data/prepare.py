@@ -54,11 +54,13 @@ class Summary:
     listed: int = 0
     skipped: collections.Counter = field(default_factory=collections.Counter)
     examples: dict = field(default_factory=dict)  # reason → first few "path: detail"
+    skips: list[Skip] = field(default_factory=list)  # every skip, for callers that name them all
     keypoints_before: int = 0
     keypoints_after: int = 0
     seconds: float = 0.0
 
     def skip(self, s: Skip) -> None:
+        self.skips.append(s)
         self.skipped[s.reason] += 1
         ex = self.examples.setdefault(s.reason, [])
         if len(ex) < 5:
@@ -129,7 +131,47 @@ def _load(item: SourceItem) -> tuple[np.ndarray, np.ndarray | None, np.ndarray |
     image = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if image is None or image.size == 0:
         return Skip(item.path, "unreadable image", str(path))
+    if _is_truncated_jpeg(path):
+        return Skip(item.path, "truncated image", f"{path}: the JPEG ends before its end-of-image marker")
     return image, item.landmarks, item.visible
+
+
+_STANDALONE_MARKERS = frozenset([0x00, 0x01, 0xD8, *range(0xD0, 0xD8)])  # stuffing, TEM, SOI, RSTn: no length
+
+
+def jpeg_is_complete(data: bytes) -> bool:
+    """Whether a JPEG's marker walk reaches its end-of-image marker (FF D9).
+
+    Segments are skipped by their length and entropy-coded data up to the next marker, so an
+    EOI inside a segment (an EXIF thumbnail) does not count, and bytes after the real EOI
+    (a phone's appended video) are allowed.
+    """
+    if data[:2] != b"\xff\xd8":
+        return False
+    pos = 2
+    while True:
+        pos = data.find(b"\xff", pos)
+        if pos < 0 or pos + 1 >= len(data):
+            return False
+        marker = data[pos + 1]
+        if marker == 0xD9:
+            return True
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+        elif marker in _STANDALONE_MARKERS:
+            pos += 2
+        elif pos + 4 > len(data):
+            return False
+        else:
+            pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+
+
+def _is_truncated_jpeg(path: Path) -> bool:
+    """OpenCV fills a truncated JPEG with grey and only prints a warning, so look at the bytes."""
+    with open(path, "rb") as handle:
+        if handle.read(2) != b"\xff\xd8":  # not a JPEG, whatever its name
+            return False
+        return not jpeg_is_complete(b"\xff\xd8" + handle.read())
 
 
 def _box(item: SourceItem, width: int, height: int, landmarks: np.ndarray | None):

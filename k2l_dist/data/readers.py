@@ -82,9 +82,13 @@ def read_mtfl(root: str | Path, annotations: str | Path) -> tuple[list[SourceIte
                               f"{where}: expected 15 fields, got {len(fields)}"))
             continue
         try:
-            values = np.array([float(v) for v in fields[1:11]], np.float32)
+            with np.errstate(over="ignore"):  # beyond float32 becomes inf, refused below
+                values = np.array([float(v) for v in fields[1:11]], np.float32)
         except ValueError:
             skips.append(Skip(fields[0], "malformed annotation line", f"{where}: non-numeric coordinate"))
+            continue
+        if not np.isfinite(values).all():  # float() accepts 'nan' and 'inf'; no crop or score can use them
+            skips.append(Skip(fields[0], "malformed annotation line", f"{where}: non-finite coordinate"))
             continue
         landmarks = np.stack([values[:5], values[5:]], axis=1)
         items.append(SourceItem(number - 1, fields[0].replace("\\", "/"), landmarks, np.ones(5, bool)))
@@ -107,11 +111,15 @@ def read_lsp(root: str | Path, annotations: str | Path | None = None) -> tuple[l
         raise DatasetError(f"{ann}: not an LSP joints.mat with a 'joints' array ({err})") from None
     if joints.ndim != 3 or joints.shape[0] != 3:
         raise DatasetError(f"{ann}: 'joints' has shape {joints.shape}, expected 3×K×N")
-    items = []
+    items, skips = [], []
     for i in range(joints.shape[2]):
         landmarks = joints[:2, :, i].T.astype(np.float32)
-        items.append(SourceItem(i, f"images/im{i + 1:04d}.jpg", landmarks, joints[2, :, i] == 0))
-    return items, []
+        path = f"images/im{i + 1:04d}.jpg"
+        if not np.isfinite(landmarks).all(1).any():  # no joint to build a box from or to score
+            skips.append(Skip(path, "malformed annotation", f"{ann.name} image {i + 1}: no joint has finite x and y"))
+            continue
+        items.append(SourceItem(i, path, landmarks, joints[2, :, i] == 0))
+    return items, skips
 
 
 def _parse_pts(path: Path) -> np.ndarray:
@@ -121,7 +129,11 @@ def _parse_pts(path: Path) -> np.ndarray:
     values = [float(v) for v in text[1].split("}", 1)[0].split()]
     if not values or len(values) % 2:
         raise ValueError(f"{len(values)} numbers inside the point block")
-    return np.array(values, np.float32).reshape(-1, 2)
+    with np.errstate(over="ignore"):
+        points = np.array(values, np.float32)
+    if not np.isfinite(points).all():  # 'nan', 'inf', or beyond float32
+        raise ValueError("non-finite coordinate inside the point block")
+    return points.reshape(-1, 2)
 
 
 def read_pts(root: str | Path, one_based: bool = True) -> tuple[list[SourceItem], list[Skip]]:
@@ -170,9 +182,12 @@ def read_box_file(path: str | Path) -> dict[str, tuple[float, float, float, floa
         if len(fields) != 5:
             raise DatasetError(f"{path} line {number}: expected 'path x y w h', got {len(fields)} fields")
         try:
-            boxes[fields[0]] = tuple(float(v) for v in fields[1:])
+            box = tuple(float(v) for v in fields[1:])
         except ValueError:
             raise DatasetError(f"{path} line {number}: non-numeric box value") from None
+        if not np.isfinite(box).all() or box[2] <= 0 or box[3] <= 0:  # a crop needs a real, non-empty box
+            raise DatasetError(f"{path} line {number}: box '{' '.join(fields[1:])}' needs finite values and w, h > 0")
+        boxes[fields[0]] = box
     return boxes
 
 

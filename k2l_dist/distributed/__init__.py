@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from k2l_dist.config import DistConfig
+from k2l_dist.distributed import watchdog
 from k2l_dist.distributed.threads import pin_threads
 
 _host_group = None
@@ -75,13 +76,24 @@ def enable(cfg: DistConfig | None = None, device: str = "auto", *,
         before_group(info)
     if world_size > 1 and not dist.is_initialized():
         global _host_group
-        timeout = timedelta(seconds=cfg.timeout_s)
+        # the watchdog (at timeout_s) speaks first and names the silent rank; collectives are the backstop
+        timeout = timedelta(seconds=cfg.timeout_s + max(60.0, 0.1 * cfg.timeout_s))
         backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout,
                                 device_id=dev if dev.type == "cuda" else None, store=_attempt_store(timeout))
         _host_group = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else dist.group.WORLD
         atexit.register(shutdown)
+    watchdog.start(rank, world_size, cfg.timeout_s, _default_store() if world_size > 1 else None)
     return info
+
+
+def _default_store():
+    """The process group's store, where ranks publish their heartbeats (None if unreachable)."""
+    try:
+        from torch.distributed.distributed_c10d import _get_default_store
+        return _get_default_store()
+    except (ImportError, RuntimeError):
+        return None
 
 
 def _attempt_store(timeout: timedelta):
@@ -107,6 +119,7 @@ def host_group():
 def shutdown() -> None:
     """Leave the process group (idempotent; also registered at exit)."""
     global _host_group
+    watchdog.stop()
     if dist.is_initialized():
         dist.destroy_process_group()
     _host_group = None

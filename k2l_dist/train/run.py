@@ -26,14 +26,16 @@ from k2l_dist.clustering.service import ClusteringService, make_service
 from k2l_dist.config import Config, save_config, validate
 from k2l_dist.data.prepare import is_prepared, prepare
 from k2l_dist.data.shards import load_manifest, load_samples_meta
+from k2l_dist.distributed import watchdog
 from k2l_dist.distributed.collectives import check_replicas, max_over_ranks, mean_over_ranks
+from k2l_dist.distributed.watchdog import heartbeat
 from k2l_dist.models import KeypointNet, LandmarkNet
 from k2l_dist.train.checkpoint import load_latest_checkpoint, save_checkpoint
 from k2l_dist.train.compat import incompatible_changes
 from k2l_dist.train.extract import extract
 from k2l_dist.train.labels import LabelTable
 from k2l_dist.train.steps import stage1_losses, stage2_losses
-from k2l_dist.utils.faults import fault_requested, maybe_interrupt, maybe_raise
+from k2l_dist.utils.faults import fault_requested, maybe_hang, maybe_interrupt, maybe_raise
 from k2l_dist.utils.io import atomic_write_text
 from k2l_dist.utils.metrics import MetricsLogger
 from k2l_dist.utils.seeds import derive_seed
@@ -60,10 +62,18 @@ def initial_table(meta: dict, ids: np.ndarray) -> LabelTable:
     return LabelTable.from_points(image_ids[keep], meta["keypoints"][keep], all_ids=ids)
 
 
+def _beating(batches, phase: str):
+    """The batches, with a heartbeat for each (extraction is watched like training)."""
+    for i, batch in enumerate(batches):
+        heartbeat(phase, i)
+        yield batch
+
+
 def _loader(cfg: Config, shard_dir: Path, ids: np.ndarray, info, *, train: bool, seed: int, views: int = 2,
             augment=None):
     """Training loaders give every rank a full, padded share per epoch (DDP steps in
     lockstep); extraction loaders give every rank its own disjoint slice, nothing repeated."""
+    watchdog.pause()  # building a pipeline (validating shards) is not a step
     aug = (augment or cfg.augment) if train else dataclasses.replace(cfg.augment, enabled=False)
     return build_loader(shard_dir, aug, rank=info.rank, world_size=info.world_size, seed=seed,
                         device=info.device, views=views if train else 1, shuffle=train,
@@ -102,15 +112,20 @@ def train_iterations(model: torch.nn.Module, optimizer: torch.optim.Optimizer, l
     ranks; ``step_seconds_slowest`` is the slowest rank's mean step time since the last
     log line, where stragglers show."""
     model.train()
+    phase = prefix.rstrip("/")
     batches = _forever(loader)
-    for _ in range(start):
+    for j in range(start):
+        heartbeat(f"{phase} (skipping to the resumed batch)", j)
         next(batches)
     bar = tqdm(range(start, iterations), desc=prefix.rstrip("/"), unit="it", disable=not show_progress,
                leave=False)
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    rank = torch.distributed.get_rank() if world > 1 else 0
     since, tick = 0, time.perf_counter()
-    poison = fault_requested(f"nan:{prefix.rstrip('/')}")
+    poison = fault_requested(f"nan:{phase}")
     for i in bar:
+        heartbeat(phase, i)
+        maybe_hang(f"{phase}:{i}", rank)
         if before_step is not None:
             before_step(i)
         batch = next(batches)
@@ -119,7 +134,7 @@ def train_iterations(model: torch.nn.Module, optimizer: torch.optim.Optimizer, l
             losses["loss"], poison = losses["loss"] * float("nan"), False
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
-        _check_finite(losses, model, f"{prefix.rstrip('/')} step {step + 1}")
+        _check_finite(losses, model, f"{phase} step {step + 1}")
         optimizer.step()
         step += 1
         since += 1
@@ -311,10 +326,11 @@ def _train(cfg: Config, info, shard_dir: Path, service: ClusteringService, resum
     def recover(kind: str, key: str):
         """Φ over this rank's slice, then every rank's points clustered together."""
         t0 = time.perf_counter()
-        ext = extract(phi, extract_loader, max_points=s1.extract_points, threshold=s1.detect_threshold,
+        ext = extract(phi, _beating(extract_loader, f"extract {key}"), max_points=s1.extract_points, threshold=s1.detect_threshold,
                       nms_radius=s1.nms_radius, flip=s1.flip, total=len(extract_loader), show_progress=show)
         maybe_raise(f"extract:{key}", info.rank)
         extract_seconds = max_over_ranks(time.perf_counter() - t0)
+        heartbeat(f"clustering {key}", allow_s=max(cfg.cluster.round_timeout_s, cfg.dist.timeout_s))
         labels = service.recover(kind, ext.as_dict(), key)
         if info.is_main:
             degenerate_warnings(labels, "stage 2 labels" if kind == "final" else key.replace("round", "round "))
@@ -392,6 +408,7 @@ def _train(cfg: Config, info, shard_dir: Path, service: ClusteringService, resum
     checkpoint()
     train_seconds = time.time() - t0
     service.close(clean=True)  # the other ranks may leave while rank 0 evaluates
+    watchdog.pause()  # no collective from here on
 
     # ---- Evaluation (rank 0, on the unwrapped models).
     metrics: dict = {"train_seconds": round(train_seconds, 1), "stage1_seconds": round(stage1_seconds, 1),

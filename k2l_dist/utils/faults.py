@@ -5,13 +5,15 @@ for round 1), ``actor:round2`` (the clustering actor's process exits while clust
 round 2, once: a recreated actor carries on), ``nan:round2`` (the first loss of round 2
 becomes NaN), ``kill:round1:15`` / ``stop:round1:15`` (after step 15 of round 1 the
 rank SIGKILLs itself / raises, once per run folder, so that a restarted or resumed run
-gets past it). Unset in normal runs.
+gets past it), ``hang:round1:5`` (before step 5 of round 1 the rank stops making progress,
+to test the watchdog). Unset in normal runs.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 
@@ -44,3 +46,10 @@ def maybe_interrupt(where: str, rank: int, run_dir: Path) -> None:
         if action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
         raise RuntimeError(f"injected fault (K2L_FAULT) stop:{where} on rank {rank}")
+
+
+def maybe_hang(where: str, rank: int) -> None:
+    """``hang:where``: this rank sleeps for good, as a rank stuck in I/O or a driver would."""
+    if fault_requested(f"hang:{where}", rank):
+        while True:
+            time.sleep(60)
