@@ -26,17 +26,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fixtures import fixed_pairs  # noqa: E402
 from report import machine, write_section  # noqa: E402
 
 
 def worker(config: str, steps: int, out: Path) -> None:
-    import numpy as np
     import torch
 
     from k2l_dist import distributed
     from k2l_dist.config import load_config
     from k2l_dist.models import KeypointNet
-    from k2l_dist.train.labels import LabelTable
     from k2l_dist.train.steps import stage1_losses
 
     cfg = load_config(ROOT / config)
@@ -46,15 +45,7 @@ def worker(config: str, steps: int, out: Path) -> None:
     ddp = distributed.wrap_ddp(phi, info)
     opt = torch.optim.RMSprop(phi.parameters(), lr=cfg.stage1.lr)
     b, size = cfg.augment.batch_size, cfg.augment.size or cfg.data.size
-    rng = np.random.default_rng(info.rank)
-    ids = np.arange(b) + info.rank * b
-    per_image = 8  # about what a round keeps per image
-    table = LabelTable.from_points(np.repeat(ids, per_image), rng.uniform(4, size - 4, (b * per_image, 2)),
-                                   rng.integers(0, cfg.cluster.M, b * per_image))
-    eye = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]).expand(b, 2, 3)
-    batch = {"view0": torch.rand(b, 3, size, size), "view1": torch.rand(b, 3, size, size), "matrix0": eye,
-             "matrix1": eye, "flip0": torch.zeros(b, dtype=torch.bool), "flip1": torch.zeros(b, dtype=torch.bool),
-             "id": torch.from_numpy(ids), "valid": torch.ones(b, dtype=torch.bool)}
+    batch, table = fixed_pairs(b, size, cfg.cluster.M, torch.device("cpu"), info.rank)
     gen = torch.Generator().manual_seed(info.rank)
 
     def step() -> float:

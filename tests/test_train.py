@@ -146,3 +146,30 @@ def test_checkpoint_round_trip_restores_rng_and_refuses_pickles(tmp_path):
         load_checkpoint(tmp_path / "evil.pt")
     with pytest.raises(FileNotFoundError, match="nope.pt"):
         load_checkpoint(tmp_path / "nope.pt")
+
+
+def test_bf16_autocasts_the_network_and_keeps_the_losses_in_fp32():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from fixtures import fixed_pairs
+
+    from k2l_dist.config import LossConfig, ModelConfig
+    from k2l_dist.models import KeypointNet
+    from k2l_dist.train.steps import autocast, stage1_losses
+
+    torch.manual_seed(0)
+    phi = KeypointNet(ModelConfig(width=16, depth=2, descriptor_dim=16))
+    batch, table = fixed_pairs(2, 32, 12, torch.device("cpu"))
+    out = {}
+    for precision in ("fp32", "bf16"):
+        with autocast(torch.device("cpu"), precision):
+            heat, _ = phi(batch["view0"])
+            losses = stage1_losses(phi, batch, table, max_points=8, loss_cfg=LossConfig(),
+                                   generator=torch.Generator().manual_seed(0))
+        assert heat.dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
+        assert all(v.dtype == torch.float32 for v in losses.values() if v.is_floating_point())
+        out[precision] = losses
+    for term in ("detector", "contrastive"):
+        torch.testing.assert_close(out["bf16"][term], out["fp32"][term], rtol=0.05, atol=1e-3)

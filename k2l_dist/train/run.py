@@ -34,7 +34,7 @@ from k2l_dist.train.checkpoint import load_latest_checkpoint, save_checkpoint
 from k2l_dist.train.compat import incompatible_changes
 from k2l_dist.train.extract import extract
 from k2l_dist.train.labels import LabelTable
-from k2l_dist.train.steps import stage1_losses, stage2_losses
+from k2l_dist.train.steps import autocast, stage1_losses, stage2_losses
 from k2l_dist.utils.faults import fault_requested, maybe_hang, maybe_interrupt, maybe_raise
 from k2l_dist.utils.io import atomic_write_text
 from k2l_dist.utils.metrics import MetricsLogger
@@ -101,7 +101,7 @@ def train_iterations(model: torch.nn.Module, optimizer: torch.optim.Optimizer, l
                      loss_fn: Callable[[dict], dict], iterations: int, *, step: int, log: MetricsLogger,
                      prefix: str, log_every: int, show_progress: bool, start: int = 0,
                      before_step: Callable[[int], None] | None = None,
-                     after_step: Callable[[int, int], None] | None = None) -> int:
+                     after_step: Callable[[int, int], None] | None = None, precision: str = "fp32") -> int:
     """Optimiser steps ``start`` … ``iterations - 1`` of a phase over (repeated epochs of)
     ``loader``; returns the new global step.
 
@@ -121,6 +121,7 @@ def train_iterations(model: torch.nn.Module, optimizer: torch.optim.Optimizer, l
                leave=False)
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     rank = torch.distributed.get_rank() if world > 1 else 0
+    device = next(model.parameters()).device
     since, tick = 0, time.perf_counter()
     poison = fault_requested(f"nan:{phase}")
     for i in bar:
@@ -129,7 +130,8 @@ def train_iterations(model: torch.nn.Module, optimizer: torch.optim.Optimizer, l
         if before_step is not None:
             before_step(i)
         batch = next(batches)
-        losses = loss_fn(batch)
+        with autocast(device, precision):
+            losses = loss_fn(batch)
         if poison:  # injected (K2L_FAULT=nan:<phase>): the first step's loss becomes NaN
             losses["loss"], poison = losses["loss"] * float("nan"), False
         optimizer.zero_grad(set_to_none=True)
@@ -321,13 +323,16 @@ def _train(cfg: Config, info, shard_dir: Path, service: ClusteringService, resum
             phi_ddp, opt, loader, lambda b: stage1_losses(phi_ddp, b, table, max_points=s1.max_points,
                                                           loss_cfg=loss_cfg, generator=gen),
             n, step=progress.step, log=log, prefix=f"{phase}/", log_every=cfg.log_every, show_progress=show,
-            start=progress.phase_step, before_step=before, after_step=after)
+            start=progress.phase_step, before_step=before, after_step=after,
+            precision=cfg.precision)
 
     def recover(kind: str, key: str):
         """Φ over this rank's slice, then every rank's points clustered together."""
         t0 = time.perf_counter()
-        ext = extract(phi, _beating(extract_loader, f"extract {key}"), max_points=s1.extract_points, threshold=s1.detect_threshold,
-                      nms_radius=s1.nms_radius, flip=s1.flip, total=len(extract_loader), show_progress=show)
+        with autocast(info.device, cfg.precision):
+            ext = extract(phi, _beating(extract_loader, f"extract {key}"), max_points=s1.extract_points,
+                          threshold=s1.detect_threshold, nms_radius=s1.nms_radius, flip=s1.flip,
+                          total=len(extract_loader), show_progress=show)
         maybe_raise(f"extract:{key}", info.rank)
         extract_seconds = max_over_ranks(time.perf_counter() - t0)
         heartbeat(f"clustering {key}", allow_s=max(cfg.cluster.round_timeout_s, cfg.dist.timeout_s))
@@ -396,7 +401,8 @@ def _train(cfg: Config, info, shard_dir: Path, service: ClusteringService, resum
                              lambda b: stage2_losses(psi_ddp, b, table2, num_landmarks=cfg.cluster.K,
                                                      sigma=cfg.loss.heatmap_sigma),
                              s2.iterations, step=progress.step2, log=log, prefix="stage2/", log_every=cfg.log_every,
-                             show_progress=show, start=progress.phase_step, before_step=before, after_step=after)
+                             show_progress=show, start=progress.phase_step, before_step=before, after_step=after,
+                             precision=cfg.precision)
     log.scalars(step2, {"psi_checksum": check_replicas(psi, "after Stage 2")}, "replicas/")
     if info.is_main:
         save_checkpoint(run_dir / "model.pt", {

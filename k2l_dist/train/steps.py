@@ -27,6 +27,11 @@ def _view_labels(batch: dict, table: LabelTable, view: int, max_points: int, dev
     return points, present, torch.where(present, labels, torch.full_like(labels, -1))
 
 
+def autocast(device: torch.device, precision: str):
+    """The forward passes' precision: bf16 autocast, or fp32 (a no-op context)."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 def stage1_losses(model: torch.nn.Module, batch: dict, table: LabelTable, *, max_points: int, loss_cfg,
                   generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """Detector MSE + contrastive loss for Φ on the pair (view0, view1).
