@@ -91,11 +91,14 @@ def _cmd_train(args) -> int:
 def _summary(run_dir: str, metrics: dict) -> str:
     lines = [f"run folder: {run_dir}  (tensorboard --logdir {Path(run_dir) / 'tensorboard'})"]
     keys = ["forward_nme", "backward_nme", "stage1_forward_nme", "keypoint_baseline_nme", "mean_shape_nme",
-            "raw_accuracy", "train_seconds"]
+            "raw_accuracy", "train_seconds", "samples_skipped", "eval_images_skipped"]
     for key in keys:
         if key in metrics and metrics[key] is not None:
             value = metrics[key]
             lines.append(f"  {key:24s} {value:.4f}" if isinstance(value, float) else f"  {key:24s} {value}")
+    if metrics.get("samples_skipped"):
+        reasons = ", ".join(f"{n} {r}" for r, n in sorted(metrics["samples_skipped_by_reason"].items()))
+        lines.append(f"  unreadable samples left out of training and evaluation: {reasons}")
     return "\n".join(lines)
 
 
@@ -155,10 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     from k2l_dist.data.readers import DatasetError
     from k2l_dist.data.shards import ShardError
     from k2l_dist.train.run import NonFiniteLoss
+    from k2l_dist.utils.io import StorageError
 
     try:
         return args.func(args)
-    except (ConfigError, DatasetError, PrepareError, ShardError, FileNotFoundError, ValueError, NonFiniteLoss) as err:
+    except (ConfigError, DatasetError, PrepareError, ShardError, FileNotFoundError, ValueError, NonFiniteLoss,
+            StorageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,5 +1,7 @@
 """Failures that used to lose work or give wrong results: each is refused clearly now."""
 
+import errno
+import json
 import time
 
 import numpy as np
@@ -14,6 +16,8 @@ from k2l_dist.distributed.watchdog import Watchdog
 from k2l_dist.data.prepare import is_prepared, prepare
 from k2l_dist.train.checkpoint import load_checkpoint, load_latest_checkpoint, previous, save_checkpoint
 from k2l_dist.train.run import NonFiniteLoss, train
+from k2l_dist.utils import io as io_module
+from k2l_dist.utils.io import StorageError
 from tests.tiny import TINY
 
 
@@ -108,6 +112,10 @@ def test_a_truncated_shard_is_skipped_and_counted_not_a_crash_after_training(tmp
     metrics = train(load_config(None, [*TINY, f"run_dir={tmp_path / 'run'}", f"data.shards={shards}",
                                        "stage1.rounds=1", "stage2.iterations=1"]))
     assert metrics["eval_images_skipped"] > 0 and metrics["test_images"] < 30
+    assert metrics["samples_skipped"] > 0 and sum(metrics["samples_skipped_by_reason"].values()) == \
+        metrics["samples_skipped"]
+    logged = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert any(r.get("data/skipped_samples") == metrics["samples_skipped"] for r in logged)
     assert metrics["test_images"] + metrics["eval_images_skipped"] >= 30
     assert "left out of the metrics" in caplog.text
 
@@ -182,3 +190,52 @@ def test_the_watchdog_fires_only_on_an_armed_silent_rank_and_names_its_phase():
         assert "dist.timeout_s=0.6" in fired[0]
     finally:
         dog.stop()
+
+
+def _disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint_and_no_partial_file(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, {"step": 1, "w": torch.ones(3)}, keep_previous=True)
+    monkeypatch.setattr(io_module.os, "fsync", _disk_full)
+    with pytest.raises(StorageError, match=r"disk full writing .*checkpoint.pt \(\d+ MB free\)"):
+        save_checkpoint(path, {"step": 2, "w": torch.zeros(3)}, keep_previous=True)
+    monkeypatch.undo()
+    state, used = load_latest_checkpoint(path)
+    assert state["step"] == 1 and torch.equal(state["w"], torch.ones(3))
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_disk_full_while_writing_shards_is_one_clear_error_and_no_folder_that_looks_complete(tmp_path, monkeypatch):
+    cfg = load_config(None, [*TINY, "data.synthetic_count=24", "data.samples_per_shard=8"])
+    monkeypatch.setattr(io_module.os, "fsync", _disk_full)
+    with pytest.raises(StorageError, match="disk full writing .*shard"):
+        prepare(cfg, tmp_path / "shards")
+    monkeypatch.undo()
+    assert not is_prepared(tmp_path / "shards")
+    assert not [p for p in (tmp_path / "shards").rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_a_run_folder_that_cannot_be_written_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    from k2l_dist.cli import main
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(io_module.tempfile, "mkstemp", read_only)
+    code = main(["train", "configs/quickstart.yaml", *TINY, f"run_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"run_dir={tmp_path / 'run'} is not writable (Read-only file system)" in err
+    assert not (tmp_path / "run" / "shards").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_cuda_is_one_line_naming_the_setting(tmp_path, capsys):
+    from k2l_dist.cli import main
+
+    code = main(["train", "configs/quickstart.yaml", *TINY, f"run_dir={tmp_path / 'run'}", "device=cuda"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip() == "error: device='cuda' but CUDA is not available here (use device=cpu or auto)"
+    assert not (tmp_path / "run").exists()

@@ -36,7 +36,7 @@ from k2l_dist.train.extract import extract
 from k2l_dist.train.labels import LabelTable
 from k2l_dist.train.steps import autocast, stage1_losses, stage2_losses
 from k2l_dist.utils.faults import fault_requested, maybe_hang, maybe_interrupt, maybe_raise
-from k2l_dist.utils.io import atomic_write_text
+from k2l_dist.utils.io import atomic_write_text, ensure_writable
 from k2l_dist.utils.metrics import MetricsLogger
 from k2l_dist.utils.seeds import derive_seed
 
@@ -190,6 +190,7 @@ def _ensure_shards(cfg: Config, shard_dir: Path, info) -> None:
     """Rank 0 prepares the shards; the other ranks wait on the file system, outside any
     collective, so a long prepare never meets the process group's timeout."""
     if info.is_main:
+        ensure_writable(cfg.run_dir, "run_dir")  # a read-only folder fails now, not at the first checkpoint
         if not is_prepared(shard_dir):
             if cfg.data.shards:  # never prepare into (and wipe) a folder the user named
                 raise ValueError(f"data.shards={cfg.data.shards}: not a prepared shard folder (no index.json); "
@@ -350,6 +351,9 @@ def _train(cfg: Config, info, shard_dir: Path, service: ClusteringService, resum
         progress = Progress(phase="round", step=step)
         checkpoint()
     extract_loader = _loader(cfg, shard_dir, split.train, info, train=False, seed=cfg.seed)
+    skipped = extract_loader.skipped  # bad samples the loaders leave out, by reason (the same for every loader)
+    log.scalars(progress.step, {"skipped_samples": sum(skipped.values()),
+                                **{f"skipped_{r.replace(' ', '_')}": n for r, n in skipped.items()}}, "data/")
     # ---- Stage 1 rounds: recover correspondence, then train on the pseudo-labels.
     while progress.phase == "round" and progress.rounds_done < s1.rounds:
         rnd = progress.rounds_done + 1
@@ -418,7 +422,8 @@ def _train(cfg: Config, info, shard_dir: Path, service: ClusteringService, resum
 
     # ---- Evaluation (rank 0, on the unwrapped models).
     metrics: dict = {"train_seconds": round(train_seconds, 1), "stage1_seconds": round(stage1_seconds, 1),
-                     "world_size": info.world_size}
+                     "world_size": info.world_size, "samples_skipped": sum(skipped.values()),
+                     "samples_skipped_by_reason": skipped}
     if info.is_main and "landmarks" in meta:
         from k2l_dist.eval.evaluate import evaluate_run
 

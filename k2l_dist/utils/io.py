@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Iterator
@@ -16,6 +18,32 @@ def _read_umask() -> int:
 
 
 _UMASK = _read_umask()
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+class StorageError(OSError):
+    """A write failed for lack of space or permission; the message names the file and the fix."""
+
+
+def _free_mb(folder: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(folder).free / 2**20:.0f} MB free"
+    except OSError:
+        return "free space unknown"
+
+
+def ensure_writable(folder: str | Path, key: str) -> Path:
+    """Create ``folder`` and prove a file can be written there, before any work is done."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise StorageError(err.errno, f"{key}={folder} is not writable ({err.strerror or err}); "
+                                      f"choose another {key} or fix its permissions") from None
+    return folder
 
 
 @contextlib.contextmanager
@@ -34,9 +62,13 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[BinaryIO]:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(err, OSError) and err.errno in _NO_SPACE:
+            raise StorageError(err.errno, f"disk full writing {path} ({_free_mb(path.parent)}): the file was "
+                                          f"left as it was before, with no partial copy; free space and rerun "
+                                          f"(a run resumes from its last checkpoint)") from err
         raise
 
 
