@@ -116,6 +116,16 @@ def test_two_process_runs_agree_resume_exactly_and_resume_at_another_world_size(
     for name, tensor in ma["psi"].items():
         assert torch.equal(mk["psi"][name], tensor), name
 
+    # rank 1 SIGKILLed inside round 2's extraction: the restart redoes that round from the
+    # checkpoint at the end of round 1, and the run still ends where the uninterrupted one did
+    killed = tmp_path / "killed_extracting"
+    out = _ok(_run(killed, shards, "stage1.rounds=2", flags=("--max-restarts=1",),
+                   env={"K2L_FAULT": "kill:extract-round2:1@rank1"}))
+    assert "resumed from" in out and "round phase, step 0 of it, 1 round(s) done" in out
+    got = json.loads((killed / "metrics.json").read_text())
+    for key in ("forward_nme", "backward_nme", "stage1_forward_nme"):
+        assert got[key] == metrics[key], key
+
     # a finished run, rerun, does nothing and says so
     out = _ok(_run(straight, shards, "stage1.rounds=2", nproc=1))
     assert "is a finished run" in out

@@ -62,10 +62,12 @@ def initial_table(meta: dict, ids: np.ndarray) -> LabelTable:
     return LabelTable.from_points(image_ids[keep], meta["keypoints"][keep], all_ids=ids)
 
 
-def _beating(batches, phase: str):
-    """The batches, with a heartbeat for each (extraction is watched like training)."""
+def _beating(batches, phase: str, rank: int, run_dir: Path):
+    """The batches, with a heartbeat for each (extraction is watched like training) and the
+    fault-injection point ``<phase>:<batch>``."""
     for i, batch in enumerate(batches):
         heartbeat(phase, i)
+        maybe_interrupt(f"{phase}:{i}", rank, run_dir)
         yield batch
 
 
@@ -331,7 +333,7 @@ def _train(cfg: Config, info, shard_dir: Path, service: ClusteringService, resum
         """Φ over this rank's slice, then every rank's points clustered together."""
         t0 = time.perf_counter()
         with autocast(info.device, cfg.precision):
-            ext = extract(phi, _beating(extract_loader, f"extract {key}"), max_points=s1.extract_points,
+            ext = extract(phi, _beating(extract_loader, f"extract-{key}", info.rank, run_dir), max_points=s1.extract_points,
                           threshold=s1.detect_threshold, nms_radius=s1.nms_radius, flip=s1.flip,
                           total=len(extract_loader), show_progress=show)
         maybe_raise(f"extract:{key}", info.rank)
