@@ -18,6 +18,8 @@ PREPARE_FLAGS = {
     "format": "data.format",
     "root": "data.root",
     "annotations": "data.annotations",
+    "test_list": "data.test_list",
+    "train_list": "data.train_list",
     "size": "data.size",
     "box": "data.box",
     "box_scale": "data.box_scale",
@@ -41,9 +43,13 @@ def _add_prepare(sub) -> None:
                                    "WebDataset shards + index into --out.")
     p.add_argument("--config", help="YAML config whose data/keypoints sections are the defaults")
     p.add_argument("--out", required=True, help="output folder for shards and index")
-    p.add_argument("--format", choices=["synthetic", "folder", "mtfl", "lsp", "pts"])
+    p.add_argument("--format", choices=["synthetic", "folder", "mtfl", "lsp", "pts", "mafl", "aflw"])
     p.add_argument("--root", help="dataset root (annotation paths are relative to it)")
-    p.add_argument("--annotations", help="annotation file (mtfl: training.txt, lsp: joints.mat)")
+    p.add_argument("--annotations", help="annotation file (mtfl, aflw: MTFL training.txt; "
+                                         "mafl: list_landmarks_align_celeba.txt; lsp: joints.mat)")
+    p.add_argument("--test-list", help="the dataset's test list, recorded for eval.split=protocol "
+                                       "(mafl: MAFL testing.txt; aflw: MTFL testing.txt)")
+    p.add_argument("--train-list", help="mafl: MAFL training.txt (the images the regressors are fitted on)")
     p.add_argument("--size", type=int, help="side of the square crops, pixels (e.g. 128 or 256)")
     p.add_argument("--box", choices=["whole", "landmarks", "file"], help="crop box")
     p.add_argument("--box-scale", type=float, help="box side / longer side of the landmark (or file) box")
@@ -102,6 +108,13 @@ def _summary(run_dir: str, metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def _cmd_ablate(args) -> int:
+    from k2l_dist.eval.ablate import ablate
+
+    print(ablate(args.config, args.grid, args.overrides, args.out))
+    return 0
+
+
 def _cmd_evaluate(args) -> int:
     from k2l_dist.eval.evaluate import evaluate_checkpoint
 
@@ -149,6 +162,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-confidence", type=float, default=0.0, help="landmarks below this peak value are null")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_cmd_detect)
+
+    p = sub.add_parser("ablate", help="train a config over a grid of settings; a markdown table of the metrics",
+                       description="One run per combination of the --grid values, in <out>/<setting> "
+                                   "(rerun to resume); the table goes to <out>/ablation.md.")
+    p.add_argument("config", help="YAML config, e.g. configs/mtfl_cpu.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value overrides shared by every setting")
+    p.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2",
+                   help="a key and its values (repeat for more keys: every combination runs)")
+    p.add_argument("--out", required=True, help="folder for the runs, the shared shards and the table")
+    p.set_defaults(func=_cmd_ablate)
     return parser
 
 

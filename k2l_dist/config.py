@@ -27,9 +27,14 @@ class ConfigError(ValueError):
 class DataConfig:
     """Where the images come from and how `k2l prepare` turns them into shards."""
 
-    format: str = "synthetic"  # synthetic | folder | mtfl | lsp | pts
+    format: str = "synthetic"  # synthetic | folder | mtfl | lsp | pts | mafl | aflw
     root: str = ""  # dataset root; annotation paths are relative to it
-    annotations: str = ""  # mtfl: training.txt; lsp: joints.mat; pts/folder: unused
+    # mtfl, aflw: MTFL training.txt; mafl: CelebA list_landmarks_align_celeba.txt; lsp: joints.mat
+    annotations: str = ""
+    # The dataset's own test list, recorded in the shards for eval.split=protocol.
+    # mafl: MAFL testing.txt (image names); aflw: MTFL testing.txt (its AFLW/ lines are the test faces)
+    test_list: str = ""
+    train_list: str = ""  # mafl: MAFL training.txt (the images the regressors are fitted on)
     shards: str = ""  # folder of prepared shards; empty = <run_dir>/shards
     size: int = 128  # side of the square crop written to the shards, pixels
     box: str = "whole"  # whole | landmarks | file
@@ -110,6 +115,12 @@ class LossConfig:
     correspondence: str = "clustering"  # clustering | equivariance (ablation, Table 2)
     random_negatives: int = 32  # random-location negatives per view and image (same_image)
     min_neg_distance: float = 3.0  # random negatives at least this far from every labelled point
+    # two detections of one image closer than this (in the crop, heatmap pixels) are not
+    # pushed apart as negatives: they are likely the same part found twice
+    point_neg_min_distance: float = 1.5
+    # ignore the part of a crop that lies outside its image (repeated border pixels): no
+    # detections, random negatives or heatmap loss there
+    mask_padding: bool = True
 
 
 @dataclass
@@ -121,10 +132,17 @@ class Stage1Config:
     iters_per_round: int = 5000  # N_iters between clusterings
     lr: float = 2e-4  # RMSprop
     weight_decay: float = 1e-5
+    # Stage-1 iterations (warm-up included) at which the learning rate is multiplied by
+    # lr_gamma; the official code steps down at 150k and 180k of 200k.
+    lr_milestones: tuple[int, ...] = ()
+    lr_gamma: float = 0.1
     max_points: int = 64  # pseudo-label slots looked up per image (≥ K and ≥ keypoints.count)
-    extract_points: int = 50  # detections per image handed to clustering (NMS top-k)
+    # Every NMS peak above detect_threshold goes to clustering; this is only a safety cap
+    # per image (0 = 3 × cluster.K), and a round reports how many images reached it.
+    extract_points: int = 0
     detect_threshold: float = 0.05  # detector confidence a peak must exceed
     nms_radius: int = 1  # heatmap pixels
+    subpixel: bool = True  # refine peaks to sub-pixel positions (log-quadratic fit)
     flip: bool = True  # flip correspondence (Sec. 3.7): flipped labels for mirrored views
 
 
@@ -135,6 +153,9 @@ class Stage2Config:
     iterations: int = 30000
     lr: float = 2e-4
     weight_decay: float = 1e-5
+    lr_milestones: tuple[int, ...] = ()  # Stage-2 iterations where lr ×= lr_gamma (official: 50k, 70k)
+    lr_gamma: float = 0.1
+    backbone_lr_scale: float = 1.0  # Ψ's backbone trains at lr × this (official code: 0.1)
     flip_train: bool = True  # mirrored training views with the K↔K flip permutation
     flip_test: bool = True  # average with the channel-permuted heatmaps of the mirrored image
 
@@ -145,6 +166,9 @@ class ClusterConfig:
 
     K: int = 10  # landmarks per image (first pass / Stage-2 clusters)
     M: int = 100  # over-segmentation clusters (second pass); paper: 100
+    # Fit the centroids on the original and the mirrored images' descriptors together (the
+    # paper's code does); only the originals are labelled and deduplicated either way.
+    mirror_together: bool = True
     niter: int = 25  # Lloyd iterations per run (faiss default)
     nredo: int = 8  # K-means restarts with distinct seeds; the lowest objective wins
     # Centroid seeding: kmeans++ | random (faiss' default) | afkmc2. With well-separated
@@ -178,7 +202,9 @@ class EvalConfig:
     # Ridge strength *relative to* the mean diagonal of XᵀX (so it is unit-free: pixels
     # or [0, 1] coordinates give the same fit). 0 = least squares (minimum-norm).
     ridge_alpha: float = 1e-4
-    regressor_train_count: int = 0  # training images for the regressor; 0 = all (paper: 300 / 800)
+    # Regressor images, drawn by eval.seed from the training split (or from the protocol's
+    # training list); 0 = all of them (paper: all for Fig. 9's table, 300 for its curves)
+    regressor_train_count: int = 0
     # auto: interocular with the dataset's eye indices (MTFL, synthetic), else box
     norm: str = "auto"  # auto | interocular (distance of eye_indices) | box (sqrt GT box area)
     eye_indices: tuple[int, int] = (0, 1)  # MTFL eye centres; shoulders for BBCPose / Human3.6M
@@ -190,8 +216,13 @@ class EvalConfig:
     ced_steps: int = 200
     svt_iters: int = 2000  # Stage-1 matrix completion (Sec. 4.2)
     svt_tol: float = 1e-4
-    seed: int = 0  # which images train the regressor when regressor_train_count > 0
-    test_count: int = 1000  # last ids held out of training and of the regressor (the test split)
+    seed: int = 0  # the random split's held-out ids, and the regressor images when regressor_train_count > 0
+    # Held-out test images, never trained on nor used by a regressor (k2l_dist/eval/split.py):
+    # random: test_count ids drawn by seed | last: the test_count largest ids | file: the
+    # ids or image paths in split_file | protocol: the dataset's own test list (mafl, aflw)
+    split: str = "random"
+    split_file: str = ""  # one sample id or image path per line, for split=file
+    test_count: int = 1000  # held-out images for split=random | last (at most half the dataset)
 
 
 @dataclass
@@ -380,7 +411,7 @@ def validate(cfg: Config) -> None:
         (s1.rounds >= 0, "stage1.rounds", f"must be >= 0, got {s1.rounds}"),
         (s1.iters_per_round >= 0, "stage1.iters_per_round", f"must be >= 0, got {s1.iters_per_round}"),
         (s1.lr > 0, "stage1.lr", f"must be > 0, got {s1.lr}"),
-        (s1.extract_points >= 1, "stage1.extract_points", "must be >= 1"),
+        (s1.extract_points >= 0, "stage1.extract_points", "must be >= 0 (0 = 3 × cluster.K)"),
         (s2.iterations >= 0, "stage2.iterations", f"must be >= 0, got {s2.iterations}"),
         (s2.lr > 0, "stage2.lr", f"must be > 0, got {s2.lr}"),
         (cfg.augment.batch_size >= 1, "augment.batch_size", f"must be >= 1, got {cfg.augment.batch_size}"),
@@ -393,7 +424,28 @@ def validate(cfg: Config) -> None:
         (cfg.dist.lr_scaling in ("none", "linear", "sqrt"), "dist.lr_scaling",
          f"{cfg.dist.lr_scaling!r} is not none, linear or sqrt"),
         (cfg.dist.timeout_s > 0, "dist.timeout_s", "must be > 0"),
+        *_eval_rules(cfg.eval),
     ]
     problems = [f"{key}: {why}" for ok, key, why in rules if not ok]
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+def _eval_rules(e: EvalConfig) -> list[tuple[bool, str, str]]:
+    from k2l_dist.eval.split import SPLITS  # the split module owns the names
+
+    uses_file = e.split == "file"
+    return [
+        (e.split in SPLITS, "eval.split", f"{e.split!r} is not one of {', '.join(SPLITS)}"),
+        (not uses_file or bool(e.split_file), "eval.split_file",
+         "required when eval.split is 'file' (one sample id or image path per line)"),
+        (not uses_file or not e.split_file or Path(e.split_file).is_file(), "eval.split_file",
+         f"file not found: {e.split_file}"),
+        (not e.split_file or e.split == "file", "eval.split_file",
+         f"set, but eval.split is {e.split!r}; set eval.split=file to use it"),
+        (e.test_count >= 0, "eval.test_count", f"must be >= 0, got {e.test_count}"),
+        (e.regressor_train_count >= 0, "eval.regressor_train_count",
+         f"must be >= 0 (0 = all training images), got {e.regressor_train_count}"),
+        (e.svt_iters >= 1, "eval.svt_iters", f"must be >= 1, got {e.svt_iters}"),
+        (e.svt_tol > 0, "eval.svt_tol", f"must be > 0, got {e.svt_tol}"),
+    ]

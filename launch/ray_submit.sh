@@ -58,13 +58,32 @@ entry="cd $(printf '%q' "$project_dir") && python -m k2l_dist.distributed.ray_la
 entry+=" --nproc-per-node $nproc --gpus-per-node $gpus --cpus-per-node $cpus --max-restarts $max_restarts --"
 for a in "${train_args[@]}"; do entry+=" $(printf '%q' "$a")"; done
 
-cmd=(ray job submit --address "$address" --submission-id "k2l-$(date +%Y%m%d-%H%M%S)-$$")
-[[ $wait -eq 1 ]] || cmd+=(--no-wait)
-cmd+=(-- bash -c "$entry")
+submit() {  # $1: the submission id
+  local cmd=(ray job submit --address "$address" --submission-id "$1")
+  [[ $wait -eq 1 ]] || cmd+=(--no-wait)
+  cmd+=(-- bash -c "$entry")
+  if [[ $dry_run -eq 1 ]]; then
+    echo "export RAY_AUTH_MODE=$RAY_AUTH_MODE RAY_USAGE_STATS_ENABLED=$RAY_USAGE_STATS_ENABLED"
+    printf '%q ' "${cmd[@]}"; echo
+    return 0
+  fi
+  "${cmd[@]}"
+}
 
-if [[ $dry_run -eq 1 ]]; then
-  echo "export RAY_AUTH_MODE=$RAY_AUTH_MODE RAY_USAGE_STATS_ENABLED=$RAY_USAGE_STATS_ENABLED"
-  printf '%q ' "${cmd[@]}"; echo
-  exit 0
-fi
-exec "${cmd[@]}"
+id="k2l-$(date +%Y%m%d-%H%M%S)-$$"
+[[ $dry_run -eq 0 ]] || { submit "$id"; exit 0; }
+# A head that has just started answers "No available agent" until its job agent is up:
+# nothing was submitted then, so the submission is retried for up to a minute.
+err="$(mktemp)"
+trap 'rm -f "$err"' EXIT
+for attempt in $(seq 1 12); do
+  set +e
+  submit "$id-$attempt" 2> >(tee "$err" >&2)
+  rc=$?
+  set -e
+  wait  # for tee
+  grep -q "No available agent" "$err" || exit $rc
+  echo "launch/ray_submit.sh: the job agent at $address is not up yet; retrying in 5 s ($attempt/12)" >&2
+  sleep 5
+done
+die "no job agent answered at $address within a minute"

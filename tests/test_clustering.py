@@ -274,3 +274,19 @@ def test_kmeans_init_validated() -> None:
         kmeans(x, 3, ClusterConfig(init="best"))
     for init in ("random", "kmeans++"):
         assert kmeans(x, 3, ClusterConfig(init=init, niter=2)).centroids.shape == (3, 4)
+
+
+def test_mirrored_descriptors_join_the_fit_but_are_never_labelled() -> None:
+    rng = np.random.default_rng(4)
+    centres = rng.standard_normal((4, 8)).astype(np.float32) * 5
+    ids = np.repeat(np.arange(30), 4)
+    desc = centres[np.tile(np.arange(4), 30)] + rng.normal(0, .05, (120, 8)).astype(np.float32)
+    mirrored = desc[:, ::-1].copy()  # another set of points the centroids must also cover
+    cfg = ClusterConfig(K=4, M=8, niter=10)
+    alone = two_way_cluster(desc, ids, cfg=cfg)
+    both = two_way_cluster(desc, ids, cfg=cfg, fit_also=mirrored)
+    assert alone.stats.kmeans_k.n_points == 120 and both.stats.kmeans_k.n_points == 240
+    assert both.keep.shape == (120,)  # labels and dedup are for the originals only
+    # the centroids now also describe the mirrored points, which are assigned closer
+    near = lambda res: assign(mirrored, res.centroids_m)[1].mean()  # noqa: E731
+    assert near(both) < 0.5 * near(alone)

@@ -52,3 +52,23 @@ def test_tiny_synthetic_run_beats_the_mean_shape(tmp_path):
     assert metrics["forward_nme"] < 0.95 * metrics["mean_shape_nme"], metrics
     for name in ("config.yaml", "model.pt", "checkpoint.pt", "ced.png", "landmarks_test.png"):
         assert (tmp_path / "run" / name).is_file(), name
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_ablate_runs_every_setting_on_shared_shards_and_tabulates_them(tmp_path, capsys):
+    from k2l_dist.cli import main
+    from tests.tiny import TINY
+
+    args = ["ablate", "configs/quickstart.yaml", *TINY, "stage1.rounds=1", "stage2.iterations=2",
+            "--grid", "loss.negatives=same_image,different_clusters", "--out", str(tmp_path)]
+    assert main(args) == 0
+    table = (tmp_path / "ablation.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| same_image") or
+            line.startswith("| different_clusters")]
+    assert len(rows) == 2 and all(len(r.split("|")) == 9 for r in rows)  # setting + 5 metrics + time
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("shards")] == ["shards"]
+    first = (tmp_path / "negatives=same_image" / "metrics.json").read_text()
+    assert main(args) == 0  # a rerun reads the finished runs back
+    assert (tmp_path / "negatives=same_image" / "metrics.json").read_text() == first
+    assert capsys.readouterr().out.count("is a finished run") == 2

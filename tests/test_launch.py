@@ -301,3 +301,33 @@ def test_help_and_executable():
                  "--log-dir", "--dry-run"):
         assert flag in res.stdout
     assert SCRIPT.read_text().splitlines()[:4].count("set -euo pipefail") == 1
+
+
+# ---------------------------------------------------------------- launch/ray_submit.sh
+
+
+def test_ray_submit_retries_while_the_heads_job_agent_is_not_up(tmp_path):
+    """A just-started head refuses submissions ("No available agent"); nothing was
+    submitted, so the script tries again, and passes on the job's own exit code."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls"
+    ray = bin_dir / "ray"
+    ray.write_text(f"""#!/bin/sh
+echo "$@" >> {calls}
+n=$(wc -l < {calls})
+if [ "$n" -le 2 ]; then
+  echo "RuntimeError: Request failed with status code 500: No available agent to submit job" >&2
+  exit 1
+fi
+exit 7
+""")
+    ray.chmod(ray.stat().st_mode | stat.S_IEXEC)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    res = subprocess.run([str(ROOT / "launch" / "ray_submit.sh"), "--", "configs/quickstart.yaml"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    submitted = calls.read_text().splitlines()
+    assert len(submitted) == 3 and res.returncode == 7, res.stderr
+    assert res.stderr.count("is not up yet; retrying in 5 s") == 2
+    ids = [line.split("--submission-id ")[1].split()[0] for line in submitted]
+    assert len(set(ids)) == 3  # a fresh id for every try

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from k2l_dist.loss import (
     LossConfig,
@@ -270,3 +271,28 @@ def test_contrastive_empty_and_bf16_and_options() -> None:
         contrastive_loss(desc_a, desc_b, la, lb, correspondence="magic")
     cfg = LossConfig()
     assert cfg.negatives == "same_image" and cfg.correspondence == "clustering" and 0 < cfg.margin < 4
+
+
+def test_detector_loss_leaves_out_images_that_sit_the_round_out() -> None:
+    pred = torch.rand(3, 1, 8, 8)
+    pts = torch.tensor([[[3.0, 4.0]], [[0.0, 0.0]], [[5.0, 2.0]]])
+    valid = torch.tensor([[True], [False], [True]])
+    full = detector_loss(pred, pts, valid, 1.0)
+    only = detector_loss(pred, pts, valid, 1.0, images=torch.tensor([True, False, True]))
+    kept = detector_loss(pred[[0, 2]], pts[[0, 2]], valid[[0, 2]], 1.0)
+    torch.testing.assert_close(only, kept)  # image 1 (no labels) no longer pulls its map to zero
+    assert not torch.isclose(only, full)
+    none = detector_loss(pred.requires_grad_(), pts, valid, 1.0, images=torch.zeros(3, dtype=torch.bool))
+    assert none.item() == 0 and none.requires_grad
+
+
+def test_two_detections_closer_than_the_minimum_are_not_negatives() -> None:
+    torch.manual_seed(0)
+    desc = F.normalize(torch.randn(1, 3, 8), dim=-1)
+    labels = torch.tensor([[0, 1, 2]])
+    points = torch.tensor([[[10.0, 10.0], [10.5, 10.0], [20.0, 4.0]]])  # slots 0 and 1: 0.5 apart
+    base = dict(negatives="same_image", correspondence="equivariance", margin=4.0)
+    far = contrastive_loss(desc, desc, labels, labels, points=points, neg_min_distance=1.5, **base)
+    every = contrastive_loss(desc, desc, labels, labels, **base)
+    # 6 points (3 slots × 2 views): 12 negative pairs, of which 0–1 across and within views: 4
+    assert int(every["num_neg"]) == 12 and int(far["num_neg"]) == 8

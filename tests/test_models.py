@@ -234,3 +234,23 @@ def test_heatmap_peaks_subpixel(background: float) -> None:
     assert ((pts_sa - truth).norm(dim=-1)[interior] < 0.15).all()
     pts_int, _ = heatmap_peaks(hm, method="none")
     assert (pts_int == pts_int.round()).all() and ((pts_int - truth).abs() <= 0.5 + 1e-6).all()
+
+
+def test_extraction_recovers_planted_fractional_peaks_within_a_tenth_of_a_pixel() -> None:
+    from k2l_dist.train.extract import extract
+
+    planted = torch.tensor([[[5.3, 7.8], [11.6, 3.25], [2.5, 12.1]]])  # (x, y) heatmap pixels
+    heat = gaussian_heatmaps(planted, torch.ones(1, 3, dtype=torch.bool), (16, 16), 1.0).amax(1, keepdim=True)
+
+    class Planted(torch.nn.Module):
+        def forward(self, images):
+            return heat.expand(len(images), -1, -1, -1), torch.ones(len(images), 4, 16, 16)
+
+    batch = {"view0": torch.zeros(1, 3, 64, 64), "matrix0": torch.eye(3)[:2][None], "id": torch.tensor([7])}
+    for subpixel, tol in ((True, 0.1), (False, 0.75)):
+        ext = extract(Planted(), [batch], max_points=5, threshold=0.2, flip=False, subpixel=subpixel,
+                      show_progress=False)
+        found = (torch.from_numpy(ext.points) + 0.5) / 4 - 0.5  # crop pixels → heatmap pixels
+        err = torch.cdist(found, planted[0]).min(dim=1).values
+        assert len(err) == 3 and err.max() < tol, (subpixel, err)
+    assert err.max() > 0.1  # integer peaks alone are off by more than the bound

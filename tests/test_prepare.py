@@ -201,3 +201,71 @@ def test_lsp_prepare_on_real_data(tmp_path):
     assert summary.written >= 28
     s = next(read_dataset(tmp_path / "lsp"))
     assert s.landmarks.shape == (14, 2) and s.path == "images/im0001.jpg"
+
+
+def _faces(root, names, rng):
+    """Textured images with 5 in-image landmarks; MTFL lines ``name x1..x5 y1..y5 attrs``."""
+    lines = []
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(root / name), _textured(rng))
+        xs, ys = rng.uniform(40, 80, 5), rng.uniform(35, 65, 5)
+        lines.append(name.replace("/", "\\") + " " + " ".join(f"{v:.2f}" for v in [*xs, *ys]) + " 1 2 2 3")
+    return lines
+
+
+def test_aflw_prepare_records_the_protocol_test_ids_for_the_split(tmp_path, capsys):
+    from k2l_dist.config import EvalConfig
+    from k2l_dist.eval.split import split_for_run
+
+    rng = np.random.default_rng(3)
+    root = tmp_path / "mtfl"
+    train = _faces(root, [f"lfw_5590/{i}.jpg" for i in range(5)], rng)
+    test = _faces(root, ["AFLW/a.jpg", "AFLW/b.jpg", "AFLW/c.jpg"], rng)
+    (root / "training.txt").write_text("\n".join(train) + "\n")
+    (root / "testing.txt").write_text("".join(f" {ln}\n" for ln in test))
+    out = tmp_path / "shards"
+    args = ["prepare", "--format", "aflw", "--root", str(root), "--box", "landmarks", "--box-scale", "2.2",
+            "--size", "64", "--workers", "0", "--out", str(out), "--count", "20"]
+    assert main(args) == 0
+    assert (out / "test_ids.txt").read_text().split() == ["5", "6", "7"]  # after the 5 training lines
+    assert (out / "train_ids.txt").read_text().split() == ["0", "1", "2", "3", "4"]
+    manifest = load_manifest(out)
+    assert manifest["protocol"] == {"test_images": 3, "train_images": 5, "files": ["test_ids.txt", "train_ids.txt"]}
+    assert manifest["norm_indices"] == [0, 1] and manifest["landmark_names"][2] == "nose"
+    split = split_for_run(EvalConfig(split="protocol"), load_samples_meta(out), out)
+    assert split.test.tolist() == [5, 6, 7] and split.train.tolist() == [0, 1, 2, 3, 4]
+    # prepared again without a protocol: no stale list is left to hold out the wrong images
+    (root / "plain.txt").write_text("\n".join(train) + "\n")
+    assert main([*args, "--format", "mtfl", "--annotations", str(root / "plain.txt"), "--overwrite"]) == 0
+    assert not (out / "test_ids.txt").exists() and "protocol" not in load_manifest(out)
+    with pytest.raises(PrepareError, match="data.test_list: only formats mafl and aflw"):
+        prepare(_cfg(root, test_list=str(root / "testing.txt")), tmp_path / "other")
+
+
+def test_mafl_prepare_crops_around_the_five_points(tmp_path):
+    rng = np.random.default_rng(4)
+    root = tmp_path / "img_align_celeba"
+    names = [f"{i:06d}.jpg" for i in range(1, 7)]
+    mtfl = _faces(root, names, rng)
+    header = "lefteye_x lefteye_y righteye_x righteye_y nose_x nose_y leftmouth_x leftmouth_y rightmouth_x rightmouth_y"
+    rows = []
+    for ln in mtfl:  # MTFL order x1..x5 y1..y5 -> CelebA's interleaved x1 y1 ... x5 y5
+        f = ln.split()
+        rows.append(f[0] + " " + " ".join(f"{f[1 + k]} {f[6 + k]}" for k in range(5)))
+    (tmp_path / "landmarks.txt").write_text(f"{len(rows)}\n{header}\n" + "\n".join(rows) + "\n")
+    (tmp_path / "training.txt").write_text("000001.jpg\n000002.jpg\n000003.jpg\n")
+    (tmp_path / "testing.txt").write_text("000006.jpg\n")
+    cfg = load_config(None, [f"data.root={root}", "data.format=mafl", f"data.annotations={tmp_path / 'landmarks.txt'}",
+                             f"data.train_list={tmp_path / 'training.txt'}", f"data.test_list={tmp_path / 'testing.txt'}",
+                             "data.box=landmarks", "data.box_scale=2.2", "data.size=64", "data.workers=0",
+                             "keypoints.count=20"])
+    out = tmp_path / "shards"
+    assert prepare(cfg, out).written == 6
+    assert (out / "test_ids.txt").read_text().split() == ["5"]
+    assert (out / "train_ids.txt").read_text().split() == ["0", "1", "2"]
+    s = next(read_dataset(out))
+    lm = np.array(rows[0].split()[1:], float).reshape(5, 2)
+    side = 2.2 * (lm.max(0) - lm.min(0)).max()
+    assert s.box[2] == pytest.approx(side)  # the face protocol's square: 2.2 x the points' longer side
+    np.testing.assert_allclose(to_original(s.landmarks.astype(np.float64), s.box, 64), lm, atol=0.01)

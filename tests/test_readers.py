@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from k2l_dist.data.readers import DatasetError, read_box_file, read_folder, read_items, read_lsp, read_mtfl, read_pts
+from k2l_dist.data.readers import (DatasetError, read_aflw, read_box_file, read_folder, read_items, read_lsp,
+                                   read_mafl, read_mtfl, read_pts)
 
 SHARED = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -95,6 +96,73 @@ def test_pts_reader_shifts_one_based_coordinates(tmp_path):
     items, skips = read_pts(tmp_path)
     np.testing.assert_array_equal(items[0].landmarks, [[10, 20], [30, 40]])
     assert [s.reason for s in skips] == ["missing .pts file"]
+
+
+def _celeba_files(root, lines, test=("000004.jpg",), train=("000001.jpg", "000002.jpg")):
+    header = "lefteye_x lefteye_y righteye_x righteye_y nose_x nose_y leftmouth_x leftmouth_y rightmouth_x rightmouth_y"
+    (root / "list_landmarks_align_celeba.txt").write_text(f"{len(lines)}\n{header}\n" + "\n".join(lines) + "\n")
+    (root / "testing.txt").write_text("".join(f"{n}\n" for n in test))
+    (root / "training.txt").write_text("".join(f"{n}\n" for n in train))
+    return root / "list_landmarks_align_celeba.txt", root / "training.txt", root / "testing.txt"
+
+
+def test_mafl_reads_celeba_landmarks_and_marks_the_protocol_images(tmp_path):
+    lines = ["000001.jpg 69  109  106  113   77  142   73  152  108  154",
+             "000002.jpg 69 110 107 112 81 135 70 151 108 153",
+             "000003.jpg 1 2 3",  # malformed: the id of the next line does not move
+             "000004.jpg 70 112 108 111 85 135 72 152 104 152",
+             "000005.jpg 68 111 108 112 103 148 71 152 105 151"]
+    ann, train, test = _celeba_files(tmp_path, lines, train=("000001.jpg", "000002.jpg", "gone.jpg"))
+    items, skips = read_mafl(tmp_path, ann, train, test)
+    assert [(i.id, i.path, i.split) for i in items] == [
+        (0, "000001.jpg", "train"), (1, "000002.jpg", "train"), (3, "000004.jpg", "test"), (4, "000005.jpg", "")]
+    # x, y interleaved per landmark: left eye, right eye, nose, left mouth, right mouth
+    np.testing.assert_array_equal(items[0].landmarks, [[69, 109], [106, 113], [77, 142], [73, 152], [108, 154]])
+    assert [(s.path, s.reason) for s in skips] == [("000003.jpg", "malformed annotation line"),
+                                                   ("gone.jpg", "listed image without landmarks")]
+    assert "list_landmarks_align_celeba.txt line 5: expected 11 fields" in skips[0].detail
+    assert skips[1].detail == "training.txt line 3"
+    via_items, _ = read_items("mafl", str(tmp_path), str(ann), test_list=str(test), train_list=str(train))
+    assert [i.split for i in via_items] == [i.split for i in items]
+
+
+def test_mafl_refuses_overlapping_lists_truncated_files_and_missing_keys(tmp_path):
+    lines = ["000001.jpg 69 109 106 113 77 142 73 152 108 154", "000004.jpg 70 112 108 111 85 135 72 152 104 152"]
+    ann, train, test = _celeba_files(tmp_path, lines, train=("000001.jpg", "000004.jpg"))
+    with pytest.raises(DatasetError, match=r"training.txt line 2 and .*testing.txt line 1 both list 000004.jpg"):
+        read_mafl(tmp_path, ann, train, test)
+    with pytest.raises(DatasetError, match="data.train_list: required for format mafl"):
+        read_items("mafl", str(tmp_path), str(ann), test_list=str(test))
+    with pytest.raises(DatasetError, match="data.test_list .*not found"):
+        read_mafl(tmp_path, ann, train, tmp_path / "nope.txt")
+    ann.write_text("3\n" + ann.read_text().split("\n", 1)[1])
+    with pytest.raises(DatasetError, match=r"list_landmarks_align_celeba.txt line 1: declares 3 images but 2"):
+        read_mafl(tmp_path, ann, train, test)
+
+
+def test_aflw_trains_on_mtfl_training_and_tests_on_its_aflw_faces(tmp_path):
+    row = " 1 2 3 4 5 6 7 8 9 10 1 2 2 3"
+    (tmp_path / "training.txt").write_text(f"lfw_5590\\a.jpg{row}\n\nnet_7876\\b.jpg{row}\n")
+    # MTFL's own files: Windows paths, a leading space on testing lines
+    (tmp_path / "testing.txt").write_text(f" AFLW\\1.jpg{row}\n other\\2.jpg{row}\n AFLW\\3.jpg 1 2\n AFLW\\4.jpg{row}\n")
+    items, skips = read_aflw(tmp_path, tmp_path / "training.txt", tmp_path / "testing.txt")
+    assert [(i.id, i.path, i.split) for i in items] == [
+        (0, "lfw_5590/a.jpg", "train"), (1, "net_7876/b.jpg", "train"), (2, "AFLW/1.jpg", "test"),
+        (5, "AFLW/4.jpg", "test")]
+    np.testing.assert_array_equal(items[2].landmarks[:, 1], [6, 7, 8, 9, 10])
+    assert [(s.path, s.detail) for s in skips] == [("AFLW\\3.jpg", "testing.txt line 3: expected 15 fields, got 3")]
+    assert [i.path for i in read_items("aflw", str(tmp_path))[0]] == [i.path for i in items]  # MTFL layout defaults
+    (tmp_path / "testing.txt").write_text(f"other\\2.jpg{row}\n")
+    with pytest.raises(DatasetError, match="data.test_list: .*no line whose image is under AFLW/"):
+        read_aflw(tmp_path, tmp_path / "training.txt", tmp_path / "testing.txt")
+
+
+def test_pts_whose_block_disagrees_with_its_header_is_malformed(tmp_path):
+    (tmp_path / "f.png").write_bytes(b"x")
+    (tmp_path / "f.pts").write_text("version: 1\nn_points:  3\n{\n11 21\n31 41\n}\n")
+    items, skips = read_pts(tmp_path)
+    assert not items and skips[0].reason == "malformed .pts file"
+    assert "n_points: 3 in the header, 2 points in the block" in skips[0].detail
 
 
 def test_box_file_errors_name_the_line(tmp_path):

@@ -11,7 +11,7 @@ from k2l_dist.train.checkpoint import load_checkpoint, rng_state, save_checkpoin
 from k2l_dist.train.extract import Extraction
 from k2l_dist.train.labels import LabelTable
 from k2l_dist.clustering.rounds import merge_parts, recover
-from k2l_dist.train.run import initial_table, lr_for_world, make_split
+from k2l_dist.train.run import initial_table, lr_for_world
 from k2l_dist.train.steps import landmark_targets
 
 
@@ -30,12 +30,6 @@ def test_label_table_lookup_pads_and_handles_unknown_ids():
     assert out["flipped_labels"][0].tolist() == [0, 2]
     back = LabelTable.from_state(table.state())
     assert np.array_equal(back.points, table.points) and np.array_equal(back.ids, [2, 5, 9])
-
-
-def test_split_holds_out_the_last_ids():
-    split = make_split(np.array([4, 0, 3, 1, 2, 9, 8, 7, 6, 5]), 3)
-    assert split.test.tolist() == [7, 8, 9] and split.train.tolist() == list(range(7))
-    assert len(make_split(np.arange(10), 100).test) == 5  # never more than half
 
 
 def test_initial_table_takes_the_generic_keypoints_of_the_split():
@@ -173,3 +167,20 @@ def test_bf16_autocasts_the_network_and_keeps_the_losses_in_fp32():
         out[precision] = losses
     for term in ("detector", "contrastive"):
         torch.testing.assert_close(out["bf16"][term], out["fp32"][term], rtol=0.05, atol=1e-3)
+
+
+def test_learning_rate_steps_down_at_the_milestones_per_parameter_group():
+    from k2l_dist.train.schedule import LRSchedule
+
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    opt = torch.optim.RMSprop([{"params": net[0].parameters()}, {"params": net[1].parameters()}], lr=1.0)
+    sched = LRSchedule((1e-4, 1e-3), milestones=(5, 8), gamma=0.1)  # backbone at a tenth of the head
+    seen = {}
+    for step in (0, 4, 5, 7, 8, 100):
+        sched.apply(opt, step)
+        seen[step] = [g["lr"] for g in opt.param_groups]
+    assert seen[0] == seen[4] == [1e-4, 1e-3]
+    assert seen[5] == pytest.approx([1e-5, 1e-4]) and seen[7] == seen[5]
+    assert seen[8] == pytest.approx([1e-6, 1e-5]) and seen[100] == seen[8]
+    with pytest.raises(ValueError, match="2 parameter groups for 1 base rates"):
+        LRSchedule((1e-3,)).apply(opt, 0)

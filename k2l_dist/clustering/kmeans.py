@@ -307,11 +307,14 @@ def cluster_dedup(
     k: int,
     cfg: ClusterConfig | None = None,
     mask: np.ndarray | None = None,
+    fit_also: np.ndarray | None = None,
 ) -> ClusterDedupResult:
     """K-means to ``k`` on ``desc[mask]``, assign those points, keep one per (image, cluster).
 
     Points outside ``mask`` get label -1 and are not kept. This is the Stage-2 "last
     K-means with K clusters" (Sec. 3.6) and each pass of :func:`two_way_cluster`.
+    ``fit_also`` (n, d): more descriptors, row for row (the mirrored image's), that the
+    centroids are fitted on together with ``desc[mask]`` but that are never labelled.
     """
     cfg = cfg or ClusterConfig()
     desc = _as_f32(desc, "desc")
@@ -321,7 +324,7 @@ def cluster_dedup(
         raise ValueError(f"image_ids has {image_ids.shape[0]} entries for {n} descriptors")
     idx = np.arange(n) if mask is None else np.flatnonzero(np.asarray(mask, dtype=bool))
     sub = desc[idx]
-    res = kmeans(sub, k, cfg)
+    res = kmeans(sub if fit_also is None else np.concatenate([sub, _as_f32(fit_also, "fit_also")[idx]]), k, cfg)
     lab_sub, dist_sub = assign(sub, res.centroids, use_gpu=cfg.use_gpu)
     labels = np.full(n, -1, dtype=np.int64)
     distances = np.full(n, np.inf, dtype=np.float32)
@@ -338,6 +341,7 @@ def two_way_cluster(
     K: int | None = None,
     M: int | None = None,
     cfg: ClusterConfig | None = None,
+    fit_also: np.ndarray | None = None,
 ) -> TwoWayResult:
     """The modified two-way K-means of Sec. 3.3 (Eq. 1).
 
@@ -349,7 +353,7 @@ def two_way_cluster(
     Images left with fewer than ``cfg.min_points_per_image`` points (no same-image
     negative pair possible) are reported in ``skipped_images`` and excluded from
     ``usable``; their points stay in ``keep`` so the caller can still see them.
-    ``K`` / ``M`` default to ``cfg.K`` / ``cfg.M``.
+    ``K`` / ``M`` default to ``cfg.K`` / ``cfg.M``; ``fit_also``: see :func:`cluster_dedup`.
     """
     cfg = cfg or ClusterConfig()
     K = int(cfg.K if K is None else K)
@@ -360,9 +364,9 @@ def two_way_cluster(
     if image_ids.shape[0] != n:
         raise ValueError(f"image_ids has {image_ids.shape[0]} entries for {n} descriptors")
 
-    first = cluster_dedup(desc, image_ids, K, cfg)
+    first = cluster_dedup(desc, image_ids, K, cfg, fit_also=fit_also)
     n_first = int(first.keep.sum())
-    second = cluster_dedup(desc, image_ids, M, cfg, mask=first.keep)
+    second = cluster_dedup(desc, image_ids, M, cfg, mask=first.keep, fit_also=fit_also)
 
     keep = first.keep & second.keep
     labels_k = np.where(keep, first.labels, -1)

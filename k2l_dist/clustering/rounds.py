@@ -138,10 +138,15 @@ def cluster_size_stats(labels: np.ndarray, n_clusters: int) -> dict[str, float]:
             "cluster_size_max": int(sizes.max())}
 
 
+def _mirror_fit(merged: dict[str, np.ndarray], cfg: ClusterConfig) -> np.ndarray | None:
+    """The mirrored descriptors, when the centroids are fitted on them too (as the paper's code does)."""
+    return merged.get("flipped_descriptors") if cfg.mirror_together else None
+
+
 def pseudo_labels(merged: dict[str, np.ndarray], cfg: ClusterConfig, all_ids: np.ndarray) -> RoundLabels:
     """Stage-1 round on canonical arrays: M-cluster labels of the usable points (Eq. 1)."""
     ids = merged["image_ids"]
-    res = two_way_cluster(merged["descriptors"], ids, cfg.K, cfg.M, cfg)
+    res = two_way_cluster(merged["descriptors"], ids, cfg.K, cfg.M, cfg, fit_also=_mirror_fit(merged, cfg))
     use = res.usable
     flipped = res.labels_m[use]
     if "flipped_descriptors" in merged:
@@ -160,7 +165,7 @@ def pseudo_labels(merged: dict[str, np.ndarray], cfg: ClusterConfig, all_ids: np
 def final_labels(merged: dict[str, np.ndarray], cfg: ClusterConfig, all_ids: np.ndarray) -> RoundLabels:
     """Stage-2 labels: K clusters, ≤ 1 point per cluster per image, flip permutation (Sec. 3.6-3.7)."""
     ids = merged["image_ids"]
-    res = cluster_dedup(merged["descriptors"], ids, cfg.K, cfg)
+    res = cluster_dedup(merged["descriptors"], ids, cfg.K, cfg, fit_also=_mirror_fit(merged, cfg))
     keep = res.keep
     labels = res.labels[keep]
     perm = np.arange(cfg.K, dtype=np.int64)

@@ -428,10 +428,17 @@ def _kmeans_stats(res: ShardedKMeans) -> KMeansResult:
                                n_points=res.n_points, inertia=res.objective)
 
 
+def _warn_mirror_fit(cfg: ClusterConfig, has_flipped: bool) -> None:
+    if cfg.mirror_together and has_flipped:
+        log.warning("cluster.shards > 1 fits the centroids on the original descriptors only "
+                    "(cluster.mirror_together applies to unsharded clustering)")
+
+
 def sharded_pseudo_labels(group: ShardGroup, cfg: ClusterConfig, all_ids: np.ndarray) -> RoundLabels:
     """Stage-1 round over shards: the two-way K-means of ``rounds.pseudo_labels`` (Eq. 1)."""
     K, M = int(cfg.K), int(cfg.M)
     has_flipped = _check_shards(group)
+    _warn_mirror_fit(cfg, has_flipped)
     km_k = sharded_kmeans(group, K, cfg)
     n_first = _assign_dedup(group, km_k.centroids, "k")
     km_m = sharded_kmeans(group, M, cfg, pass_name="k")
@@ -472,6 +479,7 @@ def sharded_final_labels(group: ShardGroup, cfg: ClusterConfig, all_ids: np.ndar
     """Stage-2 labels over shards: ``rounds.final_labels`` (K clusters, ≤ 1 point per cluster per image)."""
     K = int(cfg.K)
     has_flipped = _check_shards(group)
+    _warn_mirror_fit(cfg, has_flipped)
     km = sharded_kmeans(group, K, cfg)
     _assign_dedup(group, km.centroids, "final")
     group.run("select", "final", 0, None)  # Stage 2 keeps every survivor

@@ -77,3 +77,27 @@ def crop_image(image: np.ndarray, box: tuple[float, float, float], size: int) ->
             box = (x0 / factor, y0 / factor, side / factor)
     m = crop_matrix(box, size)
     return cv2.warpAffine(image, m, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+
+
+def valid_rects(boxes: np.ndarray, orig_sizes: np.ndarray, size: int) -> np.ndarray:
+    """Where each crop shows its image: ``(N, 4)`` float32 ``x0, y0, x1, y1`` in crop pixels.
+
+    A box reaching past its image is padded by repeating the border pixel, which draws
+    stripes; points, negatives and detector targets outside these rectangles are not
+    trusted. ``boxes`` (N, 3) ``x, y, side``; ``orig_sizes`` (N, 2) ``width, height``.
+    """
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 3)
+    wh = np.asarray(orig_sizes, np.float64).reshape(-1, 2)
+    scale = size / boxes[:, 2:3]
+    # the image spans [-0.5, W - 0.5] in centre coordinates; map both ends into the crop
+    lo = (-boxes[:, :2]) * scale - 0.5
+    hi = (wh - boxes[:, :2]) * scale - 0.5
+    return np.clip(np.concatenate([lo, hi], axis=1), -0.5, size - 0.5).astype(np.float32)
+
+
+def inside_rects(points: np.ndarray, rects: np.ndarray, margin: float = 0.0) -> np.ndarray:
+    """``points (..., P, 2)`` inside ``rects (..., 4)`` shrunk by ``margin`` pixels: bool ``(..., P)``
+    (numpy arrays or torch tensors alike)."""
+    r = rects[..., None, :]
+    return ((points[..., 0] >= r[..., 0] + margin) & (points[..., 0] <= r[..., 2] - margin)
+            & (points[..., 1] >= r[..., 1] + margin) & (points[..., 1] <= r[..., 3] - margin))

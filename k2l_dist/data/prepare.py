@@ -26,8 +26,9 @@ from tqdm import tqdm
 
 from k2l_dist.config import Config, DataConfig, KeypointConfig, save_config
 from k2l_dist.data import crop as crops
-from k2l_dist.data.readers import DatasetError, Skip, SourceItem, read_box_file, read_items
-from k2l_dist.data.shards import SHARD_PATTERN, Sample, write_index, write_shard
+from k2l_dist.data.readers import FACE5_NAMES, DatasetError, Skip, SourceItem, read_box_file, read_items
+from k2l_dist.data.shards import SHARD_PATTERN, TEST_IDS, TRAIN_IDS, Sample, write_index, write_shard
+from k2l_dist.utils.io import atomic_write_text
 
 
 class PrepareError(ValueError):
@@ -218,7 +219,8 @@ def _detect(item: SourceItem) -> Detected | Skip:
     if _Worker.detector is None:  # keypoints.method=none: images for inference only
         empty = np.zeros((0, 2), np.float32)
         return Detected(item.id, item.path, box, orig_size, empty, np.zeros((0, 0), np.uint8), landmarks, visible)
-    keypoints, descriptors = _Worker.detector(cropped)
+    region = crops.valid_rects(np.array([box]), np.array([orig_size]), cropped.shape[0])[0]
+    keypoints, descriptors = _Worker.detector(cropped, region)
     if len(keypoints) < _Worker.min_keypoints:
         return Skip(item.path, "too few keypoints found", f"{len(keypoints)} keypoints")
     return Detected(item.id, item.path, box, orig_size, keypoints, descriptors, landmarks, visible)
@@ -260,6 +262,11 @@ def _check(data: DataConfig) -> None:
         raise PrepareError("data.box_file: required when data.box is 'file'")
     if data.samples_per_shard < 1:
         raise PrepareError(f"data.samples_per_shard: must be positive, got {data.samples_per_shard}")
+    if data.test_list and data.format not in ("mafl", "aflw"):
+        raise PrepareError(f"data.test_list: only formats mafl and aflw read one, not '{data.format}' "
+                           f"(hold out listed images with eval.split=file)")
+    if data.train_list and data.format != "mafl":
+        raise PrepareError(f"data.train_list: only format mafl reads one, not '{data.format}'")
 
 
 def is_prepared(out_dir: str | Path) -> bool:
@@ -275,7 +282,8 @@ def prepare(cfg: Config, out_dir: str | Path, overwrite: bool = False) -> Summar
         raise PrepareError(f"{out_dir} already holds a prepared dataset (index.json); pass --overwrite to replace it")
     start = time.time()
     summary = Summary()
-    items, skips = read_items(data.format, data.root, data.annotations, data.synthetic_count, data.pts_one_based)
+    items, skips = read_items(data.format, data.root, data.annotations, data.synthetic_count, data.pts_one_based,
+                              test_list=data.test_list, train_list=data.train_list)
     if data.limit > 0:
         items = items[: data.limit]
     summary.listed = len(items) + len(skips)
@@ -315,7 +323,7 @@ def prepare(cfg: Config, out_dir: str | Path, overwrite: bool = False) -> Summar
     # replacing a dataset must not leave a folder that looks complete (index.json is
     # written last and marks one).
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("index.json", "samples.npz"):
+    for name in ("index.json", "samples.npz", TEST_IDS, TRAIN_IDS):
         (out_dir / name).unlink(missing_ok=True)
     for stale in list(out_dir.glob("shard-*.tar")) + list(out_dir.glob("shard-*.idx")):
         stale.unlink()
@@ -344,9 +352,25 @@ def prepare(cfg: Config, out_dir: str | Path, overwrite: bool = False) -> Summar
     summary.written = len(kept)
     summary.seconds = time.time() - start
 
-    write_index(out_dir, _manifest(cfg, shards, kept, summary), _samples_meta(kept))
+    manifest = _manifest(cfg, shards, kept, summary)
+    manifest.update(_write_protocol(out_dir, [by_id[d.id] for d in kept]))
+    write_index(out_dir, manifest, _samples_meta(kept))
     save_config(cfg, out_dir / "config.yaml")
     return summary
+
+
+def _write_protocol(out_dir: Path, kept: list[SourceItem]) -> dict:
+    """The dataset's own test (and regressor) images among the kept samples, as id lists
+    beside the shards; a format without a protocol writes nothing."""
+    test = [item.id for item in kept if item.split == "test"]
+    train = [item.id for item in kept if item.split == "train"]
+    if not test and not train:
+        return {}
+    for name, ids in ((TEST_IDS, test), (TRAIN_IDS, train)):
+        if ids:
+            atomic_write_text(out_dir / name, "".join(f"{i}\n" for i in ids))
+    return {"protocol": {"test_images": len(test), "train_images": len(train),
+                         "files": [name for name, ids in ((TEST_IDS, test), (TRAIN_IDS, train)) if ids]}}
 
 
 def _manifest(cfg: Config, shards: list[dict], kept: list[Detected], summary: Summary) -> dict:
@@ -370,9 +394,8 @@ def _manifest(cfg: Config, shards: list[dict], kept: list[Detected], summary: Su
 
         manifest.update(landmark_names=list(synthetic.LANDMARK_NAMES), flip_permutation=list(synthetic.FLIP_PERMUTATION),
                         norm_indices=list(synthetic.EYE_INDICES))
-    elif data.format == "mtfl":
-        manifest.update(landmark_names=["left_eye", "right_eye", "nose", "left_mouth", "right_mouth"],
-                        norm_indices=[0, 1])
+    elif data.format in ("mtfl", "aflw", "mafl"):
+        manifest.update(landmark_names=list(FACE5_NAMES), norm_indices=[0, 1])  # interocular: the eye centres
     return manifest
 
 

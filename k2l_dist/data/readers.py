@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-FORMATS = ("synthetic", "folder", "mtfl", "lsp", "pts")
+FORMATS = ("synthetic", "folder", "mtfl", "lsp", "pts", "mafl", "aflw")
+FACE5_NAMES = ("left_eye", "right_eye", "nose", "left_mouth", "right_mouth")  # MTFL and CelebA order
 
 
 class DatasetError(ValueError):
@@ -31,6 +32,9 @@ class SourceItem:
     landmarks: np.ndarray | None = None  # (K, 2) float32 original pixels, pixel-centre convention
     visible: np.ndarray | None = None  # (K,) bool
     rect: tuple[float, float, float, float] | None = None  # x, y, w, h from a box file (edge coords)
+    # Role in the dataset's own protocol: "test" (held out), "train" (fits the regressors),
+    # "" (not listed: trains the networks only, or a format without a protocol)
+    split: str = ""
 
 
 @dataclass(frozen=True)
@@ -67,10 +71,8 @@ def read_folder(root: str | Path) -> tuple[list[SourceItem], list[Skip]]:
     return [SourceItem(i, p) for i, p in enumerate(paths)], []
 
 
-def read_mtfl(root: str | Path, annotations: str | Path) -> tuple[list[SourceItem], list[Skip]]:
-    """MTFL ``training.txt``: ``path x1..x5 y1..y5 gender smile glasses pose`` per line."""
-    _require_dir(root)
-    ann = _require_file(annotations, "annotation file")
+def _mtfl_items(ann: Path, first_id: int = 0, split: str = "") -> tuple[list[SourceItem], list[Skip]]:
+    """MTFL lines ``path x1..x5 y1..y5 gender smile glasses pose``; ids count non-blank lines from ``first_id``."""
     items: list[SourceItem] = []
     skips: list[Skip] = []
     lines = [ln for ln in ann.read_text().splitlines() if ln.strip()]
@@ -91,7 +93,111 @@ def read_mtfl(root: str | Path, annotations: str | Path) -> tuple[list[SourceIte
             skips.append(Skip(fields[0], "malformed annotation line", f"{where}: non-finite coordinate"))
             continue
         landmarks = np.stack([values[:5], values[5:]], axis=1)
-        items.append(SourceItem(number - 1, fields[0].replace("\\", "/"), landmarks, np.ones(5, bool)))
+        # the original files write Windows paths (lfw_5590\x.jpg, AFLW\y.jpg)
+        items.append(SourceItem(first_id + number - 1, fields[0].replace("\\", "/"), landmarks, np.ones(5, bool),
+                                split=split))
+    return items, skips
+
+
+def read_mtfl(root: str | Path, annotations: str | Path) -> tuple[list[SourceItem], list[Skip]]:
+    """MTFL ``training.txt``: ``path x1..x5 y1..y5 gender smile glasses pose`` per line."""
+    _require_dir(root)
+    return _mtfl_items(_require_file(annotations, "annotation file"))
+
+
+def read_aflw(root: str | Path, annotations: str | Path,
+              test_list: str | Path) -> tuple[list[SourceItem], list[Skip]]:
+    """AFLW as MTFL packages it: MTFL's ``training.txt`` (10,000 faces from LFW and the web)
+    trains, and the lines of its ``testing.txt`` whose images live in ``AFLW/`` (2,995
+    faces) are the protocol's test set. Both files have the MTFL line format; test ids
+    follow the training lines' ids. Other ``testing.txt`` lines are not listed.
+    """
+    _require_dir(root)
+    train, skips = _mtfl_items(_require_file(annotations, "data.annotations (MTFL training.txt)"), split="train")
+    first = sum(1 for ln in Path(annotations).read_text().splitlines() if ln.strip())
+    test, test_skips = _mtfl_items(_require_file(test_list, "data.test_list (MTFL testing.txt)"), first, "test")
+    test = [item for item in test if item.path.startswith("AFLW/")]
+    if not test:
+        raise DatasetError(f"data.test_list: {test_list} has no line whose image is under AFLW/")
+    return train + test, skips + test_skips
+
+
+def _read_name_list(path: Path) -> dict[str, int]:
+    """Image file name → line number, from a list with one name (then anything) per line."""
+    names: dict[str, int] = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        fields = line.split()
+        if fields:
+            names.setdefault(fields[0].replace("\\", "/").rsplit("/", 1)[-1], number)
+    return names
+
+
+def _celeba_landmarks(ann: Path) -> tuple[list[tuple[str, np.ndarray | None]], list[Skip]]:
+    """``list_landmarks_align_celeba.txt``: a count line, a column-names line, then
+    ``name x1 y1 ... x5 y5`` (interleaved) per image; malformed lines come back as
+    ``(name, None)`` so that ids stay line positions."""
+    lines = [ln for ln in ann.read_text().splitlines() if ln.strip()]
+    if len(lines) < 2 or not lines[0].strip().isdigit():
+        raise DatasetError(f"{ann} line 1: expected the image count of a CelebA landmark file")
+    if len(lines[1].split()) != 10:
+        raise DatasetError(f"{ann} line 2: expected 10 column names (lefteye_x ... rightmouth_y), "
+                           f"got {len(lines[1].split())}")
+    declared = int(lines[0])
+    if declared != len(lines) - 2:
+        raise DatasetError(f"{ann} line 1: declares {declared} images but {len(lines) - 2} lines follow "
+                           f"(truncated file?)")
+    out: list[tuple[str, np.ndarray | None]] = []
+    skips: list[Skip] = []
+    for number, line in enumerate(lines[2:], 3):
+        fields = line.split()
+        where = f"{ann.name} line {number}"
+        try:
+            if len(fields) != 11:
+                raise ValueError(f"expected 11 fields, got {len(fields)}")
+            with np.errstate(over="ignore"):
+                values = np.array([float(v) for v in fields[1:]], np.float32)
+            if not np.isfinite(values).all():
+                raise ValueError("non-finite coordinate")
+        except ValueError as err:
+            skips.append(Skip(fields[0] if fields else where, "malformed annotation line", f"{where}: {err}"))
+            out.append((fields[0] if fields else "", None))
+            continue
+        out.append((fields[0], values.reshape(5, 2)))
+    return out, skips
+
+
+def read_mafl(root: str | Path, annotations: str | Path, train_list: str | Path,
+              test_list: str | Path) -> tuple[list[SourceItem], list[Skip]]:
+    """CelebA images with their 5 landmarks, in MAFL's protocol (Zhang et al. 2016).
+
+    ``annotations``: CelebA's ``list_landmarks_align_celeba.txt`` (landmarks of the aligned
+    images in ``root``, e.g. ``img_align_celeba/``; used as given, like MTFL's). Every image
+    is listed, id = its position in that file; MAFL's ``testing.txt`` names the held-out
+    images ("test": never trained on), its ``training.txt`` the images the regressors are
+    fitted on ("train"). The other ~180k CelebA images train the networks only (paper Sec. 4.1).
+    """
+    _require_dir(root)
+    entries, skips = _celeba_landmarks(_require_file(annotations, "data.annotations (list_landmarks_align_celeba.txt)"))
+    test_path = _require_file(test_list, "data.test_list (MAFL testing.txt)")
+    train_path = _require_file(train_list, "data.train_list (MAFL training.txt)")
+    test, train = _read_name_list(test_path), _read_name_list(train_path)
+    both = sorted(set(test) & set(train))
+    if both:
+        raise DatasetError(f"{train_path} line {train[both[0]]} and {test_path} line {test[both[0]]} both list "
+                           f"{both[0]}: an image cannot train the regressor and be held out")
+    items: list[SourceItem] = []
+    listed: set[str] = set()
+    for i, (name, landmarks) in enumerate(entries):
+        key = name.rsplit("/", 1)[-1]
+        listed.add(key)  # a malformed line is already a skip: not "without landmarks" too
+        if landmarks is None:
+            continue
+        split = "test" if key in test else "train" if key in train else ""
+        items.append(SourceItem(i, name, landmarks, np.ones(5, bool), split=split))
+    for names, path in ((test, test_path), (train, train_path)):
+        for name, number in names.items():
+            if name not in listed:
+                skips.append(Skip(name, "listed image without landmarks", f"{path.name} line {number}"))
     return items, skips
 
 
@@ -129,6 +235,10 @@ def _parse_pts(path: Path) -> np.ndarray:
     values = [float(v) for v in text[1].split("}", 1)[0].split()]
     if not values or len(values) % 2:
         raise ValueError(f"{len(values)} numbers inside the point block")
+    for line in text[0].splitlines():  # header "n_points: 68": a cut-off block must not pass
+        key, _, value = line.partition(":")
+        if key.strip() == "n_points" and value.strip().isdigit() and int(value) != len(values) // 2:
+            raise ValueError(f"n_points: {int(value)} in the header, {len(values) // 2} points in the block")
     with np.errstate(over="ignore"):
         points = np.array(values, np.float32)
     if not np.isfinite(points).all():  # 'nan', 'inf', or beyond float32
@@ -192,7 +302,8 @@ def read_box_file(path: str | Path) -> dict[str, tuple[float, float, float, floa
 
 
 def read_items(fmt: str, root: str, annotations: str = "", synthetic_count: int = 0,
-               pts_one_based: bool = True) -> tuple[list[SourceItem], list[Skip]]:
+               pts_one_based: bool = True, test_list: str = "",
+               train_list: str = "") -> tuple[list[SourceItem], list[Skip]]:
     """Dispatch on the dataset format name."""
     if fmt == "synthetic":
         return read_synthetic(synthetic_count)
@@ -204,4 +315,12 @@ def read_items(fmt: str, root: str, annotations: str = "", synthetic_count: int 
         return read_lsp(root, annotations or None)
     if fmt == "pts":
         return read_pts(root, pts_one_based)
+    if fmt == "aflw":
+        return read_aflw(root, annotations or Path(root) / "training.txt", test_list or Path(root) / "testing.txt")
+    if fmt == "mafl":
+        for key, value in (("data.annotations", annotations), ("data.train_list", train_list),
+                           ("data.test_list", test_list)):
+            if not value:
+                raise DatasetError(f"{key}: required for format mafl (CelebA landmarks, MAFL training/testing lists)")
+        return read_mafl(root, annotations, train_list, test_list)
     raise DatasetError(f"data.format: unknown dataset format '{fmt}' (known: {', '.join(FORMATS)})")

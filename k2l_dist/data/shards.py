@@ -8,6 +8,9 @@ A prepared dataset is a folder::
     shard-000000.tar        WebDataset shard (samples in id order)
     shard-000000.idx        its DALI index (``wds2idx`` format v1.2), so readers need no scan
     config.yaml             the resolved config that produced it
+    test_ids.txt            formats with their own test list (mafl, aflw): the held-out
+                            sample ids, one per line (eval.split=protocol)
+    train_ids.txt           the same formats: the ids their protocol fits regressors on
 
 Each sample in a shard has these members, all named ``{id:09d}.<ext>``:
 
@@ -41,6 +44,8 @@ from k2l_dist.utils.io import atomic_open, atomic_write_bytes, atomic_write_text
 
 INDEX_VERSION = 1
 SHARD_PATTERN = "shard-{:06d}.tar"
+TEST_IDS = "test_ids.txt"
+TRAIN_IDS = "train_ids.txt"
 KEY_FORMAT = "{:09d}"
 
 

@@ -3,7 +3,7 @@
 ``plots`` is not imported here so that importing the metrics never pulls in matplotlib.
 """
 
-from k2l_dist.eval.completion import column_means, fill_with_means, svt_complete
+from k2l_dist.eval.completion import Completion, column_means, fill_with_means, svt, svt_complete
 from k2l_dist.eval.metrics import ced_auc, ced_curve, mean_shape_baseline, raw_landmark_accuracy
 from k2l_dist.eval.regression import (
     EvalConfig,
@@ -18,6 +18,7 @@ from k2l_dist.eval.regression import (
 )
 
 __all__ = [
+    "Completion",
     "EvalConfig",
     "NMEResult",
     "as_points",
@@ -33,5 +34,6 @@ __all__ = [
     "mean_shape_baseline",
     "predict_linear",
     "raw_landmark_accuracy",
+    "svt",
     "svt_complete",
 ]

@@ -20,13 +20,15 @@ from k2l_dist.augment import build_loader
 from k2l_dist.augment.geometry import inverse_affine, transform_points
 from k2l_dist.clustering import assign, cluster_dedup, dedup_per_image
 from k2l_dist.data.shards import read_dataset
-from k2l_dist.eval.completion import column_means, fill_with_means, svt_complete
+from k2l_dist.eval.completion import column_means, fill_with_means, svt
 from k2l_dist.eval.metrics import mean_shape_baseline, raw_landmark_accuracy
 from k2l_dist.eval.regression import backward_nme, forward_nme, landmark_norm
+from k2l_dist.eval.split import regressor_ids
 from k2l_dist.keypoints import descriptors_to_float
 from k2l_dist.models import STRIDE
 from k2l_dist.models.points import heatmap_peaks, to_image_coords
-from k2l_dist.train.extract import extract
+from k2l_dist.train.extract import extract, extraction_cap
+from k2l_dist.train.regions import CropRegions
 
 log_ = logging.getLogger(__name__)
 
@@ -66,10 +68,12 @@ def predict_landmarks(psi: torch.nn.Module, loader, perm: np.ndarray | None, sho
     return ids[order], np.concatenate(pts)[order].astype(np.float64), np.concatenate(conf)[order]
 
 
-def stage1_landmarks(phi: torch.nn.Module, loader, centroids: np.ndarray, ids: np.ndarray, cfg) -> np.ndarray:
+def stage1_landmarks(phi: torch.nn.Module, loader, centroids: np.ndarray, ids: np.ndarray, cfg,
+                     regions=None) -> np.ndarray:
     """Φ's discovered landmarks: detections assigned to the final K centroids, ≤1 per cluster."""
-    ext = extract(phi, loader, max_points=cfg.stage1.extract_points, threshold=cfg.stage1.detect_threshold,
-                  nms_radius=cfg.stage1.nms_radius, flip=False, show_progress=False)
+    ext = extract(phi, loader, max_points=extraction_cap(cfg), threshold=cfg.stage1.detect_threshold,
+                  nms_radius=cfg.stage1.nms_radius, flip=False, subpixel=cfg.stage1.subpixel, show_progress=False,
+                  regions=regions)
     labels, dist = assign(ext.descriptors, centroids)
     keep = dedup_per_image(ext.image_ids, labels, dist)
     return slots_from_points(ext.image_ids[keep], ext.points[keep], labels[keep], ids, len(centroids))
@@ -92,15 +96,18 @@ def keypoint_baseline(shard_dir: Path, train_ids: np.ndarray, ids: np.ndarray, c
     return slots_from_points(image_ids[keep], points[keep], labels[keep], ids, cfg.cluster.K)
 
 
-def _complete(train: np.ndarray, test: np.ndarray, cfg) -> tuple[np.ndarray, np.ndarray]:
-    """Stage-1 style filling: SVT on the train matrix, train means on the test matrix."""
+def _complete(train: np.ndarray, test: np.ndarray, cfg) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Stage-1 style filling: SVT on the train matrix, train means on the test matrix; and
+    how the SVT went (iterations, residual, converged)."""
     n, k, _ = train.shape
     tr = train.reshape(n, -1)
-    filled = svt_complete(tr, iters=cfg.eval.svt_iters, tol=cfg.eval.svt_tol) if np.isnan(tr).any() else tr
+    done = svt(tr, iters=cfg.eval.svt_iters, tol=cfg.eval.svt_tol)
     means = column_means(tr)
     means = np.where(np.isnan(means), np.nanmean(tr), means)
     te = fill_with_means(test.reshape(len(test), -1), means)
-    return filled.reshape(n, k, 2), te.reshape(len(test), k, 2)
+    info = {"missing_share": float(np.isnan(tr).mean()), "iterations": done.iterations,
+            "residual": done.residual, "converged": done.converged}
+    return done.matrix.reshape(n, k, 2), te.reshape(len(test), k, 2), info
 
 
 def evaluate_run(cfg, shard_dir: Path, manifest: dict, meta: dict, split, phi, psi, centroids: np.ndarray,
@@ -114,11 +121,12 @@ def evaluate_run(cfg, shard_dir: Path, manifest: dict, meta: dict, split, phi, p
     norm = ecfg.norm if ecfg.norm != "auto" else ("interocular" if norm_idx else "box")
     eyes = tuple(norm_idx) if (norm_idx and ecfg.norm == "auto") else tuple(ecfg.eye_indices)
     ecfg_used = dataclasses.replace(ecfg, norm=norm, eye_indices=eyes, regressor_train_count=0)
-    reg_ids = split.train[: ecfg.regressor_train_count] if ecfg.regressor_train_count > 0 else split.train
+    reg_ids = regressor_ids(split, ecfg.regressor_train_count, ecfg.seed)
     test_ids = split.test
     if len(test_ids) == 0 or len(reg_ids) < 2:
-        log_.warning("evaluation skipped: %d held-out and %d regressor images (eval.test_count=%d of %d images)",
-                     len(test_ids), len(reg_ids), ecfg.test_count, len(split.train) + len(split.test))
+        log_.warning("evaluation skipped: %d held-out and %d regressor images (eval.split=%s, eval.test_count=%d "
+                     "of %d images)", len(test_ids), len(reg_ids), ecfg.split, ecfg.test_count,
+                     len(split.train) + len(split.test))
         return {"evaluation_skipped": "too few images to hold out a test set"}
     eval_ids = np.union1d(reg_ids, test_ids)
     aug = dataclasses.replace(cfg.augment, enabled=False)
@@ -143,12 +151,13 @@ def evaluate_run(cfg, shard_dir: Path, manifest: dict, meta: dict, split, phi, p
     fwd = forward_nme(pred[is_reg], gt[is_reg], pred[is_test], gt[is_test], ecfg_used)
     bwd = backward_nme(pred[is_reg], gt[is_reg], pred[is_test], gt[is_test], ecfg_used)
 
-    s1 = stage1_landmarks(phi, loader(), centroids, eval_ids, cfg)
-    s1_train, s1_test = _complete(s1[is_reg], s1[is_test], cfg)
+    regions = CropRegions.from_meta(meta, int(manifest["size"])) if cfg.loss.mask_padding else None
+    s1 = stage1_landmarks(phi, loader(), centroids, eval_ids, cfg, regions)
+    s1_train, s1_test, s1_svt = _complete(s1[is_reg], s1[is_test], cfg)
     s1_fwd = forward_nme(s1_train, gt[is_reg], s1_test, gt[is_test], ecfg_used)
 
     kp = keypoint_baseline(shard_dir, split.train, eval_ids, cfg)
-    kp_train, kp_test = _complete(kp[is_reg], kp[is_test], cfg)
+    kp_train, kp_test, kp_svt = _complete(kp[is_reg], kp[is_test], cfg)
     kp_fwd = forward_nme(kp_train, gt[is_reg], kp_test, gt[is_test], ecfg_used)
 
     norm_test = landmark_norm(gt[is_test], ecfg_used.norm, ecfg_used.eye_indices)
@@ -170,6 +179,7 @@ def evaluate_run(cfg, shard_dir: Path, manifest: dict, meta: dict, split, phi, p
         "forward_nme_per_landmark": dict(zip(names, map(float, fwd.per_landmark_mean))),
         "ced_auc": aucs, "regressor_train_images": int(is_reg.sum()), "test_images": int(is_test.sum()),
         "normalisation": ecfg_used.norm, "eval_images_skipped": skipped,
+        "split": ecfg.split, "stage1_completion": s1_svt, "keypoint_baseline_completion": kp_svt,
     }
     log.scalars(0, {k: v for k, v in metrics.items() if isinstance(v, float)}, "eval/")
     log_landmark_grid(shard_dir, ids[is_test][:16], list(pred[is_test][:16]), run_dir / "landmarks_test.png", log,
@@ -212,13 +222,16 @@ def evaluate_checkpoint(run_dir: str | Path, device: str = "cpu", overrides: lis
     from k2l_dist.data.shards import load_manifest, load_samples_meta
     from k2l_dist.models import KeypointNet, LandmarkNet
     from k2l_dist.train.checkpoint import load_checkpoint
-    from k2l_dist.train.run import make_split
+    from k2l_dist.eval.split import split_for_run
     from k2l_dist.utils.io import atomic_write_text
     from k2l_dist.utils.metrics import MetricsLogger
 
     run_dir = Path(run_dir)
     ck = load_checkpoint(run_dir / "model.pt")
-    cfg = apply_values(Config(), ck["config"])
+    saved = ck["config"]
+    if "split" not in saved.get("eval", {}):  # trained before eval.split existed: it held out the last ids
+        saved = {**saved, "eval": {**saved.get("eval", {}), "split": "last"}}
+    cfg = apply_values(Config(), saved)
     cfg = dataclasses.replace(load_config(None, overrides, base=cfg), run_dir=str(run_dir))
     shard_dir = Path(cfg.data.shards or run_dir / "shards")
     manifest, meta = load_manifest(shard_dir), load_samples_meta(shard_dir)
@@ -229,7 +242,7 @@ def evaluate_checkpoint(run_dir: str | Path, device: str = "cpu", overrides: lis
     phi.load_state_dict(ck["phi"])
     psi = LandmarkNet(cfg.model, int(ck["num_landmarks"]))
     psi.load_state_dict(ck["psi"])
-    split = make_split(meta["ids"], cfg.eval.test_count)
+    split = split_for_run(cfg.eval, meta, shard_dir)
     log = MetricsLogger(run_dir)
     metrics = evaluate_run(cfg, shard_dir, manifest, meta, split, phi.to(dev), psi.to(dev), ck["centroids"].numpy(),
                            ck["flip_permutation"].numpy(), log, dev)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 
+from k2l_dist.data.crop import inside_rects
 from k2l_dist.config import KeypointConfig
 from k2l_dist.keypoints.anms import anms
 
@@ -130,8 +131,12 @@ class KeypointDetector:
             )
         return self._orb[key]
 
-    def __call__(self, image_bgr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Keypoints (N, 2) float32 (x, y), N <= cfg.count, and descriptors (N, descriptor_dim)."""
+    def __call__(self, image_bgr: np.ndarray, region: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Keypoints (N, 2) float32 (x, y), N <= cfg.count, and descriptors (N, descriptor_dim).
+
+        ``region`` ``(x0, y0, x1, y1)``: only points at least ``REGION_MARGIN`` pixels inside
+        it (a crop's padding repeats border pixels; its stripes are not the object).
+        """
         gray = to_gray_uint8(image_bgr)
         h, w = gray.shape
         if h < 2 or w < 2:
@@ -139,13 +144,19 @@ class KeypointDetector:
         if self._net is not None:
             from k2l_dist.keypoints.superpoint import superpoint_detect
 
-            return superpoint_detect(self._net, gray, self.count, self.candidates)
+            pts, desc = superpoint_detect(self._net, gray, self.count, self.candidates)
+            keep = _inside(pts, region)
+            return pts[keep], desc[keep]
 
         detector = self._orb_for(h, w) if self.method == "orb" else self._sift
         kps = detector.detect(gray, None)
         if not kps:
             return self._empty()
         pts = np.array([k.pt for k in kps], dtype=np.float64)
+        inside = np.flatnonzero(_inside(pts, region))
+        if inside.size == 0:
+            return self._empty()
+        kps, pts = [kps[i] for i in inside], pts[inside]
         resp = np.array([k.response for k in kps], dtype=np.float64)
         # SIFT reports one keypoint per dominant orientation at the same location:
         # keep the strongest per location so duplicates do not use up the budget.
@@ -164,6 +175,15 @@ class KeypointDetector:
         out[:, 0] = np.clip(out[:, 0], 0, w - 1)
         out[:, 1] = np.clip(out[:, 1], 0, h - 1)
         return out.astype(np.float32), np.ascontiguousarray(desc, dtype=self.descriptor_dtype)
+
+
+REGION_MARGIN = 2.0
+
+
+def _inside(points: np.ndarray, region: np.ndarray | None) -> np.ndarray:
+    if region is None:
+        return np.ones(len(points), bool)
+    return inside_rects(points, np.asarray(region, np.float64), REGION_MARGIN)
 
 
 def _orb_to_pixel_centres(pts: np.ndarray, levels: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -57,6 +57,8 @@ def contrastive_loss(
     neg_weight: float = 1.0,
     negatives: str = "same_image",
     correspondence: str = "clustering",
+    points: torch.Tensor | None = None,
+    neg_min_distance: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """Contrastive loss over two views of a batch.
 
@@ -77,6 +79,9 @@ def contrastive_loss(
         neg_weight: weight of the mean negative term.
         negatives: ``"same_image"`` | ``"different_clusters"``.
         correspondence: ``"clustering"`` | ``"equivariance"``.
+        points: ``(B,P,2)`` position of each slot in one common frame (the crop); with
+            ``neg_min_distance > 0``, two points of one image closer than that are not a
+            same-image negative (a part detected twice is not two parts).
 
     Returns:
         ``{"loss", "positive", "negative"}`` float32 scalars (a term with no pairs is 0,
@@ -120,6 +125,9 @@ def contrastive_loss(
         if correspondence == "clustering":
             pos = pos | (cross & same_label)
         neg = pair & same_image & ~same_slot if negatives == "same_image" else cross & ~same_label
+        if negatives == "same_image" and points is not None and neg_min_distance > 0:
+            where = torch.cat([points, points], dim=1).reshape(-1, 2).float()
+            neg = neg & (torch.cdist(where, where) >= neg_min_distance)
 
         hinge = F.relu(margin - dist)
         pos_sum = (dist * pos).sum()

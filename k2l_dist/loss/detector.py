@@ -37,21 +37,41 @@ def detector_target(points: torch.Tensor, valid: torch.Tensor, size: tuple[int, 
     return maps.amax(dim=1, keepdim=True)
 
 
-def detector_loss(pred: torch.Tensor, points: torch.Tensor, valid: torch.Tensor, sigma: float) -> torch.Tensor:
-    """MSE (mean over all pixels) between Φd's ``(B,1,h,w)`` map and :func:`detector_target`."""
+def detector_loss(pred: torch.Tensor, points: torch.Tensor, valid: torch.Tensor, sigma: float,
+                  images: torch.Tensor | None = None, pixels: torch.Tensor | None = None) -> torch.Tensor:
+    """MSE (mean over all pixels) between Φd's ``(B,1,h,w)`` map and :func:`detector_target`.
+
+    ``images (B,)`` bool: only these images count (an image without pseudo-labels sits the
+    round out instead of being trained towards an empty map); 0, still attached to the
+    graph, when none does. ``pixels (B,1,h,w)`` bool: the pixels that count (the part of
+    the crop that shows the image).
+    """
     target = detector_target(points, valid, tuple(pred.shape[-2:]), sigma)
-    return (pred.float() - target).square().mean()
+    per_image = _masked_mean((pred.float() - target).square(), pixels, dims=(1, 2, 3))
+    if images is None:
+        return per_image.mean()
+    mask = images.to(per_image.dtype)
+    return (per_image * mask).sum() / mask.sum().clamp_min(1.0)
 
 
-def landmark_loss(pred: torch.Tensor, points: torch.Tensor, valid: torch.Tensor, sigma: float) -> torch.Tensor:
+def _masked_mean(values: torch.Tensor, pixels: torch.Tensor | None, dims: tuple[int, ...]) -> torch.Tensor:
+    if pixels is None:
+        return values.mean(dim=dims)
+    m = pixels.to(values.dtype).expand_as(values)
+    return (values * m).sum(dim=dims) / m.sum(dim=dims).clamp_min(1.0)
+
+
+def landmark_loss(pred: torch.Tensor, points: torch.Tensor, valid: torch.Tensor, sigma: float,
+                  pixels: torch.Tensor | None = None) -> torch.Tensor:
     """Stage-2 MSE over the labelled channels only.
 
     ``pred (B,K,h,w)``, ``points (B,K,2)``, ``valid (B,K)``: channel ``k`` of image ``b``
     contributes its per-pixel mean squared error iff ``valid[b,k]``; channels without a
     label are masked (not pushed towards zero, paper Sec. 3.6). The result is the mean
     over valid (image, channel) pairs; 0 (still attached to the graph) if there are none.
+    ``pixels (B,1,h,w)``: only these pixels count (the part of the crop showing the image).
     """
     target = gaussian_heatmaps(points, valid, tuple(pred.shape[-2:]), sigma)
-    per_channel = (pred.float() - target).square().mean(dim=(-2, -1))  # (B,K)
+    per_channel = _masked_mean((pred.float() - target).square(), pixels, dims=(-2, -1))  # (B,K)
     mask = valid.to(per_channel.dtype)
     return (per_channel * mask).sum() / mask.sum().clamp_min(1.0)

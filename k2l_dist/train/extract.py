@@ -18,6 +18,7 @@ from tqdm import tqdm
 from k2l_dist.augment.geometry import inverse_affine, transform_points
 from k2l_dist.models import STRIDE
 from k2l_dist.models.points import nms_peaks, sample_descriptors, to_image_coords
+from k2l_dist.train.regions import pixel_mask, points_inside
 
 
 
@@ -29,6 +30,7 @@ class Extraction:
     descriptors: np.ndarray  # (n, d) float32, unit norm
     flipped_descriptors: np.ndarray | None  # (n, d) descriptors of the mirrored image at the mirrored point
     sample_ids: np.ndarray  # (N,) int64 every image processed, with or without points
+    capped: int = 0  # images whose peaks above the threshold filled every slot (more may exist)
 
     @property
     def num_images(self) -> int:
@@ -45,17 +47,29 @@ class Extraction:
 
 @torch.no_grad()
 def extract(model: torch.nn.Module, batches: Iterable[dict], *, max_points: int, threshold: float,
-            nms_radius: int = 1, flip: bool = True, total: int | None = None,
-            show_progress: bool = True) -> Extraction:
-    """Detect points and descriptors on un-augmented views (``view0``, ``matrix0``, ``id``)."""
+            nms_radius: int = 1, flip: bool = True, subpixel: bool = True, total: int | None = None,
+            show_progress: bool = True, regions=None) -> Extraction:
+    """Detect points and descriptors on un-augmented views (``view0``, ``matrix0``, ``id``).
+
+    ``regions`` (:class:`~k2l_dist.train.regions.CropRegions`): detections on a crop's
+    padding (repeated border pixels) are dropped."""
     was_training = model.training
     model.eval()
     ids, pts, scores, descs, fdescs, seen = [], [], [], [], [], []
+    capped = 0
     for batch in tqdm(batches, total=total, desc="extract", unit="batch", disable=not show_progress, leave=False):
         images = batch["view0"]
         heat, dmap = model(images)
-        peaks, score, valid = nms_peaks(heat.float(), max_points, threshold, radius=nms_radius)
+        heat = heat.float()
+        if regions is not None:  # peaks on the padding never compete for the cap
+            rects = regions.lookup(batch["id"], heat.device)
+            matrix = batch["matrix0"].to(heat.device)
+            heat = heat * pixel_mask(rects, matrix, tuple(heat.shape[-2:]), STRIDE)
+        peaks, score, valid = nms_peaks(heat, max_points, threshold, radius=nms_radius, subpixel=subpixel)
+        capped += int(valid.all(dim=1).sum())
         view_pts = to_image_coords(peaks, STRIDE)
+        if regions is not None:
+            valid = valid & points_inside(view_pts, rects, matrix)
         desc = sample_descriptors(dmap.float(), view_pts, STRIDE)
         crop_pts = transform_points(view_pts, inverse_affine(batch["matrix0"]).to(view_pts.device))
         b, p = valid.shape
@@ -81,4 +95,10 @@ def extract(model: torch.nn.Module, batches: Iterable[dict], *, max_points: int,
         descriptors=cat(descs, (0, d)).astype(np.float32),
         flipped_descriptors=cat(fdescs, (0, d)).astype(np.float32) if flip else None,
         sample_ids=cat(seen, (0,)).astype(np.int64),
+        capped=capped,
     )
+
+
+def extraction_cap(cfg) -> int:
+    """Peaks per image handed to clustering at most: ``stage1.extract_points``, or 3 × K."""
+    return cfg.stage1.extract_points or 3 * cfg.cluster.K

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -32,7 +33,10 @@ from k2l_dist.distributed.watchdog import heartbeat
 from k2l_dist.models import KeypointNet, LandmarkNet
 from k2l_dist.train.checkpoint import load_latest_checkpoint, save_checkpoint
 from k2l_dist.train.compat import incompatible_changes
-from k2l_dist.train.extract import extract
+from k2l_dist.eval.split import split_for_run
+from k2l_dist.train.extract import extract, extraction_cap
+from k2l_dist.train.regions import CropRegions
+from k2l_dist.train.schedule import LRSchedule
 from k2l_dist.train.labels import LabelTable
 from k2l_dist.train.steps import autocast, stage1_losses, stage2_losses
 from k2l_dist.utils.faults import fault_requested, maybe_hang, maybe_interrupt, maybe_raise
@@ -40,18 +44,7 @@ from k2l_dist.utils.io import atomic_write_text, ensure_writable
 from k2l_dist.utils.metrics import MetricsLogger
 from k2l_dist.utils.seeds import derive_seed
 
-
-@dataclasses.dataclass
-class Split:
-    train: np.ndarray  # ids Φ and Ψ train on (unsupervised: their annotations are never read)
-    test: np.ndarray  # held-out ids: never trained on, never used to fit a regressor
-
-
-def make_split(ids: np.ndarray, test_count: int) -> Split:
-    """The last ``test_count`` ids are held out (a fixed, documented split)."""
-    ids = np.sort(ids)
-    test_count = min(max(test_count, 0), len(ids) // 2)
-    return Split(ids[: len(ids) - test_count], ids[len(ids) - test_count :])
+log_ = logging.getLogger(__name__)
 
 
 def initial_table(meta: dict, ids: np.ndarray) -> LabelTable:
@@ -103,7 +96,8 @@ def train_iterations(model: torch.nn.Module, optimizer: torch.optim.Optimizer, l
                      loss_fn: Callable[[dict], dict], iterations: int, *, step: int, log: MetricsLogger,
                      prefix: str, log_every: int, show_progress: bool, start: int = 0,
                      before_step: Callable[[int], None] | None = None,
-                     after_step: Callable[[int, int], None] | None = None, precision: str = "fp32") -> int:
+                     after_step: Callable[[int, int], None] | None = None, precision: str = "fp32",
+                     schedule: LRSchedule | None = None) -> int:
     """Optimiser steps ``start`` … ``iterations - 1`` of a phase over (repeated epochs of)
     ``loader``; returns the new global step.
 
@@ -131,6 +125,8 @@ def train_iterations(model: torch.nn.Module, optimizer: torch.optim.Optimizer, l
         maybe_hang(f"{phase}:{i}", rank)
         if before_step is not None:
             before_step(i)
+        if schedule is not None:
+            schedule.apply(optimizer, step)
         batch = next(batches)
         with autocast(device, precision):
             losses = loss_fn(batch)
@@ -247,16 +243,18 @@ def _train(cfg: Config, info, shard_dir: Path, service: ClusteringService, resum
     if differ:
         raise ValueError(f"{shard_dir} was prepared with other settings: {'; '.join(differ)} (set them as the shards "
                          f"were prepared, or prepare again)")
-    split = make_split(meta["ids"], cfg.eval.test_count if "landmarks" in meta else 0)
+    split = split_for_run(cfg.eval, meta, shard_dir)
     show = info.is_main and cfg.progress
     s1, s2 = cfg.stage1, cfg.stage2
+    regions = CropRegions.from_meta(meta, int(manifest["size"])) if cfg.loss.mask_padding else None
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     gen = torch.Generator(device="cpu")
 
     phi = KeypointNet(cfg.model).to(info.device)
     phi_ddp = distributed.wrap_ddp(phi, info)
-    opt = torch.optim.RMSprop(phi.parameters(), lr=lr_for_world(s1.lr, cfg.dist.lr_scaling, info.world_size),
-                              weight_decay=s1.weight_decay)
+    lr1 = lr_for_world(s1.lr, cfg.dist.lr_scaling, info.world_size)
+    schedule1 = LRSchedule((lr1,), s1.lr_milestones, s1.lr_gamma)
+    opt = torch.optim.RMSprop(phi.parameters(), lr=lr1, weight_decay=s1.weight_decay)
     ckpt_path = run_dir / "checkpoint.pt"
     progress, table, ck = Progress(), initial_table(meta, split.train), None
     stage2_state: dict = {}  # round centroids; Ψ, its optimiser and labels once Stage 2 has started
@@ -279,9 +277,7 @@ def _train(cfg: Config, info, shard_dir: Path, service: ClusteringService, resum
         elif progress.phase == "done":
             progress = dataclasses.replace(progress, phase="stage2", phase_step=progress.step2)
         phi.load_state_dict(ck["phi"])
-        opt.load_state_dict(ck["optimizer"])
-        for group in opt.param_groups:  # the lr of this world size, whatever the checkpoint's was
-            group["lr"] = lr_for_world(s1.lr, cfg.dist.lr_scaling, info.world_size)
+        opt.load_state_dict(ck["optimizer"])  # its lr is set by the schedule at every step
         table = LabelTable.from_state(ck["labels"])
         if "centroids_m" in ck:
             stage2_state["centroids_m"] = ck["centroids_m"]
@@ -324,25 +320,32 @@ def _train(cfg: Config, info, shard_dir: Path, service: ClusteringService, resum
         before, after = phase_hooks(phase)
         return train_iterations(
             phi_ddp, opt, loader, lambda b: stage1_losses(phi_ddp, b, table, max_points=s1.max_points,
-                                                          loss_cfg=loss_cfg, generator=gen),
+                                                          loss_cfg=loss_cfg, generator=gen, regions=regions),
             n, step=progress.step, log=log, prefix=f"{phase}/", log_every=cfg.log_every, show_progress=show,
             start=progress.phase_step, before_step=before, after_step=after,
-            precision=cfg.precision)
+            precision=cfg.precision, schedule=schedule1)
 
     def recover(kind: str, key: str):
         """Φ over this rank's slice, then every rank's points clustered together."""
         t0 = time.perf_counter()
+        cap = extraction_cap(cfg)
         with autocast(info.device, cfg.precision):
-            ext = extract(phi, _beating(extract_loader, f"extract-{key}", info.rank, run_dir), max_points=s1.extract_points,
+            ext = extract(phi, _beating(extract_loader, f"extract-{key}", info.rank, run_dir), max_points=cap,
                           threshold=s1.detect_threshold, nms_radius=s1.nms_radius, flip=s1.flip,
-                          total=len(extract_loader), show_progress=show)
+                          subpixel=s1.subpixel, total=len(extract_loader), show_progress=show, regions=regions)
         maybe_raise(f"extract:{key}", info.rank)
         extract_seconds = max_over_ranks(time.perf_counter() - t0)
+        counts = mean_over_ranks({"capped": ext.capped, "images": ext.num_images})
+        capped_share = counts["capped"] / max(counts["images"], 1e-9)
+        if info.is_main and capped_share > 0.05:
+            log_.warning("%s: %.0f%% of images reached the cap of %d peaks per image (stage1.extract_points): "
+                         "raise it or stage1.detect_threshold", key, 100 * capped_share, cap)
         heartbeat(f"clustering {key}", allow_s=max(cfg.cluster.round_timeout_s, cfg.dist.timeout_s))
         labels = service.recover(kind, ext.as_dict(), key)
         if info.is_main:
             degenerate_warnings(labels, "stage 2 labels" if kind == "final" else key.replace("round", "round "))
-        return labels, {"extract_seconds": extract_seconds, **service.timings}
+        return labels, {"extract_seconds": extract_seconds, "images_at_peak_cap_share": capped_share,
+                        **service.timings}
 
     # ---- Stage 1: warm-up on known correspondences (two augmentations of one image).
     t0 = time.time()
@@ -393,8 +396,10 @@ def _train(cfg: Config, info, shard_dir: Path, service: ClusteringService, resum
         psi = LandmarkNet(cfg.model, cfg.cluster.K).to(info.device)
         psi.load_state_dict(ck["psi"])
     psi_ddp = distributed.wrap_ddp(psi, info)
-    opt2 = torch.optim.RMSprop(psi.parameters(), lr=lr_for_world(s2.lr, cfg.dist.lr_scaling, info.world_size),
-                               weight_decay=s2.weight_decay)
+    lr2 = lr_for_world(s2.lr, cfg.dist.lr_scaling, info.world_size)
+    schedule2 = LRSchedule((lr2 * s2.backbone_lr_scale, lr2), s2.lr_milestones, s2.lr_gamma)
+    opt2 = torch.optim.RMSprop([{"params": psi.backbone.parameters()}, {"params": psi.head.parameters()}],
+                               lr=lr2, weight_decay=s2.weight_decay)
     if "optimizer2" in (ck or {}) and progress.phase_step > 0:
         opt2.load_state_dict(ck["optimizer2"])
     stage2_state.update(stage2_labels=table2.state(), centroids=torch.from_numpy(centroids),
@@ -405,10 +410,10 @@ def _train(cfg: Config, info, shard_dir: Path, service: ClusteringService, resum
     before, after = phase_hooks("stage2", on_stage2=True)
     step2 = train_iterations(psi_ddp, opt2, loader2,
                              lambda b: stage2_losses(psi_ddp, b, table2, num_landmarks=cfg.cluster.K,
-                                                     sigma=cfg.loss.heatmap_sigma),
+                                                     sigma=cfg.loss.heatmap_sigma, regions=regions),
                              s2.iterations, step=progress.step2, log=log, prefix="stage2/", log_every=cfg.log_every,
                              show_progress=show, start=progress.phase_step, before_step=before, after_step=after,
-                             precision=cfg.precision)
+                             precision=cfg.precision, schedule=schedule2)
     log.scalars(step2, {"psi_checksum": check_replicas(psi, "after Stage 2")}, "replicas/")
     if info.is_main:
         save_checkpoint(run_dir / "model.pt", {

@@ -14,17 +14,19 @@ from k2l_dist.loss import contrastive_loss, detector_loss, landmark_loss
 from k2l_dist.models import STRIDE
 from k2l_dist.models.points import sample_descriptors, sample_negative_locations, to_feature_coords, to_image_coords
 from k2l_dist.train.labels import LabelTable
+from k2l_dist.train.regions import CropRegions, pixel_mask, points_inside
 
 
 
-def _view_labels(batch: dict, table: LabelTable, view: int, max_points: int, device: torch.device):
-    """Points (view pixels), presence and labels of the table's entries in one view."""
-    lab = table.lookup(batch["id"], max_points)
+def _view_labels(batch: dict, lab: dict[str, torch.Tensor], view: int, device: torch.device):
+    """Points (view pixels), presence and labels of the table's entries (``lab``, a
+    :meth:`LabelTable.lookup`) in one view, and which images have any entry at all."""
     points = transform_points(lab["points"].to(device), batch[f"matrix{view}"].to(device))
     size = batch[f"view{view}"].shape[-2:]
     present = lab["valid"].to(device) & inside_view(points, tuple(size))
     labels = select_by_flip(lab["labels"], lab["flipped_labels"], batch[f"flip{view}"].cpu()).to(device)
-    return points, present, torch.where(present, labels, torch.full_like(labels, -1))
+    labelled = lab["valid"].any(dim=1).to(device)
+    return points, present, torch.where(present, labels, torch.full_like(labels, -1)), labelled
 
 
 def autocast(device: torch.device, precision: str):
@@ -33,40 +35,54 @@ def autocast(device: torch.device, precision: str):
 
 
 def stage1_losses(model: torch.nn.Module, batch: dict, table: LabelTable, *, max_points: int, loss_cfg,
-                  generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                  generator: torch.Generator | None = None,
+                  regions: CropRegions | None = None) -> dict[str, torch.Tensor]:
     """Detector MSE + contrastive loss for Φ on the pair (view0, view1).
 
     Algorithm 1 of the paper steps (θb, θd) on L_d and (θb, θf) on L_f in turn; we take
     one step on their sum (the heads are disjoint, the backbone gets both gradients).
+    ``regions``: the detector loss and the random negatives keep to the part of each crop
+    that shows the image.
     """
     device = batch["view0"].device
     b = batch["view0"].shape[0]
     heat, dmap = model(torch.cat([batch["view0"], batch["view1"]]))
     size = tuple(heat.shape[-2:])
     det, descs, negs, neg_ok, labels, present = [], [], [], [], [], []
+    looked_up = table.lookup(batch["id"], max_points)
+    rects = regions.lookup(batch["id"], device) if regions is not None else None
     for v in (0, 1):
         sl = slice(v * b, (v + 1) * b)
-        pts, pres, lab = _view_labels(batch, table, v, max_points, device)
+        pts, pres, lab, labelled = _view_labels(batch, looked_up, v, device)
         if "valid" in batch:  # padding repeats of the last batch: no points, no loss
             pres = pres & batch["valid"].to(device)[:, None]
+            labelled = labelled & batch["valid"].to(device)
             lab = torch.where(pres, lab, torch.full_like(lab, -1))
         fpts = to_feature_coords(pts, STRIDE)
-        det.append(detector_loss(heat[sl], fpts, pres, loss_cfg.heatmap_sigma))
+        matrix = batch[f"matrix{v}"].to(device)
+        pixels = pixel_mask(rects, matrix, size, STRIDE) if rects is not None else None
+        det.append(detector_loss(heat[sl], fpts, pres, loss_cfg.heatmap_sigma, images=labelled, pixels=pixels))
         descs.append(sample_descriptors(dmap[sl].float(), pts, STRIDE))
         locs, ok = sample_negative_locations(fpts, pres, size, loss_cfg.random_negatives,
                                              loss_cfg.min_neg_distance, generator)
-        negs.append(sample_descriptors(dmap[sl].float(), to_image_coords(locs, STRIDE), STRIDE))
+        neg_pts = to_image_coords(locs, STRIDE)
+        if rects is not None:
+            ok = ok & points_inside(neg_pts, rects, matrix)
+        negs.append(sample_descriptors(dmap[sl].float(), neg_pts, STRIDE))
         neg_ok.append(ok)
         labels.append(lab)
         present.append(pres)
     con = contrastive_loss(descs[0], descs[1], labels[0], labels[1], negs[0], negs[1],
                            valid_a=present[0], valid_b=present[1], neg_valid_a=neg_ok[0], neg_valid_b=neg_ok[1],
                            margin=loss_cfg.margin, neg_weight=loss_cfg.neg_weight,
-                           negatives=loss_cfg.negatives, correspondence=loss_cfg.correspondence)
+                           negatives=loss_cfg.negatives, correspondence=loss_cfg.correspondence,
+                           points=to_feature_coords(looked_up["points"].to(device), STRIDE),
+                           neg_min_distance=loss_cfg.point_neg_min_distance)
     detector = (det[0] + det[1]) / 2
     return {"loss": detector + con["loss"], "detector": detector, "contrastive": con["loss"],
             "positive": con["positive"], "negative": con["negative"],
-            "points_per_view": present[0].sum() / max(b, 1)}
+            "points_per_view": present[0].sum() / max(b, 1),
+            "images_sitting_out": 1.0 - labelled.float().mean()}
 
 
 def landmark_targets(batch: dict, table: LabelTable, num_landmarks: int, view: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,7 +92,7 @@ def landmark_targets(batch: dict, table: LabelTable, num_landmarks: int, view: i
     (the K↔K flip permutation), so the point lands in its mirror landmark's channel.
     """
     device = batch[f"view{view}"].device
-    pts, present, lab = _view_labels(batch, table, view, num_landmarks, device)
+    pts, present, lab, _ = _view_labels(batch, table.lookup(batch["id"], num_landmarks), view, device)
     b = pts.shape[0]
     targets = torch.zeros(b, num_landmarks, 2, device=device)
     valid = torch.zeros(b, num_landmarks, dtype=torch.bool, device=device)
@@ -88,11 +104,16 @@ def landmark_targets(batch: dict, table: LabelTable, num_landmarks: int, view: i
 
 
 def stage2_losses(model: torch.nn.Module, batch: dict, table: LabelTable, *, num_landmarks: int,
-                  sigma: float) -> dict[str, torch.Tensor]:
-    """Ψ's heatmap MSE on view0, masked to the channels labelled in each image (Sec. 3.6)."""
+                  sigma: float, regions: CropRegions | None = None) -> dict[str, torch.Tensor]:
+    """Ψ's heatmap MSE on view0, masked to the channels labelled in each image (Sec. 3.6)
+    and, with ``regions``, to the pixels that show the image."""
     targets, valid = landmark_targets(batch, table, num_landmarks)
     if "valid" in batch:  # padding repeats of the last batch carry no label
         valid = valid & batch["valid"].to(valid.device)[:, None]
     heat = model(batch["view0"])
-    loss = landmark_loss(heat, to_feature_coords(targets, STRIDE), valid, sigma)
+    pixels = None
+    if regions is not None:
+        rects = regions.lookup(batch["id"], heat.device)
+        pixels = pixel_mask(rects, batch["matrix0"].to(heat.device), tuple(heat.shape[-2:]), STRIDE)
+    loss = landmark_loss(heat, to_feature_coords(targets, STRIDE), valid, sigma, pixels=pixels)
     return {"loss": loss, "landmarks_per_image": valid.sum() / max(valid.shape[0], 1)}
