@@ -69,6 +69,9 @@ def measure(args) -> dict:
     phi = KeypointNet(cfg.model).to(dev)
     psi = LandmarkNet.from_keypoint_net(phi, cfg.cluster.K).to(dev)
     phi_ddp, psi_ddp = distributed.wrap_ddp(phi, info), distributed.wrap_ddp(psi, info)
+    phi_run = phi
+    if args.compile:  # what torch.compile would give the training loop (not a run option yet)
+        phi_ddp, psi_ddp, phi_run = torch.compile(phi_ddp), torch.compile(psi_ddp), torch.compile(phi)
     opt = torch.optim.RMSprop(phi.parameters(), lr=cfg.stage1.lr)
     opt2 = torch.optim.RMSprop(psi.parameters(), lr=cfg.stage2.lr)
     batch, table = fixed_pairs(args.pairs, args.size, cfg.cluster.M, dev, info.rank)
@@ -106,7 +109,7 @@ def measure(args) -> dict:
 
     def extraction(precision: str) -> None:
         with autocast(dev, precision):
-            extract(phi, [{"view0": images, "matrix0": eye, "id": ids}], max_points=cfg.stage1.extract_points,
+            extract(phi_run, [{"view0": images, "matrix0": eye, "id": ids}], max_points=cfg.stage1.extract_points,
                     threshold=0.0, flip=True, show_progress=False)
 
     kinds = {"limit": limit, "stage1": stage1, "stage2": stage2, "extract": extraction}
@@ -217,6 +220,7 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     p.add_argument("--json", type=Path, help="also write the raw times here")
     p.add_argument("--nccl-check", action="store_true", help="also run DDP over a one-rank NCCL group (GPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the networks first")
     args = p.parse_args()
     args.precision = [x.strip() for x in args.precision.split(",") if x.strip()]
     from k2l_dist.config import load_config
@@ -238,7 +242,8 @@ def main() -> int:
         f"`{cmd}` — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
         "",
         f"- machine: {machine()}",
-        f"- `{args.config}`'s model ({result['params_phi'] / 1e6:.2f} M parameters in Φ) at {args.size} px, "
+        f"- `{args.config}`'s model ({result['params_phi'] / 1e6:.2f} M parameters in Φ"
+        f"{', torch.compile' if args.compile else ''}) at {args.size} px, "
         f"{args.pairs} pairs per step, {result['threads']} threads; fixed in-memory pairs (no loading), "
         f"medians of {args.repeats} × {args.steps} steps",
         "- limit: Φ forward + backward + RMSprop on a loss that only sums the outputs; losses' share: "
