@@ -13,12 +13,11 @@ skipped with a counted, named reason, or raise under ``data.strict``.
 from __future__ import annotations
 
 import collections
-import json
 import multiprocessing as mp
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import cv2
 import numpy as np
@@ -26,7 +25,7 @@ from tqdm import tqdm
 
 from k2l_dist.config import Config, DataConfig, KeypointConfig, save_config
 from k2l_dist.data import crop as crops
-from k2l_dist.data.readers import FACE5_NAMES, DatasetError, Skip, SourceItem, read_box_file, read_items
+from k2l_dist.data.readers import FACE5_NAMES, Skip, SourceItem, read_box_file, read_items
 from k2l_dist.data.shards import SHARD_PATTERN, TEST_IDS, TRAIN_IDS, Sample, write_index, write_shard
 from k2l_dist.utils.io import atomic_write_text
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
