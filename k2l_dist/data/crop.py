@@ -79,6 +79,10 @@ def crop_image(image: np.ndarray, box: tuple[float, float, float], size: int) ->
     return cv2.warpAffine(image, m, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
 
 
+# pixels kept clear of a crop's padding edge: points there sit on the image/padding seam
+PADDING_MARGIN = 2.0
+
+
 def valid_rects(boxes: np.ndarray, orig_sizes: np.ndarray, size: int) -> np.ndarray:
     """Where each crop shows its image: ``(N, 4)`` float32 ``x0, y0, x1, y1`` in crop pixels.
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 
-from k2l_dist.data.crop import inside_rects
+from k2l_dist.data.crop import PADDING_MARGIN, inside_rects
 from k2l_dist.config import KeypointConfig
 from k2l_dist.keypoints.anms import anms
 
@@ -134,7 +134,7 @@ class KeypointDetector:
     def __call__(self, image_bgr: np.ndarray, region: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Keypoints (N, 2) float32 (x, y), N <= cfg.count, and descriptors (N, descriptor_dim).
 
-        ``region`` ``(x0, y0, x1, y1)``: only points at least ``REGION_MARGIN`` pixels inside
+        ``region`` ``(x0, y0, x1, y1)``: only points at least ``PADDING_MARGIN`` pixels inside
         it (a crop's padding repeats border pixels; its stripes are not the object).
         """
         gray = to_gray_uint8(image_bgr)
@@ -177,13 +177,10 @@ class KeypointDetector:
         return out.astype(np.float32), np.ascontiguousarray(desc, dtype=self.descriptor_dtype)
 
 
-REGION_MARGIN = 2.0
-
-
 def _inside(points: np.ndarray, region: np.ndarray | None) -> np.ndarray:
     if region is None:
         return np.ones(len(points), bool)
-    return inside_rects(points, np.asarray(region, np.float64), REGION_MARGIN)
+    return inside_rects(points, np.asarray(region, np.float64), PADDING_MARGIN)
 
 
 def _orb_to_pixel_centres(pts: np.ndarray, levels: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -14,8 +14,7 @@ import numpy as np
 import torch
 
 from k2l_dist.augment.geometry import inverse_affine, transform_points
-from k2l_dist.data.crop import inside_rects, valid_rects
-from k2l_dist.keypoints.generic import REGION_MARGIN
+from k2l_dist.data.crop import PADDING_MARGIN, inside_rects, valid_rects
 from k2l_dist.models.points import to_image_coords
 
 
@@ -41,7 +40,7 @@ class CropRegions:
 
 
 def points_inside(view_points: torch.Tensor, rects: torch.Tensor, matrices: torch.Tensor,
-                  margin: float = REGION_MARGIN) -> torch.Tensor:
+                  margin: float = PADDING_MARGIN) -> torch.Tensor:
     """``(B, P)`` bool: view-pixel points whose crop position lies ``margin`` inside ``rects``."""
     crop = transform_points(view_points.float(), inverse_affine(matrices).to(view_points.device).float())
     return inside_rects(crop, rects, margin)
