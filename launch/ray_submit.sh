@@ -86,4 +86,4 @@ for attempt in $(seq 1 12); do
   echo "launch/ray_submit.sh: the job agent at $address is not up yet; retrying in 5 s ($attempt/12)" >&2
   sleep 5
 done
-die "no job agent answered at $address within a minute"
+die "no job agent answered at $address within a minute: see dashboard_agent.log in the head's Ray logs (/tmp/ray/session_latest/logs); an agent port held by another Ray is a common cause"

@@ -157,15 +157,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _ray_agent_log_tail() -> str:
+    log = Path("/tmp/ray/session_latest") / "logs" / "dashboard_agent.log"
+    return f"\n--- {log} ---\n" + log.read_text(errors="replace")[-2000:] if log.exists() else ""
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_ray_submit_trains_through_a_ray_job_on_a_local_head(shards, tmp_path):
     """``launch/ray_submit.sh`` against ``ray start --head``: the job's driver reserves a
     placement group and starts torchrun from a launcher actor. Stops Ray afterwards."""
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    port, dashboard = _free_port(), _free_port()
+    port, dashboard, agent_http, agent_grpc, runtime_env = (_free_port() for _ in range(5))
+    # Every agent port is chosen here: a Ray left by an earlier test may still hold the defaults,
+    # and a head whose agent cannot bind answers "No available agent" for ever.
     start = subprocess.run(["ray", "start", "--head", f"--port={port}", "--num-cpus=2", "--dashboard-host=127.0.0.1",
-                            f"--dashboard-port={dashboard}", "--object-store-memory=300000000"], env=env, capture_output=True, text=True, timeout=120)
+                            f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent_http}",
+                            f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env}",
+                            "--object-store-memory=300000000"], env=env, capture_output=True, text=True, timeout=120)
     assert start.returncode == 0, start.stderr[-2000:]
     try:
         run_dir = tmp_path / "run"
@@ -174,7 +183,7 @@ def test_ray_submit_trains_through_a_ray_job_on_a_local_head(shards, tmp_path):
                               f"data.shards={shards}", "stage1.rounds=1"],
                              env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
         out = res.stdout + res.stderr
-        assert res.returncode == 0, out[-4000:]
+        assert res.returncode == 0, out[-3000:] + _ray_agent_log_tail()
         assert "--standalone" in out and "node exit codes: [0]" in out
         assert json.loads((run_dir / "metrics.json").read_text())["world_size"] == 2
     finally:
