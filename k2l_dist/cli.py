@@ -111,7 +111,7 @@ def _summary(run_dir: str, metrics: dict) -> str:
 def _cmd_ablate(args) -> int:
     from k2l_dist.eval.ablate import ablate
 
-    print(ablate(args.config, args.grid, args.overrides, args.out))
+    print(ablate(args.config, args.grid or [], args.overrides, args.out, alone=args.alone))
     return 0
 
 
@@ -164,12 +164,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_detect)
 
     p = sub.add_parser("ablate", help="train a config over a grid of settings; a markdown table of the metrics",
-                       description="One run per combination of the --grid values, in <out>/<setting> "
+                       description="One run per combination of the --grid values (or the base and each "
+                                   "--alone change), in <out>/<setting> "
                                    "(rerun to resume); the table goes to <out>/ablation.md.")
     p.add_argument("config", help="YAML config, e.g. configs/mtfl_cpu.yaml")
     p.add_argument("overrides", nargs="*", help="key=value overrides shared by every setting")
-    p.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2",
+    p.add_argument("--grid", action="append", metavar="KEY=V1,V2",
                    help="a key and its values (repeat for more keys: every combination runs)")
+    p.add_argument("--alone", action="append", metavar="'KEY=V [KEY=V …]'",
+                   help="instead of --grid: the config as it is, then each --alone change on its own "
+                        "(one or more overrides that belong together)")
     p.add_argument("--out", required=True, help="folder for the runs, the shared shards and the table")
     p.set_defaults(func=_cmd_ablate)
     return parser

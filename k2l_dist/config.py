@@ -121,6 +121,9 @@ class LossConfig:
     # ignore the part of a crop that lies outside its image (repeated border pixels): no
     # detections, random negatives or heatmap loss there
     mask_padding: bool = True
+    # an image without pseudo-labels this round is left out of the detector loss; False
+    # trains its heatmap towards zero (an ablation of that choice)
+    sit_out_unlabelled: bool = True
 
 
 @dataclass

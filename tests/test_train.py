@@ -184,3 +184,37 @@ def test_learning_rate_steps_down_at_the_milestones_per_parameter_group():
     assert seen[8] == pytest.approx([1e-6, 1e-5]) and seen[100] == seen[8]
     with pytest.raises(ValueError, match="2 parameter groups for 1 base rates"):
         LRSchedule((1e-3,)).apply(opt, 0)
+
+
+@pytest.mark.parametrize("sit_out", [True, False])
+def test_an_image_without_pseudo_labels_sits_out_of_the_detector_loss_unless_switched_off(sit_out):
+    """Image 1 has no pseudo-label: sitting out, the pair's detector loss is image 0's alone;
+    switched off, image 1's heatmap is pulled towards zero as well."""
+    from k2l_dist.config import LossConfig, ModelConfig
+    from k2l_dist.loss import detector_loss
+    from k2l_dist.models import STRIDE, KeypointNet
+    from k2l_dist.models.points import to_feature_coords
+    from k2l_dist.train.steps import stage1_losses
+
+    torch.manual_seed(0)
+    phi = KeypointNet(ModelConfig(width=16, depth=2, descriptor_dim=16))
+    size = 32
+    points = np.array([[8.0, 8.0], [20.0, 12.0], [12.0, 24.0]], np.float32)
+    table = LabelTable.from_points(np.zeros(3, np.int64), points, labels=np.array([0, 1, 2]), all_ids=np.array([0, 1]))
+    eye = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]).expand(2, 2, 3).contiguous()
+    batch = {"view0": torch.rand(2, 3, size, size), "view1": torch.rand(2, 3, size, size), "matrix0": eye,
+             "matrix1": eye, "flip0": torch.zeros(2, dtype=torch.bool), "flip1": torch.zeros(2, dtype=torch.bool),
+             "id": torch.tensor([0, 1])}
+    with torch.no_grad():
+        losses = stage1_losses(phi, batch, table, max_points=4, loss_cfg=LossConfig(sit_out_unlabelled=sit_out),
+                               generator=torch.Generator().manual_seed(0))
+        heat, _ = phi(torch.cat([batch["view0"], batch["view1"]]))
+    fpts = to_feature_coords(torch.from_numpy(points)[None], STRIDE)
+    per_view = []
+    for v in (0, 1):
+        h = heat[2 * v: 2 * v + 2]
+        own = detector_loss(h[:1], fpts, torch.ones(1, 3, dtype=torch.bool), 1.0)
+        silent = h[1].square().mean()  # image 1's target is an empty map
+        per_view.append(own if sit_out else (own + silent) / 2)
+    torch.testing.assert_close(losses["detector"], (per_view[0] + per_view[1]) / 2)
+    assert float(losses["images_sitting_out"]) == (0.5 if sit_out else 0.0)

@@ -53,13 +53,36 @@ def settings(grid: list[tuple[str, list[str]]]) -> list[Setting]:
     return [Setting(tuple(zip(keys, combo))) for combo in itertools.product(*(v for _, v in grid))]
 
 
-def ablate(config: str | Path | None, grid_items: list[str], overrides: list[str], out: str | Path) -> str:
-    """Runs every setting (resuming where a previous call stopped); returns the markdown table."""
+def alone_settings(changes: list[str]) -> list[Setting]:
+    """The config as it is, then each change on its own: ``"k=v"`` or several overrides that
+    belong together, ``"k1=v1 k2=v2"`` (errors name the change)."""
+    runs = [Setting(())]
+    for change in changes:
+        pairs = []
+        for item in change.split():
+            key, sep, value = item.partition("=")
+            if not sep or not key or not value:
+                raise ConfigError(f"--alone {change!r}: expected key=value [key=value …]")
+            pairs.append((key, value))
+        if not pairs:
+            raise ConfigError("--alone '': give at least one key=value")
+        runs.append(Setting(tuple(pairs)))
+    return runs
+
+
+def ablate(config: str | Path | None, grid_items: list[str], overrides: list[str], out: str | Path,
+           alone: list[str] | None = None) -> str:
+    """Runs every setting (resuming where a previous call stopped); returns the markdown table.
+
+    ``grid_items``: every combination of the values; ``alone``: the base config and each
+    change on its own (one of the two)."""
     from k2l_dist.train.run import train
 
     out = Path(out)
-    grid = parse_grid(grid_items)
-    runs = settings(grid)
+    if bool(grid_items) == bool(alone):
+        raise ConfigError("k2l ablate: give either --grid (every combination) or --alone (each change on its own)")
+    grid = parse_grid(grid_items) if grid_items else []
+    runs = settings(grid) if grid else alone_settings(alone)
     for setting in runs:  # every setting must be a valid config before any training starts
         load_config(config, [*overrides, *setting.overrides])
     rows = []
@@ -73,20 +96,23 @@ def ablate(config: str | Path | None, grid_items: list[str], overrides: list[str
 
             print(prepare(cfg, shards).text())
         rows.append((setting, train(cfg)))
-        atomic_write_text(out / "ablation.md", table(rows, config, grid, overrides))
+        atomic_write_text(out / "ablation.md", table(rows, config, grid, overrides, alone))
     atomic_write_text(out / "ablation.json", json.dumps(
         [{"setting": dict(s.values), "metrics": m} for s, m in rows], indent=1))
-    return table(rows, config, grid, overrides)
+    return table(rows, config, grid, overrides, alone)
 
 
-def table(rows: list, config, grid: list[tuple[str, list[str]]], overrides: list[str]) -> str:
-    head = ["| " + " | ".join([*(k for k, _ in grid), *(c for _, c in COLUMNS), "train min"]) + " |",
-            "|" + "---|" * (len(grid) + len(COLUMNS) + 1)]
+def table(rows: list, config, grid: list[tuple[str, list[str]]], overrides: list[str],
+          alone: list[str] | None = None) -> str:
+    keys = [k for k, _ in grid] or ["change"]
+    head = ["| " + " | ".join([*keys, *(c for _, c in COLUMNS), "train min"]) + " |",
+            "|" + "---|" * (len(keys) + len(COLUMNS) + 1)]
     lines = []
     for setting, metrics in rows:
-        cells = [v for _, v in setting.values]
+        cells = [v for _, v in setting.values] if grid else [" ".join(setting.overrides) or "as configured"]
         cells += [f"{metrics[k]:.4f}" if isinstance(metrics.get(k), float) else "—" for k, _ in COLUMNS]
         cells.append(f"{metrics.get('train_seconds', 0) / 60:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
-    cmd = " ".join(["k2l ablate", str(config or ""), *(f"--grid {k}={','.join(v)}" for k, v in grid), *overrides])
+    cmd = " ".join(["k2l ablate", str(config or ""), *(f"--grid {k}={','.join(v)}" for k, v in grid),
+                    *(f"--alone '{c}'" for c in alone or []), *overrides])
     return "\n".join([f"`{cmd}`", "", *head, *lines, ""])

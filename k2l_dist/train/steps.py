@@ -1,4 +1,4 @@
-"""One training step of each stage, on a batch of two augmented views (issue 3's loader).
+"""One training step of each stage, on a batch of two augmented views.
 
 Pseudo-labels live in a :class:`~k2l_dist.train.labels.LabelTable` in crop pixels;
 here they are looked up by sample id, mapped into each view with the view's affine
@@ -54,14 +54,16 @@ def stage1_losses(model: torch.nn.Module, batch: dict, table: LabelTable, *, max
     for v in (0, 1):
         sl = slice(v * b, (v + 1) * b)
         pts, pres, lab, labelled = _view_labels(batch, looked_up, v, device)
+        in_loss = labelled if loss_cfg.sit_out_unlabelled else torch.ones_like(labelled)
         if "valid" in batch:  # padding repeats of the last batch: no points, no loss
             pres = pres & batch["valid"].to(device)[:, None]
             labelled = labelled & batch["valid"].to(device)
+            in_loss = in_loss & batch["valid"].to(device)
             lab = torch.where(pres, lab, torch.full_like(lab, -1))
         fpts = to_feature_coords(pts, STRIDE)
         matrix = batch[f"matrix{v}"].to(device)
         pixels = pixel_mask(rects, matrix, size, STRIDE) if rects is not None else None
-        det.append(detector_loss(heat[sl], fpts, pres, loss_cfg.heatmap_sigma, images=labelled, pixels=pixels))
+        det.append(detector_loss(heat[sl], fpts, pres, loss_cfg.heatmap_sigma, images=in_loss, pixels=pixels))
         descs.append(sample_descriptors(dmap[sl].float(), pts, STRIDE))
         locs, ok = sample_negative_locations(fpts, pres, size, loss_cfg.random_negatives,
                                              loss_cfg.min_neg_distance, generator)
@@ -82,7 +84,7 @@ def stage1_losses(model: torch.nn.Module, batch: dict, table: LabelTable, *, max
     return {"loss": detector + con["loss"], "detector": detector, "contrastive": con["loss"],
             "positive": con["positive"], "negative": con["negative"],
             "points_per_view": present[0].sum() / max(b, 1),
-            "images_sitting_out": 1.0 - labelled.float().mean()}
+            "images_sitting_out": 1.0 - in_loss.float().mean()}
 
 
 def landmark_targets(batch: dict, table: LabelTable, num_landmarks: int, view: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
