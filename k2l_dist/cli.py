@@ -96,12 +96,12 @@ def _cmd_train(args) -> int:
 
 def _summary(run_dir: str, metrics: dict) -> str:
     lines = [f"run folder: {run_dir}  (tensorboard --logdir {Path(run_dir) / 'tensorboard'})"]
-    keys = ["forward_nme", "backward_nme", "stage1_forward_nme", "keypoint_baseline_nme", "mean_shape_nme",
-            "raw_accuracy", "train_seconds", "samples_skipped", "eval_images_skipped"]
+    keys = ["forward_nme", "backward_nme", "stage1_forward_nme", "stage1_backward_nme", "keypoint_baseline_nme",
+            "keypoint_baseline_backward_nme", "mean_shape_nme", "raw_accuracy", "train_seconds", "samples_skipped", "eval_images_skipped"]
     for key in keys:
         if key in metrics and metrics[key] is not None:
             value = metrics[key]
-            lines.append(f"  {key:24s} {value:.4f}" if isinstance(value, float) else f"  {key:24s} {value}")
+            lines.append(f"  {key:31s} {value:.4f}" if isinstance(value, float) else f"  {key:31s} {value}")
     if metrics.get("samples_skipped"):
         reasons = ", ".join(f"{n} {r}" for r, n in sorted(metrics["samples_skipped_by_reason"].items()))
         lines.append(f"  unreadable samples left out of training and evaluation: {reasons}")

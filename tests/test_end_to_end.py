@@ -50,6 +50,7 @@ def test_tiny_synthetic_run_beats_the_mean_shape(tmp_path):
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["forward_nme"] == pytest.approx(metrics["forward_nme"])
     assert metrics["forward_nme"] < 0.95 * metrics["mean_shape_nme"], metrics
+    assert 0 < metrics["keypoint_baseline_backward_nme"] < 10 and 0 < metrics["stage1_backward_nme"] < 10
     for name in ("config.yaml", "model.pt", "checkpoint.pt", "ced.png", "landmarks_test.png"):
         assert (tmp_path / "run" / name).is_file(), name
 
@@ -66,7 +67,7 @@ def test_ablate_runs_every_setting_on_shared_shards_and_tabulates_them(tmp_path,
     table = (tmp_path / "ablation.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| same_image") or
             line.startswith("| different_clusters")]
-    assert len(rows) == 2 and all(len(r.split("|")) == 9 for r in rows)  # setting + 5 metrics + time
+    assert len(rows) == 2 and all(len(r.split("|")) == 10 for r in rows)  # setting + 6 metrics + time
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("shards")] == ["shards"]
     first = (tmp_path / "negatives=same_image" / "metrics.json").read_text()
     assert main(args) == 0  # a rerun reads the finished runs back

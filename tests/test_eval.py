@@ -124,6 +124,15 @@ def test_forward_and_backward_nme_end_to_end() -> None:
     np.testing.assert_allclose(res.per_landmark, err, rtol=1e-6)
     np.testing.assert_allclose(res.mean, err.mean(1).mean(), rtol=1e-6)
 
+    # a baseline's undetected test points (NaN) are not scored: the mean is over the rest
+    missing = noisy.copy()
+    missing[:50, 3] = np.nan
+    part = backward_nme(d_tr, gt_tr, missing, gt_te, cfg)
+    observed = np.ones(err.shape, bool)
+    observed[:50, 3] = False
+    np.testing.assert_allclose(part.mean, np.mean([e[o].mean() for e, o in zip(err, observed)]), rtol=1e-6)
+    assert part.n_scored == 100 and np.isnan(part.per_landmark[:50, 3]).all()
+
     # regressor_train_count: a seeded subset
     sub = forward_nme(d_tr, gt_tr, d_te, gt_te, EvalConfig(regressor_train_count=50))
     assert sub.n_train == 50

@@ -18,7 +18,7 @@ from k2l_dist.utils.io import atomic_write_text
 
 COLUMNS = [("forward_nme", "forward NME"), ("backward_nme", "backward NME"),
            ("stage1_forward_nme", "Stage-1 forward"), ("keypoint_baseline_nme", "keypoint baseline"),
-           ("mean_shape_nme", "mean shape")]
+           ("keypoint_baseline_backward_nme", "keypoint backward"), ("mean_shape_nme", "mean shape")]
 _PREPARE_KEYS = ("data.", "keypoints.")
 
 

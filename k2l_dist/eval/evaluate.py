@@ -155,10 +155,13 @@ def evaluate_run(cfg, shard_dir: Path, manifest: dict, meta: dict, split, phi, p
     s1 = stage1_landmarks(phi, loader(), centroids, eval_ids, cfg, regions)
     s1_train, s1_test, s1_svt = _complete(s1[is_reg], s1[is_test], cfg)
     s1_fwd = forward_nme(s1_train, gt[is_reg], s1_test, gt[is_test], ecfg_used)
+    # backward targets: the completed training matrix, and only the test points detected
+    s1_bwd = backward_nme(s1_train, gt[is_reg], s1[is_test], gt[is_test], ecfg_used)
 
     kp = keypoint_baseline(shard_dir, split.train, eval_ids, cfg)
     kp_train, kp_test, kp_svt = _complete(kp[is_reg], kp[is_test], cfg)
     kp_fwd = forward_nme(kp_train, gt[is_reg], kp_test, gt[is_test], ecfg_used)
+    kp_bwd = backward_nme(kp_train, gt[is_reg], kp[is_test], gt[is_test], ecfg_used)
 
     norm_test = landmark_norm(gt[is_test], ecfg_used.norm, ecfg_used.eye_indices)
     mean_shape = mean_shape_baseline(gt[is_reg], gt[is_test], norm_test,
@@ -174,6 +177,7 @@ def evaluate_run(cfg, shard_dir: Path, manifest: dict, meta: dict, split, phi, p
     metrics = {
         "forward_nme": fwd.mean, "backward_nme": bwd.mean, "stage1_forward_nme": s1_fwd.mean,
         "mean_shape_nme": mean_shape.mean, "keypoint_baseline_nme": kp_fwd.mean,
+        "stage1_backward_nme": s1_bwd.mean, "keypoint_baseline_backward_nme": kp_bwd.mean,
         "raw_accuracy": acc["mean_accuracy"],
         "raw_accuracy_per_landmark": dict(zip(names, map(float, acc["accuracy"]))),
         "forward_nme_per_landmark": dict(zip(names, map(float, fwd.per_landmark_mean))),
