@@ -97,7 +97,8 @@ def _cmd_train(args) -> int:
 def _summary(run_dir: str, metrics: dict) -> str:
     lines = [f"run folder: {run_dir}  (tensorboard --logdir {Path(run_dir) / 'tensorboard'})"]
     keys = ["forward_nme", "backward_nme", "stage1_forward_nme", "stage1_backward_nme", "keypoint_baseline_nme",
-            "keypoint_baseline_backward_nme", "mean_shape_nme", "raw_accuracy", "train_seconds", "samples_skipped", "eval_images_skipped"]
+            "keypoint_baseline_backward_nme", "mean_shape_nme", "raw_accuracy", "train_seconds", "samples_skipped",
+            "eval_images_skipped"]
     for key in keys:
         if key in metrics and metrics[key] is not None:
             value = metrics[key]

@@ -337,12 +337,13 @@ def _train(cfg: Config, info, shard_dir: Path, service: ClusteringService, resum
         extract_seconds = max_over_ranks(time.perf_counter() - t0)
         counts = mean_over_ranks({"capped": ext.capped, "images": ext.num_images})
         capped_share = counts["capped"] / max(counts["images"], 1e-9)
-        if info.is_main and capped_share > 0.05 and s1.extract_points == 0:  # the safety cap, not a choice
-            log_.warning("%s: %.0f%% of images reached the cap of %d peaks per image (stage1.extract_points): "
-                         "raise it or stage1.detect_threshold", key, 100 * capped_share, cap)
-        elif info.is_main and capped_share > 0.05:
-            log_.info("%s: %.0f%% of images kept only their %d strongest peaks (stage1.extract_points)",
-                      key, 100 * capped_share, cap)
+        if info.is_main and capped_share > 0.05:
+            if s1.extract_points == 0:  # the safety cap, not a choice
+                log_.warning("%s: %.0f%% of images reached the cap of %d peaks per image (stage1.extract_points): "
+                             "raise it or stage1.detect_threshold", key, 100 * capped_share, cap)
+            else:
+                log_.info("%s: %.0f%% of images kept only their %d strongest peaks (stage1.extract_points)",
+                          key, 100 * capped_share, cap)
         heartbeat(f"clustering {key}", allow_s=max(cfg.cluster.round_timeout_s, cfg.dist.timeout_s))
         labels = service.recover(kind, ext.as_dict(), key)
         if info.is_main:

@@ -57,7 +57,6 @@ def stage1_losses(model: torch.nn.Module, batch: dict, table: LabelTable, *, max
         in_loss = labelled if loss_cfg.sit_out_unlabelled else torch.ones_like(labelled)
         if "valid" in batch:  # padding repeats of the last batch: no points, no loss
             pres = pres & batch["valid"].to(device)[:, None]
-            labelled = labelled & batch["valid"].to(device)
             in_loss = in_loss & batch["valid"].to(device)
             lab = torch.where(pres, lab, torch.full_like(lab, -1))
         fpts = to_feature_coords(pts, STRIDE)
