@@ -48,6 +48,62 @@ def synthetic_part(points: int, dim: int, K: int, seed: int = 0) -> dict[str, np
             "flipped_descriptors": noisy(), "sample_ids": np.arange(len(counts), dtype=np.int64)}
 
 
+def dedup_by_image_loop(image_ids: np.ndarray, labels: np.ndarray, distances: np.ndarray) -> np.ndarray:
+    """The usual way: one numpy sort per image (the reference point of the targets)."""
+    keep = np.zeros(len(labels), bool)
+    starts = np.flatnonzero(np.r_[True, image_ids[1:] != image_ids[:-1]])
+    for s, e in zip(starts, np.r_[starts[1:], len(labels)]):
+        order = s + np.lexsort((distances[s:e], labels[s:e]))
+        lab = labels[order]
+        first = np.r_[True, lab[1:] != lab[:-1]] & (lab >= 0)
+        keep[order[first]] = True
+    return keep
+
+
+def dedup_rows(images: int, M: int, repeats: int) -> tuple[list[float], list[float], int, bool]:
+    from k2l_dist.clustering.kmeans import dedup_per_image
+
+    rng = np.random.default_rng(1)
+    ids = np.repeat(np.arange(images), rng.integers(20, 41, images))
+    labels = rng.integers(0, M, len(ids))
+    dist = rng.random(len(ids)).astype(np.float32)
+    ours, loop, same = [], [], True
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a = dedup_per_image(ids, labels, dist)
+        t1 = time.perf_counter()
+        b = dedup_by_image_loop(ids, labels, dist)
+        t2 = time.perf_counter()
+        ours.append(t1 - t0)
+        loop.append(t2 - t1)
+        same &= bool(np.array_equal(a, b))
+    return ours, loop, len(ids), same
+
+
+def sklearn_rows(x: np.ndarray, k: int, niter: int, threads: int) -> list[tuple[str, float, float]]:
+    """One K-means of every point of ``x`` into k clusters, niter Lloyd iterations, random
+    seeding: faiss (this project's wrapper) and scikit-learn; objective over all points."""
+    from k2l_dist.clustering.kmeans import assign, kmeans
+    from k2l_dist.config import ClusterConfig
+
+    rows = []
+    t0 = time.perf_counter()
+    res = kmeans(x, k, ClusterConfig(niter=niter, nredo=1, init="random", max_points_per_centroid=0, threads=threads))
+    rows.append(("faiss (k2l_dist.clustering.kmeans)", time.perf_counter() - t0,
+                 float(assign(x, res.centroids)[1].astype(np.float64).sum())))
+    try:
+        from sklearn.cluster import KMeans
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return rows
+    with threadpool_limits(threads):
+        t0 = time.perf_counter()
+        km = KMeans(k, init="random", n_init=1, max_iter=niter, tol=0.0, algorithm="lloyd", random_state=0).fit(x)
+        rows.append(("scikit-learn KMeans (lloyd)", time.perf_counter() - t0,
+                     float(assign(x, km.cluster_centers_.astype(np.float32))[1].astype(np.float64).sum())))
+    return rows
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--points", type=int, default=1_000_000)
@@ -57,6 +113,9 @@ def main() -> int:
     p.add_argument("--niter", type=int, default=20)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--shards", type=int, default=2, help="also time the actor over this many shard actors (0: skip)")
+    p.add_argument("--dedup-images", type=int, default=100_000, help="images of the deduplication benchmark (0: skip)")
+    p.add_argument("--sklearn", action="store_true",
+                   help="also one K-means (M clusters, all points, --niter iterations) with faiss vs scikit-learn")
     p.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     args = p.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -89,26 +148,68 @@ def main() -> int:
         return f"{assign(part['descriptors'], labels.centroids_k)[1].astype(np.float64).sum():.6g}"
 
     inline_t, inline = timed(lambda: recover("round", merge_parts([part]), cfg))
-    rows = [("inline (this process)", inline_t, "—", objective(inline))]
+    rows = [("inline (this process)", inline_t, "—", objective(inline), "—", "—")]
     info = DistInfo(0, 1, 0, 1, torch.device("cpu"), threads)
+    rss_peak_gb = {}
     for shards in [1] + ([args.shards] if args.shards > 1 else []):
         service = RayService(dataclasses.replace(cfg, shards=shards), info)
+        inside: list[dict] = []
         try:
             key = iter(range(10**6))
-            t, labels = timed(lambda: service.recover("round", part, f"round{next(key)}"))
+
+            def once():
+                out = service.recover("round", part, f"round{next(key)}")
+                inside.append(service.timings)
+                return out
+            t, labels = timed(once)
         finally:
             service.close()
         same = (f"{100 * (labels.labels == inline.labels).mean():.2f}%"
                 if labels.labels.shape == inline.labels.shape else f"other survivors ({len(labels.labels):,} points)")
-        rows.append((f"Ray actor, {shards} shard{'s' if shards > 1 else ''}", t, same, objective(labels)))
+        put = statistics.median(x["submit_seconds"] for x in inside)
+        work = statistics.median(x.get("actor_cluster_seconds", float("nan")) for x in inside)
+        rss = max(x.get("actor_peak_rss_bytes", float("nan")) for x in inside)
+        rss_peak_gb[shards] = rss / 1e9
+        rows.append((f"Ray actor, {shards} shard{'s' if shards > 1 else ''}", t, same, objective(labels),
+                     f"{put:.1f}", f"{work:.1f}"))
     base = statistics.median(inline_t)
     lines = [f"| {name} | {statistics.median(t):.1f} ({min(t):.1f}–{max(t):.1f}) | {statistics.median(t) / base:.2f} | "
-             f"{same} | {obj} |" for name, t, same, obj in rows]
+             f"{put} | {work} | {same} | {obj} |" for name, t, same, obj, put, work in rows]
+    extra: list[str] = []
+    if 1 in rss_peak_gb:
+        extra += ["", f"Peak RSS of the clustering actor (one shard): {rss_peak_gb[1]:.2f} GB for {args.points:,} "
+                  f"descriptors of {args.dim} d, i.e. {rss_peak_gb[1] / (args.points / 1e6):.2f} GB per million "
+                  f"(each point carries its mirrored descriptor; the round's arrays alone are {size_gb:.2f} GB; "
+                  "the process's own baseline is included)."]
+    if args.dedup_images:
+        ours, loop, n, same = dedup_rows(args.dedup_images, args.M, args.repeats)
+        o, lo = statistics.median(ours), statistics.median(loop)
+        extra += ["", "### Per-image deduplication", "",
+                  f"{args.dedup_images:,} images, {n:,} points (20–40 per image), labels in [0, {args.M}), random "
+                  f"distances; median of {args.repeats}; same keep mask: {same}. Targets: ≥ 10× the loop, ≤ 2% of "
+                  "the inline round.", "",
+                  "| dedup | seconds | vs the loop | share of the inline round |", "|---|---|---|---|",
+                  f"| one sort on (image, cluster, distance) packed in 64 bits (`dedup_per_image`) | {o:.3f} | "
+                  f"{lo / o:.1f}× faster | {100 * o / base:.1f}% |",
+                  f"| a numpy sort per image | {lo:.3f} | 1.0 | {100 * lo / base:.1f}% |"]
+    if args.sklearn:
+        sk = sklearn_rows(part["descriptors"], args.M, args.niter, threads)
+        ref = sk[0][1]
+        extra += ["", "### One K-means over every point: faiss vs scikit-learn", "",
+                  f"{args.points:,} × {args.dim} → {args.M} clusters, {args.niter} Lloyd iterations on all points "
+                  f"(no subsample), random seeding, one run each, {threads} threads. Target: faiss ≥ 4× faster, "
+                  "objectives within 1%.", "",
+                  "| library | seconds | vs faiss | objective (sum of squared distances, all points) |",
+                  "|---|---|---|---|",
+                  *[f"| {name} | {sec:.1f} | {sec / ref:.2f} | {obj:.6g} ({100 * (obj / sk[0][2] - 1):+.2f}%) |"
+                    for name, sec, obj in sk]]
+        if len(sk) == 1:
+            extra += ["", "scikit-learn is not installed here (`pip install -e '.[bench]'`): no comparison."]
     body = "\n".join([
         "## Clustering round: inline vs the Ray actor",
         "",
         f"`python bench/bench_clustering.py --points {args.points} --dim {args.dim} --repeats {args.repeats} "
-        f"--shards {args.shards}` — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"--shards {args.shards}{' --sklearn' if args.sklearn else ''}` — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
         "",
         f"- machine: {machine()}",
         f"- data: {args.points:,} descriptors × {args.dim}-d float32 (+ their mirrored descriptors), "
@@ -117,15 +218,17 @@ def main() -> int:
         f"subsample {cfg.max_points_per_centroid}/centroid for the seeding), per-image dedup, mirrored assignment; "
         f"Faiss on {threads} threads everywhere",
         "- actor time = what a rank waits: `ray.put` + submit + clustering in the actor + reading the labels "
-        "from the object store (Ray started before timing)",
+        "from the object store (Ray started before timing); 'put' and 'in the actor' are medians of its parts",
         "",
-        "| path | seconds, median (min–max) | vs inline | labels equal to inline | K-pass objective, all points |",
-        "|---|---|---|---|---|",
+        "| path | seconds, median (min–max) | vs inline | put s | in the actor s | labels equal to inline "
+        "| K-pass objective, all points |",
+        "|---|---|---|---|---|---|---|",
         *lines,
         "",
         "The sharded path seeds from a sample and then runs its Lloyd iterations over all points in the shards "
         "(faiss' single-process K-means iterates on its subsample), so it is slower here and lands in another "
         "local optimum: compare the objectives, not the labels. Its shard actors share this machine's 2 cores.",
+        *extra,
     ])
     print(body)
     write_section(args.out, "bench_clustering", body)

@@ -62,7 +62,7 @@ def measure(args) -> dict:
     from k2l_dist.train.extract import extract
     from k2l_dist.train.steps import autocast, stage1_losses, stage2_losses
 
-    cfg = load_config(ROOT / args.config)
+    cfg = load_config(ROOT / args.config, args.overrides)
     info = distributed.enable(cfg.dist, args.device)
     dev = info.device
     torch.manual_seed(0)
@@ -164,7 +164,7 @@ def nccl_check(args) -> dict:
     from k2l_dist.models import KeypointNet
     from k2l_dist.train.steps import stage1_losses
 
-    cfg = load_config(ROOT / args.config)
+    cfg = load_config(ROOT / args.config, args.overrides)
     dev = torch.device("cuda", 0)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -221,11 +221,12 @@ def main() -> int:
     p.add_argument("--json", type=Path, help="also write the raw times here")
     p.add_argument("--nccl-check", action="store_true", help="also run DDP over a one-rank NCCL group (GPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the networks first")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides (e.g. model.width=296: 8.4 M parameters)")
     args = p.parse_args()
     args.precision = [x.strip() for x in args.precision.split(",") if x.strip()]
     from k2l_dist.config import load_config
 
-    cfg = load_config(ROOT / args.config)
+    cfg = load_config(ROOT / args.config, args.overrides)
     args.size = args.size or cfg.augment.size or cfg.data.size
     args.pairs = args.pairs or cfg.augment.batch_size
     result = measure(args)

@@ -100,6 +100,32 @@ def test_dedup_invariants_random() -> None:
         assert keep[i] == (i == best)
 
 
+def _dedup_by_loop(img: np.ndarray, lab: np.ndarray, dist: np.ndarray) -> np.ndarray:
+    """Reference: per (image, label) the lowest distance (NaN last, negatives as 0), ties to the lowest index."""
+    d = np.where(np.isnan(dist), np.inf, np.maximum(dist, 0))
+    keep = np.zeros(len(lab), bool)
+    for key in {(a, b) for a, b in zip(img.tolist(), lab.tolist()) if b >= 0}:
+        grp = np.flatnonzero((img == key[0]) & (lab == key[1]))
+        keep[grp[np.lexsort((grp, d[grp]))[0]]] = True
+    return keep
+
+
+@pytest.mark.parametrize("layout", ["sorted by image (a merged round)", "unsorted", "labels too wide to pack"])
+def test_dedup_matches_a_per_image_loop(layout: str) -> None:
+    rng = np.random.default_rng(5)
+    n = 3000
+    img = rng.integers(0, 120, n) * 7
+    lab = rng.integers(-1, 6, n)
+    dist = rng.integers(-2, 15, n).astype(np.float32) / 4  # ties, and negatives from rounding
+    dist[rng.random(n) < 0.02] = np.nan
+    if layout.startswith("sorted"):
+        order = np.argsort(img, kind="stable")
+        img, lab, dist = img[order], lab[order], dist[order]
+    if layout.startswith("labels"):
+        lab = np.where(lab >= 0, lab * 2**30, -1)  # (image, label) no longer fits 32 bits: the lexsort path
+    np.testing.assert_array_equal(dedup_per_image(img, lab, dist), _dedup_by_loop(img, lab, dist))
+
+
 def test_dedup_independent_of_input_order_except_ties() -> None:
     rng = np.random.default_rng(4)
     n = 2000

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import threading
 import time
 from typing import Any
@@ -34,6 +35,11 @@ def split_part(part: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict
     return ({k: part[k] for k in ID_KEYS}, {k: v for k, v in part.items() if k not in ID_KEYS})
 
 log = logging.getLogger(__name__)
+
+
+def peak_rss_bytes() -> float:
+    """This process's peak resident memory so far (Linux reports kilobytes)."""
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 class ClusteringActor:
@@ -119,7 +125,7 @@ class ClusteringActor:
         t2 = time.perf_counter()
         stats = dict(labels.stats)
         stats.update(actor_fetch_seconds=t1 - t0, actor_cluster_seconds=t2 - t1,
-                     object_store_round_bytes=float(part_bytes + labels.nbytes))
+                     object_store_round_bytes=float(part_bytes + labels.nbytes), actor_peak_rss_bytes=peak_rss_bytes())
         return stats, [ray.put(labels.arrays())]
 
     def _sharded(self, kind: str, ids: list[dict], payload_refs: list) -> tuple[RoundLabels, int]:

@@ -278,24 +278,36 @@ def dedup_per_image(image_ids: np.ndarray, labels: np.ndarray, distances: np.nda
     """Keep mask (n,) bool: per (image, cluster) only the point closest to the centroid.
 
     Points with a negative label (already dropped) are never kept; NaN distances rank
-    last. Ties in distance go to the lower input index (np.lexsort is stable), so the
-    result does not depend on anything but the inputs.
+    last and negative ones (rounding in the squared distances) count as 0. Ties in
+    distance go to the lower input index (stable sort), so the result depends on
+    nothing but the inputs.
     """
-    image_ids = np.asarray(image_ids).reshape(-1)
-    labels = np.asarray(labels).reshape(-1)
-    distances = np.asarray(distances, dtype=np.float64).reshape(-1)
+    image_ids = np.asarray(image_ids, dtype=np.int64).reshape(-1)
+    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    distances = np.asarray(distances, dtype=np.float32).reshape(-1)
     n = labels.shape[0]
     if image_ids.shape[0] != n or distances.shape[0] != n:
         raise ValueError(f"length mismatch: image_ids {image_ids.shape}, labels {labels.shape}, distances {distances.shape}")
     keep = np.zeros(n, dtype=bool)
     if n == 0:
         return keep
-    dist = np.where(np.isnan(distances), np.inf, distances)
-    # sort by image, then label, then distance (lexsort: last key is primary)
-    order = np.lexsort((dist, labels, image_ids))
-    img_s, lab_s = image_ids[order], labels[order]
+    dist = np.where(np.isnan(distances), np.float32(np.inf), np.where(distances > 0, distances, np.float32(0)))
+    if (image_ids[1:] >= image_ids[:-1]).all():  # a merged round is sorted by image: no unique() needed
+        image = np.zeros(n, np.int64)
+        np.cumsum(image_ids[1:] != image_ids[:-1], out=image[1:])
+    else:
+        image = np.unique(image_ids, return_inverse=True)[1].reshape(-1)
+    group = image * (int(labels.max()) + 2) + (labels + 1)  # (image, cluster), -1 labels included
+    if group.max() < 2**32:
+        # One sort on (group, distance) packed in 64 bits: the bits of a non-negative
+        # float32 order as the floats do. A stable sort keeps ties in input order.
+        key = (group.astype(np.uint64) << np.uint64(32)) | dist.view(np.uint32).astype(np.uint64)
+        order = np.argsort(key, kind="stable")
+    else:
+        order = np.lexsort((dist, group))
+    sorted_group = group[order]
     first = np.ones(n, dtype=bool)
-    first[1:] = (img_s[1:] != img_s[:-1]) | (lab_s[1:] != lab_s[:-1])
+    np.not_equal(sorted_group[1:], sorted_group[:-1], out=first[1:])
     keep[order[first]] = True
     keep &= labels >= 0
     return keep
