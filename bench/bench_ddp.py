@@ -35,6 +35,7 @@ def worker(config: str, steps: int, out: Path) -> None:
 
     from k2l_dist import distributed
     from k2l_dist.config import load_config
+    from k2l_dist.train.optim import rmsprop
     from k2l_dist.models import KeypointNet
     from k2l_dist.train.steps import stage1_losses
 
@@ -43,7 +44,7 @@ def worker(config: str, steps: int, out: Path) -> None:
     torch.manual_seed(0)
     phi = KeypointNet(cfg.model)
     ddp = distributed.wrap_ddp(phi, info)
-    opt = torch.optim.RMSprop(phi.parameters(), lr=cfg.stage1.lr)
+    opt = rmsprop(phi.parameters(), lr=cfg.stage1.lr)
     b, size = cfg.augment.batch_size, cfg.augment.size or cfg.data.size
     batch, table = fixed_pairs(b, size, cfg.cluster.M, torch.device("cpu"), info.rank)
     gen = torch.Generator().manual_seed(info.rank)

@@ -62,6 +62,7 @@ def measure(args) -> dict:
     from k2l_dist.config import load_config
     from k2l_dist.data.prepare import is_prepared, prepare
     from k2l_dist.data.shards import load_manifest, load_samples_meta
+    from k2l_dist.train.optim import rmsprop
     from k2l_dist.models import KeypointNet, LandmarkNet, count_parameters
     from k2l_dist.train.regions import CropRegions
     from k2l_dist.train.run import _forever, _loader, initial_table, train_iterations
@@ -82,8 +83,8 @@ def measure(args) -> dict:
     torch.manual_seed(0)
     phi = KeypointNet(cfg.model)
     psi = LandmarkNet.from_keypoint_net(phi, cfg.cluster.K)
-    opt = torch.optim.RMSprop(phi.parameters(), lr=cfg.stage1.lr)
-    opt2 = torch.optim.RMSprop(psi.parameters(), lr=cfg.stage2.lr)
+    opt = rmsprop(phi.parameters(), lr=cfg.stage1.lr)
+    opt2 = rmsprop(psi.parameters(), lr=cfg.stage2.lr)
     gen = torch.Generator().manual_seed(0)
     loaders = {"stage1": _loader(cfg, shard_dir, ids, info, train=True, seed=1),
                "stage2": _loader(cfg, shard_dir, ids, info, train=True, seed=2, views=1)}

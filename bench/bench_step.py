@@ -58,6 +58,7 @@ def measure(args) -> dict:
     from k2l_dist import distributed
     from k2l_dist.config import load_config
     from k2l_dist.distributed.collectives import broadcast_arrays, check_replicas
+    from k2l_dist.train.optim import rmsprop
     from k2l_dist.models import KeypointNet, LandmarkNet, count_parameters
     from k2l_dist.train.extract import extract
     from k2l_dist.train.steps import autocast, stage1_losses, stage2_losses
@@ -72,8 +73,8 @@ def measure(args) -> dict:
     phi_run = phi
     if args.compile:  # what torch.compile would give the training loop (not a run option yet)
         phi_ddp, psi_ddp, phi_run = torch.compile(phi_ddp), torch.compile(psi_ddp), torch.compile(phi)
-    opt = torch.optim.RMSprop(phi.parameters(), lr=cfg.stage1.lr)
-    opt2 = torch.optim.RMSprop(psi.parameters(), lr=cfg.stage2.lr)
+    opt = rmsprop(phi.parameters(), lr=cfg.stage1.lr)
+    opt2 = rmsprop(psi.parameters(), lr=cfg.stage2.lr)
     batch, table = fixed_pairs(args.pairs, args.size, cfg.cluster.M, dev, info.rank)
     table2 = dataclasses.replace(table, labels=table.labels % cfg.cluster.K,
                                  flipped_labels=table.flipped_labels % cfg.cluster.K)

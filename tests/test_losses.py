@@ -200,6 +200,62 @@ def test_contrastive_matches_pairwise_reference(negatives: str, correspondence: 
     assert abs(out["positive"].item() - pos) < 1e-5 and abs(out["negative"].item() - negv) < 1e-5
 
 
+def _reference_loss(desc_a, desc_b, la, lb, va, vb, neg, neg_valid, points, min_dist, margin, negatives,
+                    correspondence) -> torch.Tensor:
+    """The loss pair by pair in torch (autograd through every pair), for gradient parity."""
+    na = torch.nn.functional.normalize
+    items = [(b, s, int(lab[b, s]), na(desc[b, s], dim=0))
+             for b in range(desc_a.shape[0]) for desc, lab, val in ((desc_a, la, va), (desc_b, lb, vb))
+             for s in range(desc_a.shape[1]) if val[b, s]]
+    pos, negs = [], []
+    for (b1, s1, l1, f1), (b2, s2, l2, f2) in itertools.combinations(items, 2):
+        d = (f1 - f2).square().sum()
+        if b1 == b2:
+            if s1 == s2:
+                pos.append(d)
+            elif negatives == "same_image" and float((points[b1, s1] - points[b1, s2]).norm()) >= min_dist:
+                negs.append(torch.relu(margin - d))
+        elif l1 >= 0 and l2 >= 0:
+            if l1 == l2 and correspondence == "clustering":
+                pos.append(d)
+            elif l1 != l2 and negatives == "different_clusters":
+                negs.append(torch.relu(margin - d))
+    if negatives == "same_image":
+        negs += [torch.relu(margin - (na(neg[b, r], dim=0) - f).square().sum())
+                 for b in range(neg.shape[0]) for r in range(neg.shape[1]) if neg_valid[b, r]
+                 for b2, _, _, f in items if b2 == b]
+    mean = lambda xs: torch.stack(xs).mean() if xs else desc_a.sum() * 0  # noqa: E731
+    return mean(pos) + mean(negs)
+
+
+@pytest.mark.parametrize("negatives", ["same_image", "different_clusters"])
+@pytest.mark.parametrize("correspondence", ["clustering", "equivariance"])
+def test_contrastive_gradients_match_the_pairwise_reference(negatives: str, correspondence: str) -> None:
+    """The per-image blocks and per-label sums give the pair-by-pair loss's gradients."""
+    g = torch.Generator().manual_seed(2)
+    bsz, p, d, r = 4, 6, 5, 3
+    leaves = [torch.randn(bsz, p, d, generator=g, requires_grad=True) for _ in range(2)]
+    neg = torch.randn(bsz, r, d, generator=g, requires_grad=True)
+    labels_a = torch.randint(-1, 3, (bsz, p), generator=g)  # few labels: many same-label pairs, in and across images
+    labels_b = labels_a.clone()
+    labels_b[1, 2] = 2
+    valid_a, valid_b = torch.rand(bsz, p, generator=g) > 0.2, torch.rand(bsz, p, generator=g) > 0.2
+    neg_valid = torch.rand(bsz, r, generator=g) > 0.3
+    points = torch.rand(bsz, p, 2, generator=g) * 4
+    ours = contrastive_loss(*leaves, labels_a, labels_b, neg, valid_a=valid_a, valid_b=valid_b,
+                            neg_valid_a=neg_valid, margin=1.3, negatives=negatives, correspondence=correspondence,
+                            points=points, neg_min_distance=1.5)["loss"]
+    got = torch.autograd.grad(ours, [*leaves, neg], allow_unused=True)  # different_clusters: no random negatives
+    ref = _reference_loss(*leaves, labels_a, labels_b, valid_a, valid_b, neg, neg_valid, points, 1.5, 1.3,
+                          negatives, correspondence)
+    want = torch.autograd.grad(ref, [*leaves, neg], allow_unused=True)
+    assert abs(ours.item() - ref.item()) < 1e-5
+    for a, b in zip(got, want):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 def test_contrastive_unlabelled_points_excluded_by_default() -> None:
     desc_a, desc_b, la, lb = _hand_case()
     base = contrastive_loss(desc_a, desc_b, la, lb)

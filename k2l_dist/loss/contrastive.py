@@ -41,6 +41,17 @@ def _pair_sq_dist(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (2.0 - 2.0 * x @ y.transpose(-1, -2)).clamp_min(0.0)
 
 
+def _same_label_pair_sums(x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of ‖xᵢ − xⱼ‖² over the unordered pairs with one label, and their count, from
+    per-label means: Σ_{i<j} ‖xᵢ − xⱼ‖² = n Σᵢ ‖xᵢ − μ‖² (stable, no pair matrix)."""
+    if labels.numel() == 0:
+        return x.sum() * 0.0, torch.zeros((), dtype=torch.int64, device=x.device)
+    _, group, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+    means = torch.zeros(len(counts), x.shape[1], device=x.device).index_add_(0, group, x) / counts[:, None]
+    spread = torch.zeros(len(counts), device=x.device).index_add_(0, group, (x - means[group]).square().sum(-1))
+    return (counts * spread).sum(), (counts * (counts - 1) // 2).sum()
+
+
 def contrastive_loss(
     desc_a: torch.Tensor,
     desc_b: torch.Tensor,
@@ -105,35 +116,44 @@ def contrastive_loss(
     # Distances in float32 even under bf16 autocast: bf16 matmuls are too coarse for
     # a margin on [0, 4].
     with torch.autocast(device_type=dev.type, enabled=False):
-        x = F.normalize(torch.cat([desc_a, desc_b], dim=1).float(), dim=-1).reshape(b * 2 * p, d)
-        labels = torch.cat([labels_a, labels_b], dim=1).reshape(-1)
-        valid = torch.cat([va, vb], dim=1).reshape(-1)
-        image = torch.arange(b, device=dev).repeat_interleave(2 * p)
-        slot = torch.arange(p, device=dev).repeat(2 * b)
+        x = F.normalize(torch.cat([desc_a, desc_b], dim=1).float(), dim=-1)  # (B, 2P, d)
+        labels = torch.cat([labels_a, labels_b], dim=1)  # (B, 2P)
+        valid = torch.cat([va, vb], dim=1)
+        labelled = valid & (labels >= 0)
 
-        n = x.shape[0]
-        dist = _pair_sq_dist(x, x)  # (N,N), N = 2BP
-        upper = torch.ones(n, n, dtype=torch.bool, device=dev).triu(1)
-        pair = upper & valid[:, None] & valid[None, :]
-        same_image = image[:, None] == image[None, :]
+        # Pairs within an image: one (2P, 2P) block per image, not the batch's (2BP)² matrix.
+        dist = _pair_sq_dist(x, x)  # (B, 2P, 2P)
+        slot = torch.arange(p, device=dev).repeat(2)
+        upper = torch.ones(2 * p, 2 * p, dtype=torch.bool, device=dev).triu(1)
         same_slot = slot[:, None] == slot[None, :]
-
-        pos = pair & same_image & same_slot
-        labelled = (labels[:, None] >= 0) & (labels[None, :] >= 0)
-        same_label = labels[:, None] == labels[None, :]
-        cross = pair & ~same_image & labelled
-        if correspondence == "clustering":
-            pos = pos | (cross & same_label)
-        neg = pair & same_image & ~same_slot if negatives == "same_image" else cross & ~same_label
-        if negatives == "same_image" and points is not None and neg_min_distance > 0:
-            where = torch.cat([points, points], dim=1).reshape(-1, 2).float()
-            neg = neg & (torch.cdist(where, where) >= neg_min_distance)
-
-        hinge = F.relu(margin - dist)
+        pair = upper & valid[:, :, None] & valid[:, None, :]
+        pos = pair & same_slot
         pos_sum = (dist * pos).sum()
-        neg_sum = (hinge * neg).sum()
         num_pos = pos.sum()
-        num_neg = neg.sum()
+        if correspondence == "clustering":
+            # Pairs across images with one label: every same-label pair of the batch, less
+            # those inside an image (a sum per label, never the (2BP)² matrix).
+            in_image = upper & labelled[:, :, None] & labelled[:, None, :] & (labels[:, :, None] == labels[:, None, :])
+            total, count = _same_label_pair_sums(x[labelled], labels[labelled])
+            pos_sum = pos_sum + total - ((2.0 - 2.0 * x @ x.transpose(-1, -2)) * in_image).sum()
+            num_pos = num_pos + count - in_image.sum()
+
+        if negatives == "same_image":
+            neg = pair & ~same_slot
+            if points is not None and neg_min_distance > 0:
+                where = torch.cat([points, points], dim=1).float()  # (B, 2P, 2)
+                apart = (where[:, :, None] - where[:, None, :]).square().sum(-1) >= neg_min_distance**2
+                neg = neg & apart
+            neg_sum = (F.relu(margin - dist) * neg).sum()
+            num_neg = neg.sum()
+        else:  # every labelled pair of two images with two labels: needs the whole batch's matrix
+            flat, lab = x.reshape(b * 2 * p, d), labels.reshape(-1)
+            ok = labelled.reshape(-1)
+            image = torch.arange(b, device=dev).repeat_interleave(2 * p)
+            across = torch.ones(len(lab), len(lab), dtype=torch.bool, device=dev).triu(1) \
+                & ok[:, None] & ok[None, :] & (image[:, None] != image[None, :]) & (lab[:, None] != lab[None, :])
+            neg_sum = (F.relu(margin - _pair_sq_dist(flat, flat)) * across).sum()
+            num_neg = across.sum()
 
         if negatives == "same_image":
             rand, rand_valid = [], []
@@ -146,9 +166,8 @@ def contrastive_loss(
             if rand:
                 rn = F.normalize(torch.cat(rand, dim=1).float(), dim=-1)  # (B,R',d)
                 rv = torch.cat(rand_valid, dim=1)
-                pts = x.view(b, 2 * p, d)
-                rmask = rv[:, :, None] & valid.view(b, 1, 2 * p)  # same image only, by construction
-                rdist = _pair_sq_dist(rn, pts)  # (B,R',2P)
+                rmask = rv[:, :, None] & valid[:, None, :]  # same image only, by construction
+                rdist = _pair_sq_dist(rn, x)  # (B,R',2P)
                 neg_sum = neg_sum + (F.relu(margin - rdist) * rmask).sum()
                 num_neg = num_neg + rmask.sum()
 

@@ -44,13 +44,15 @@ class LabelTable:
         return np.diff(self.offsets)
 
     def lookup(self, batch_ids: np.ndarray | torch.Tensor, max_points: int) -> dict[str, torch.Tensor]:
-        """Padded (B, max_points) tensors for a batch of sample ids (unknown ids get no points)."""
+        """Padded (B, P) tensors for a batch of sample ids (unknown ids get no points);
+        P = the batch's most points per image, at most ``max_points`` (at least 1): pairs
+        and targets scale with P, and a round keeps far fewer points than the warm-up."""
         batch_ids = np.asarray(batch_ids.cpu() if isinstance(batch_ids, torch.Tensor) else batch_ids, np.int64)
         pos = np.clip(np.searchsorted(self.ids, batch_ids), 0, max(len(self.ids) - 1, 0))
         known = (len(self.ids) > 0) & (self.ids[pos] == batch_ids) if len(self.ids) else np.zeros(len(batch_ids), bool)
         starts = self.offsets[pos]
         counts = np.where(known, np.minimum(self.counts[pos] if len(self.ids) else 0, max_points), 0)
-        slot = np.arange(max_points)
+        slot = np.arange(max(1, int(counts.max(initial=0))))
         valid = slot[None, :] < counts[:, None]
         rows = np.where(valid, starts[:, None] + slot[None, :], 0)
         if len(self.points) == 0:

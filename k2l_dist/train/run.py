@@ -38,6 +38,7 @@ from k2l_dist.train.extract import extract, extraction_cap
 from k2l_dist.train.regions import CropRegions
 from k2l_dist.train.schedule import LRSchedule
 from k2l_dist.train.labels import LabelTable
+from k2l_dist.train.optim import rmsprop
 from k2l_dist.train.steps import autocast, stage1_losses, stage2_losses
 from k2l_dist.utils.faults import fault_requested, maybe_hang, maybe_interrupt, maybe_raise
 from k2l_dist.utils.io import atomic_write_text, ensure_writable
@@ -254,7 +255,7 @@ def _train(cfg: Config, info, shard_dir: Path, service: ClusteringService, resum
     phi_ddp = distributed.wrap_ddp(phi, info)
     lr1 = lr_for_world(s1.lr, cfg.dist.lr_scaling, info.world_size)
     schedule1 = LRSchedule((lr1,), s1.lr_milestones, s1.lr_gamma)
-    opt = torch.optim.RMSprop(phi.parameters(), lr=lr1, weight_decay=s1.weight_decay)
+    opt = rmsprop(phi.parameters(), lr=lr1, weight_decay=s1.weight_decay)
     ckpt_path = run_dir / "checkpoint.pt"
     progress, table, ck = Progress(), initial_table(meta, split.train), None
     stage2_state: dict = {}  # round centroids; Ψ, its optimiser and labels once Stage 2 has started
@@ -402,8 +403,8 @@ def _train(cfg: Config, info, shard_dir: Path, service: ClusteringService, resum
     psi_ddp = distributed.wrap_ddp(psi, info)
     lr2 = lr_for_world(s2.lr, cfg.dist.lr_scaling, info.world_size)
     schedule2 = LRSchedule((lr2 * s2.backbone_lr_scale, lr2), s2.lr_milestones, s2.lr_gamma)
-    opt2 = torch.optim.RMSprop([{"params": psi.backbone.parameters()}, {"params": psi.head.parameters()}],
-                               lr=lr2, weight_decay=s2.weight_decay)
+    opt2 = rmsprop([{"params": psi.backbone.parameters()}, {"params": psi.head.parameters()}],
+                   lr=lr2, weight_decay=s2.weight_decay)
     if "optimizer2" in (ck or {}) and progress.phase_step > 0:
         opt2.load_state_dict(ck["optimizer2"])
     stage2_state.update(stage2_labels=table2.state(), centroids=torch.from_numpy(centroids),
