@@ -404,3 +404,18 @@ def test_flip_is_shared_between_the_views_of_a_pair(small, cache, shared):
         assert same == total
     else:
         assert same < total
+
+
+def test_noise_is_seeded_per_image_and_clipped(small, cache):
+    """Noise (added in torch after DALI): reproducible for a seed, its spread bounded by noise_std."""
+    quiet = AugmentConfig(batch_size=8, **{**NO_PHOTO, "noise_std": 0.0})
+    noisy = AugmentConfig(batch_size=8, **{**NO_PHOTO, "noise_std": 0.05})
+    clean = next(iter(build_loader(small, quiet, seed=3, cache_dir=cache)))
+    a = next(iter(build_loader(small, noisy, seed=3, cache_dir=cache)))
+    b = next(iter(build_loader(small, noisy, seed=3, cache_dir=cache)))
+    assert torch.equal(a["view0"], b["view0"]) and torch.equal(a["id"], clean["id"])
+    diff = (a["view0"] - clean["view0"]).flatten(1)
+    spread = diff.std(dim=1)
+    assert float(spread.max()) <= 0.05 * 1.1 and float(spread.max()) > 0.005  # per-image std in [0, noise_std]
+    assert spread.unique().numel() > 1  # each image its own strength
+    assert float(a["view0"].min()) >= 0.0 and float(a["view0"].max()) <= 1.0

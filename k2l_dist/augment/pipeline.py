@@ -15,8 +15,9 @@ each step left out of the graph when its range is zero):
   (also crop size → view size), rotation about the centre, translation (fraction of the
   view side), horizontal flip;
 * photometric, on the warped uint8 image: hue/saturation (``fn.hsv``),
-  brightness/contrast, Gaussian blur with probability ``blur_prob``, Gaussian noise;
-* conversion to float32 CHW in [0, 1], RGB (no mean/std normalisation: the model's job).
+  brightness/contrast, Gaussian blur with probability ``blur_prob``;
+* conversion to float32 CHW in [0, 1], RGB (no mean/std normalisation: the model's job);
+* Gaussian noise, in torch on the batch (seeded per loader and rank), clipped to [0, 1].
 
 Sharding: the reader splits the (checked) samples, in tar order, into ``world_size``
 contiguous parts; each rank reads one per epoch and moves to the next part the next
@@ -129,8 +130,6 @@ def _view_graph(images: Any, cfg: AugmentConfig, crop_hw: tuple[int, int], size:
         hit = fn.cast(fn.random.coin_flip(probability=cfg.blur_prob), dtype=types.FLOAT)
         sigma = hit * _uniform(0.1, cfg.blur_sigma_max) + (1.0 - hit) * 1e-3
         out = fn.gaussian_blur(out, sigma=sigma)
-    if augment and cfg.noise_std > 0:
-        out = fn.noise.gaussian(out, stddev=_uniform(0.0, cfg.noise_std * 255.0))
     out = fn.crop_mirror_normalize(
         out, dtype=types.FLOAT, output_layout="CHW", mean=[0.0, 0.0, 0.0], std=[255.0, 255.0, 255.0]
     )
@@ -292,6 +291,11 @@ class AugmentLoader:
         self._seen: set[int] = set()
         self._valid_in_epoch = 0
         self._needs_reset = False
+        # Gaussian noise is added here, in torch, not in the DALI graph: DALI's CPU noise
+        # operator was half of the pipeline's time (BENCHMARKS.md, data loader).
+        self._noise = None
+        if cfg.enabled and cfg.noise_std > 0:
+            self._noise = torch.Generator(device=device).manual_seed(derive_seed(seed, "noise", rank))
 
     @property
     def num_samples(self) -> int:
@@ -310,6 +314,14 @@ class AugmentLoader:
     def __len__(self) -> int:
         return self._batches
 
+    def _add_noise(self, views: torch.Tensor) -> torch.Tensor:
+        """Per image a standard deviation drawn from [0, noise_std], then clipped to [0, 1]."""
+        if self._noise is None:
+            return views
+        std = torch.rand(views.shape[0], 1, 1, 1, generator=self._noise, device=views.device) * self.cfg.noise_std
+        noise = torch.randn(views.shape, generator=self._noise, device=views.device, dtype=views.dtype)
+        return (views + std * noise).clamp_(0.0, 1.0)
+
     def _convert(self, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
         ids = out["id"].reshape(-1).to(torch.int64).cpu()
         valid_list = []
@@ -321,7 +333,7 @@ class AugmentLoader:
         dev = self.device
         batch: dict[str, torch.Tensor] = {}
         for k in range(self.views):
-            batch[f"view{k}"] = out[f"view{k}"]
+            batch[f"view{k}"] = self._add_noise(out[f"view{k}"])
             batch[f"matrix{k}"] = out[f"matrix{k}"].to(dev, torch.float32)
             if self._has_flip:
                 batch[f"flip{k}"] = out[f"flip{k}"].reshape(-1).to(dev, torch.bool)
