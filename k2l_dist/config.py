@@ -242,12 +242,18 @@ class DistConfig:
     lr_scaling: str = "none"  # none | linear | sqrt
 
 
+COMPILE_BACKENDS = ("", "inductor", "eager", "aot_eager", "cudagraphs")
+
+
 @dataclass
 class Config:
     run_dir: str = "runs/default"
     seed: int = 0
     device: str = "auto"  # auto (CUDA when available) | cpu | cuda
     precision: str = "fp32"  # fp32 | bf16: autocast of the networks' forward passes (losses stay fp32)
+    # torch.compile of the training networks: "" off, or a backend: inductor (fused kernels,
+    # minutes of compiling first: for long GPU runs), eager (tracing only, a quick check)
+    compile: str = ""
     log_every: int = 25  # iterations between logged losses
     checkpoint_every: int = 1000  # iterations between checkpoints inside a phase (also at every phase end)
     progress: bool = True  # progress bars on rank 0
@@ -424,6 +430,7 @@ def validate(cfg: Config) -> None:
         (cfg.checkpoint_every >= 1, "checkpoint_every", f"must be >= 1, got {cfg.checkpoint_every}"),
         (device_ok, "device", f"{cfg.device!r} is not auto, cpu, cuda or cuda:N"),
         (cfg.precision in ("fp32", "bf16"), "precision", f"{cfg.precision!r} is not fp32 or bf16"),
+        (cfg.compile in COMPILE_BACKENDS, "compile", f"{cfg.compile!r} is not one of {', '.join(map(repr, COMPILE_BACKENDS))}"),
         (cfg.dist.lr_scaling in ("none", "linear", "sqrt"), "dist.lr_scaling",
          f"{cfg.dist.lr_scaling!r} is not none, linear or sqrt"),
         (cfg.dist.timeout_s > 0, "dist.timeout_s", "must be > 0"),

@@ -218,3 +218,35 @@ def test_an_image_without_pseudo_labels_sits_out_of_the_detector_loss_unless_swi
         per_view.append(own if sit_out else (own + silent) / 2)
     torch.testing.assert_close(losses["detector"], (per_view[0] + per_view[1]) / 2)
     assert float(losses["images_sitting_out"]) == (0.5 if sit_out else 0.0)
+
+
+def test_compile_switch_gives_the_plain_networks_losses_and_gradients():
+    """`compile=eager` (dynamo tracing, eager kernels): a Stage-1 step through the compiled
+    Φ gives the plain step's losses and gradients; "" leaves the module as it is."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from fixtures import fixed_pairs
+
+    from k2l_dist.config import LossConfig, ModelConfig
+    from k2l_dist.models import KeypointNet
+    from k2l_dist.train.run import compiled
+    from k2l_dist.train.steps import stage1_losses
+
+    torch.manual_seed(0)
+    phi = KeypointNet(ModelConfig(width=16, depth=2, descriptor_dim=8, groups=4))
+    assert compiled(phi, "") is phi
+    assert isinstance(compiled(phi, "eager"), torch._dynamo.eval_frame.OptimizedModule)
+    batch, table = fixed_pairs(2, 32, 6, torch.device("cpu"), per_image=4)
+    torch._dynamo.reset()
+    out = {}
+    for backend in ("", "eager"):
+        phi.zero_grad(set_to_none=True)
+        losses = stage1_losses(compiled(phi, backend), batch, table, max_points=8, loss_cfg=LossConfig(),
+                               generator=torch.Generator().manual_seed(1))
+        losses["loss"].backward()
+        out[backend] = (float(losses["loss"]), [p.grad.clone() for p in phi.parameters()])
+    assert out["eager"][0] == pytest.approx(out[""][0], rel=1e-6)
+    for a, b in zip(out["eager"][1], out[""][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

@@ -85,6 +85,12 @@ def seed_phase(cfg: Config, phase: str, rank: int, generator: torch.Generator) -
     np.random.seed(seed)
 
 
+def compiled(model: torch.nn.Module, backend: str) -> torch.nn.Module:
+    """``torch.compile`` of the training forward with ``backend`` (config ``compile``; ""
+    = as it is); checkpoints keep saving the plain module's weights."""
+    return torch.compile(model, backend=backend) if backend else model
+
+
 def lr_for_world(lr: float, rule: str, world_size: int) -> float:
     """``dist.lr_scaling``: gradients are averaged over ranks, the global batch grows with them."""
     factors = {"none": 1.0, "linear": float(world_size), "sqrt": math.sqrt(world_size)}
@@ -252,7 +258,7 @@ def _train(cfg: Config, info, shard_dir: Path, service: ClusteringService, resum
     gen = torch.Generator(device="cpu")
 
     phi = KeypointNet(cfg.model).to(info.device)
-    phi_ddp = distributed.wrap_ddp(phi, info)
+    phi_ddp = compiled(distributed.wrap_ddp(phi, info), cfg.compile)
     lr1 = lr_for_world(s1.lr, cfg.dist.lr_scaling, info.world_size)
     schedule1 = LRSchedule((lr1,), s1.lr_milestones, s1.lr_gamma)
     opt = rmsprop(phi.parameters(), lr=lr1, weight_decay=s1.weight_decay)
@@ -400,7 +406,7 @@ def _train(cfg: Config, info, shard_dir: Path, service: ClusteringService, resum
         centroids, perm = ck["centroids"].numpy(), ck["flip_permutation"].numpy()
         psi = LandmarkNet(cfg.model, cfg.cluster.K).to(info.device)
         psi.load_state_dict(ck["psi"])
-    psi_ddp = distributed.wrap_ddp(psi, info)
+    psi_ddp = compiled(distributed.wrap_ddp(psi, info), cfg.compile)
     lr2 = lr_for_world(s2.lr, cfg.dist.lr_scaling, info.world_size)
     schedule2 = LRSchedule((lr2 * s2.backbone_lr_scale, lr2), s2.lr_milestones, s2.lr_gamma)
     opt2 = rmsprop([{"params": psi.backbone.parameters()}, {"params": psi.head.parameters()}],
