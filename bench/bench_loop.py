@@ -114,10 +114,11 @@ def measure(args) -> dict:
         optim.step()
 
     phases = {
-        "Stage-1 warm-up": dict(net=phi, optim=opt, fn=loss1("warmup"), kind="stage1", views=2),
-        "Stage-1 round": dict(net=phi, optim=opt, fn=loss1("round"), kind="stage1", views=2),
-        "Stage 2": dict(net=psi, optim=opt2, fn=loss2, kind="stage2", views=1),
+        "Stage-1 warm-up": dict(net=phi, optim=opt, fn=loss1("warmup"), kind="stage1", views=2, key="warmup"),
+        "Stage-1 round": dict(net=phi, optim=opt, fn=loss1("round"), kind="stage1", views=2, key="round"),
+        "Stage 2": dict(net=psi, optim=opt2, fn=loss2, kind="stage2", views=1, key="stage2"),
     }
+    phases = {k: v for k, v in phases.items() if v["key"] in args.phases.split(",")}
     parts = ("limit", "step in memory", "loader alone", "real loop")
     times = {p: {k: [] for k in parts} for p in phases}
 
@@ -142,6 +143,11 @@ def measure(args) -> dict:
             if repeat:
                 for k, v in got.items():
                     times[name][k].append(v)
+    result = {"times": times, "params_phi": count_parameters(phi), "threads": info.threads, "cfg": cfg,
+              "images": len(ids)}
+    if args.skip_pseudo_labelling or "round" not in args.phases:
+        distributed.shutdown()
+        return result
     # One round's pseudo-labelling over the whole dataset, as `k2l train` does it.
     from k2l_dist.clustering.service import InlineService
     from k2l_dist.train.extract import extract, extraction_cap
@@ -168,21 +174,12 @@ def measure(args) -> dict:
             forward.append(time.perf_counter() - t0)
     phi.train()
     distributed.shutdown()
-    return {"round": {"extract_s": extract_s, "cluster_s": cluster_s, "extracted": ext.num_images,
-                      "forward_limit_img_s": len(images) / statistics.median(forward)},
-            "times": times, "params_phi": count_parameters(phi), "threads": info.threads, "cfg": cfg,
-            "images": len(ids)}
+    result["round"] = {"extract_s": extract_s, "cluster_s": cluster_s, "extracted": ext.num_images,
+                       "forward_limit_img_s": len(images) / statistics.median(forward)}
+    return result
 
 
-def report(args, res: dict) -> str:
-    cfg = res["cfg"]
-    rows = []
-    for name, t in res["times"].items():
-        med = {k: 1000 * statistics.median(v) for k, v in t.items()}
-        views = 1 if name == "Stage 2" else 2
-        img_s = views * cfg.augment.batch_size / (med["real loop"] / 1000)
-        rows.append(f"| {name} | {med['limit']:.0f} | {med['step in memory']:.0f} | {med['loader alone']:.0f} | "
-                    f"{med['real loop']:.0f} | {img_s:.0f} | {med['limit'] / med['real loop']:.2f} |")
+def _round_lines(cfg, res: dict) -> list[str]:
     rnd = res["round"]
     n = rnd["extracted"]
     step_s = statistics.median(res["times"]["Stage-1 round"]["real loop"])
@@ -204,8 +201,24 @@ def report(args, res: dict) -> str:
         f"{rnd['cluster_s']:.1f} | {train_s:.0f} | {100 * pseudo_s / (pseudo_s + train_s):.0f}% | "
         f"{100 * (floor_s + rnd['cluster_s']) / (floor_s + rnd['cluster_s'] + train_s):.0f}% |",
     ]
-    cmd = " ".join(["python bench/bench_loop.py", "--config", args.config, "--steps", str(args.steps),
-                    "--repeats", str(args.repeats), *args.overrides])
+    return round_lines
+
+
+def report(args, res: dict) -> str:
+    cfg = res["cfg"]
+    rows = []
+    for name, t in res["times"].items():
+        med = {k: 1000 * statistics.median(v) for k, v in t.items()}
+        views = 1 if name == "Stage 2" else 2
+        img_s = views * cfg.augment.batch_size / (med["real loop"] / 1000)
+        rows.append(f"| {name} | {med['limit']:.0f} | {med['step in memory']:.0f} | {med['loader alone']:.0f} | "
+                    f"{med['real loop']:.0f} | {img_s:.0f} | {med['limit'] / med['real loop']:.2f} |")
+    round_lines = [] if "round" not in res else _round_lines(cfg, res)
+    cmd = " ".join(["python bench/bench_loop.py", "--config", args.config,
+                    *([f"--shards {args.shards}"] if args.shards else []), "--steps", str(args.steps),
+                    "--repeats", str(args.repeats),
+                    *([f"--phases {args.phases}"] if args.phases != "warmup,round,stage2" else []),
+                    *(["--skip-pseudo-labelling"] if args.skip_pseudo_labelling else []), *args.overrides])
     return "\n".join([
         f"## Loop efficiency: `{args.config}`",
         "",
@@ -234,6 +247,8 @@ def main() -> int:
     p.add_argument("--section", default="", help="BENCHMARKS.md section (default: bench_loop_<config name>)")
     p.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     p.add_argument("--no-write", action="store_true", help="print only")
+    p.add_argument("--phases", default="warmup,round,stage2", help="which of warmup,round,stage2 to time")
+    p.add_argument("--skip-pseudo-labelling", action="store_true", help="leave out the round-overhead measurement")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = p.parse_args()
     body = report(args, measure(args))
