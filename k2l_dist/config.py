@@ -68,7 +68,7 @@ class KeypointConfig:
 
 @dataclass
 class AugmentConfig:
-    """The DALI augmentation of training views (issue 3); ranges follow the paper's code."""
+    """The DALI augmentation of training views; ranges follow the paper's code."""
 
     enabled: bool = True  # False: identity views (extraction / evaluation)
     size: int = 0  # side of the views fed to the network; 0 = the shards' size

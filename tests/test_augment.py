@@ -1,4 +1,4 @@
-"""Issue 3: the DALI data path (CPU backend) and its torch point geometry."""
+"""The DALI data path (CPU backend) and its torch point geometry."""
 
 from __future__ import annotations
 

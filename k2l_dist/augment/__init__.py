@@ -1,4 +1,4 @@
-"""Keypoint-consistent augmentation: the DALI data path and its torch point geometry (issue 3)."""
+"""Keypoint-consistent augmentation: the DALI data path and its torch point geometry."""
 
 from k2l_dist.augment.geometry import (
     compose_affine,

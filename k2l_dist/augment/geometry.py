@@ -1,4 +1,4 @@
-"""Point geometry for augmented views, in torch (the training loop's side of issue 3).
+"""Point geometry for augmented views, in torch (the training loop's side of the data path).
 
 The DALI pipeline (:mod:`k2l_dist.augment.pipeline`) emits, per view, a 2×3 float
 matrix ``M`` that maps *crop* pixel coordinates to *view* pixel coordinates::

@@ -1,4 +1,4 @@
-"""The training data path: WebDataset shards → DALI → pairs of augmented views (issue 3).
+"""The training data path: WebDataset shards → DALI → pairs of augmented views.
 
 One DALI graph serves training (two independently augmented views per sample) and
 extraction/evaluation (``views=1``, augmentation off: the crop resampled to the view
@@ -11,7 +11,8 @@ round, so the training loop looks them up by id and maps them with
 Per view, in this order (each range an :class:`~k2l_dist.config.AugmentConfig` value,
 each step left out of the graph when its range is zero):
 
-* geometry, one resampling (bilinear, black outside the crop): scale about the centre
+* geometry, one resampling (bilinear; past the crop's edge the border pixel repeats, and
+  ``train.regions`` masks it out of the losses): scale about the centre
   (also crop size → view size), rotation about the centre, translation (fraction of the
   view side), horizontal flip;
 * photometric, on the warped uint8 image: hue/saturation (``fn.hsv``),

@@ -184,8 +184,7 @@ def kmeans(x: np.ndarray, k: int, cfg: ClusterConfig | None = None) -> KMeansRes
     faiss_cap = cap if cap > 0 else max(1, min(2**31 - 1, -(-n // k)))
     trained_on = min(n, k * faiss_cap)
 
-    # getattr: fields beyond the brief's list, in case a config copy lacks them
-    init = getattr(cfg, "init", "kmeans++")
+    init = cfg.init
     init_method = _init_method(init)
     ngpu = 0
     if cfg.use_gpu:
