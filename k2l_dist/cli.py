@@ -136,7 +136,10 @@ def _cmd_detect(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from k2l_dist import __version__
+
     parser = argparse.ArgumentParser(prog="k2l", description="Unsupervised object-landmark discovery (K2L).")
+    parser.add_argument("--version", action="version", version=f"k2l-dist {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_prepare(sub)
     sub.choices["prepare"].set_defaults(func=_cmd_prepare)

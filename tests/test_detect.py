@@ -13,6 +13,7 @@ import torch
 from k2l_dist.cli import main
 from k2l_dist.config import Config, apply_values
 from k2l_dist.eval import detect as detect_module
+from k2l_dist.eval.detector import Detector
 from k2l_dist.models import LandmarkNet
 from k2l_dist.train.checkpoint import save_checkpoint
 
@@ -29,6 +30,15 @@ def model_pt(tmp_path):
     return path
 
 
+def prepare_folder(cfg: Config, images, out) -> None:
+    """Shards of an image folder at the config's size (no keypoints), as a user would prepare them."""
+    from k2l_dist.data.prepare import prepare
+
+    data = dataclasses.replace(cfg.data, format="folder", root=str(images), annotations="", box="whole")
+    prepare(dataclasses.replace(cfg, data=data, keypoints=dataclasses.replace(cfg.keypoints, method="none")), out,
+            overwrite=True)
+
+
 @pytest.fixture
 def images(tmp_path):
     root = tmp_path / "imgs"
@@ -43,17 +53,14 @@ def images(tmp_path):
 def test_detect_maps_crop_points_back_to_original_pixels(model_pt, images, tmp_path, monkeypatch):
     root, sizes = images
 
-    def fake_predict(psi, loader, perm, show_progress=False):
-        ids = []
-        for batch in loader:
-            ids.append(batch["id"].numpy())
-        ids = np.sort(np.concatenate(ids))
+    def fake_predict(self, crops):
         # landmark 0 at the crop centre, 1 at the top-left pixel centre, 2 at (10.25, 20.5)
-        pts = np.tile(np.array([[15.5, 15.5], [0.0, 0.0], [10.25, 20.5]]), (len(ids), 1, 1))
-        conf = np.tile(np.array([0.9, 0.05, 0.9]), (len(ids), 1))
-        return ids, pts, conf
+        assert crops.shape[1:] == (32, 32, 3)
+        pts = np.tile(np.array([[15.5, 15.5], [0.0, 0.0], [10.25, 20.5]]), (len(crops), 1, 1))
+        conf = np.tile(np.array([0.9, 0.05, 0.9]), (len(crops), 1))
+        return pts, conf
 
-    monkeypatch.setattr(detect_module, "predict_landmarks", fake_predict)
+    monkeypatch.setattr(Detector, "_predict_crops", fake_predict)
     out = tmp_path / "preds.jsonl"
     result = detect_module.detect(model_pt, out, images=root, draw=tmp_path / "drawn", min_confidence=0.1)
     assert result.written == 3 and result.skipped == []
@@ -131,7 +138,7 @@ def test_detect_on_shards_names_samples_the_shard_check_left_out(model_pt, image
     root, _ = images
     shards = tmp_path / "shards"
     cfg = apply_values(Config(), {"data": {"size": 32, "workers": 0}})
-    detect_module.prepare_images(cfg, root, shards)
+    prepare_folder(cfg, root, shards)
     _corrupt_member(next(shards.glob("shard-*.tar")), ".jpg")
     with caplog.at_level(logging.WARNING, logger="k2l_dist.eval.detect"):
         result = detect_module.detect(model_pt, tmp_path / "p.jsonl", data=shards)
@@ -144,7 +151,7 @@ def test_detect_on_shards_names_samples_the_shard_check_left_out(model_pt, image
 def test_detect_warns_when_shards_have_another_crop_size(model_pt, images, tmp_path, caplog, size, warned):
     root, _ = images
     shards = tmp_path / f"s{size}"
-    detect_module.prepare_images(apply_values(Config(), {"data": {"size": size, "workers": 0}}), root, shards)
+    prepare_folder(apply_values(Config(), {"data": {"size": size, "workers": 0}}), root, shards)
     with caplog.at_level(logging.WARNING, logger="k2l_dist.eval.detect"):
         assert detect_module.detect(model_pt, tmp_path / "p.jsonl", data=shards).written == 3
     messages = [r.getMessage() for r in caplog.records if r.name == "k2l_dist.eval.detect"]
@@ -153,3 +160,49 @@ def test_detect_warns_when_shards_have_another_crop_size(model_pt, images, tmp_p
         assert str(shards) in messages[0]
     else:
         assert messages == []
+
+
+def test_python_api_predict_equals_k2l_detect_for_every_input_type(model_pt, images, tmp_path):
+    import k2l_dist
+    from k2l_dist import load_detector
+
+    root, sizes = images
+    assert main(["detect", "--checkpoint", str(model_pt), "--images", str(root), "--out", str(tmp_path / "p.jsonl")]) == 0
+    rows = {r["image"]: r["landmarks"] for r in map(json.loads, (tmp_path / "p.jsonl").read_text().splitlines())}
+    detector = load_detector(model_pt.parent)  # the run folder or its model.pt
+    assert detector.num_landmarks == K and callable(k2l_dist.train) and k2l_dist.Config is Config
+    bgr = {name: cv2.imread(str(root / name)) for name in sizes}
+    rgb = {name: image[:, :, ::-1].copy() for name, image in bgr.items()}
+    batch = detector.predict([rgb[n] for n in sizes])
+    assert batch.shape == (len(sizes), K, 2)
+    for i, name in enumerate(sizes):
+        np.testing.assert_allclose(batch[i], np.array(rows[name]), atol=0.01)  # the CLI rounds to 0.01 px
+        one = detector.predict(rgb[name])
+        assert one.shape == (K, 2)
+        np.testing.assert_allclose(one, batch[i], atol=1e-4)  # a batch of one: other conv rounding
+        as_tensor = torch.from_numpy(rgb[name]).permute(2, 0, 1).float() / 255  # CHW in [0, 1]
+        np.testing.assert_allclose(detector.predict(as_tensor), one, atol=1e-9)
+
+
+def test_python_api_reads_pil_and_gray_images(model_pt):
+    from PIL import Image
+
+    from k2l_dist import load_detector
+
+    detector = load_detector(model_pt)
+    rgb = np.random.default_rng(1).integers(0, 255, (45, 60, 3), dtype=np.uint8)
+    np.testing.assert_allclose(detector.predict(Image.fromarray(rgb)), detector.predict(rgb), atol=1e-9)
+    gray = rgb[:, :, 0]
+    np.testing.assert_allclose(detector.predict(gray), detector.predict(np.repeat(gray[:, :, None], 3, 2)), atol=1e-9)
+    with pytest.raises(TypeError, match="numpy, PIL or torch"):
+        detector.predict("not an image")
+
+
+def test_python_m_k2l_dist_is_the_cli():
+    import subprocess
+    import sys
+
+    import k2l_dist
+
+    out = subprocess.run([sys.executable, "-m", "k2l_dist", "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == f"k2l-dist {k2l_dist.__version__}"

@@ -131,7 +131,7 @@ def _load(item: SourceItem) -> tuple[np.ndarray, np.ndarray | None, np.ndarray |
     image = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if image is None or image.size == 0:
         return Skip(item.path, "unreadable image", str(path))
-    if _is_truncated_jpeg(path):
+    if is_truncated_jpeg(path):
         return Skip(item.path, "truncated image", f"{path}: the JPEG ends before its end-of-image marker")
     return image, item.landmarks, item.visible
 
@@ -166,7 +166,7 @@ def jpeg_is_complete(data: bytes) -> bool:
             pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
 
 
-def _is_truncated_jpeg(path: Path) -> bool:
+def is_truncated_jpeg(path: Path) -> bool:
     """OpenCV fills a truncated JPEG with grey and only prints a warning, so look at the bytes."""
     with open(path, "rb") as handle:
         if handle.read(2) != b"\xff\xd8":  # not a JPEG, whatever its name

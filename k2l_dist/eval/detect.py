@@ -1,4 +1,4 @@
-"""`k2l detect`: landmarks for any prepared shards (or a folder of images) in ORIGINAL pixels."""
+"""`k2l detect`: landmarks in original pixels for an image, a folder of images or prepared shards."""
 
 from __future__ import annotations
 
@@ -7,19 +7,21 @@ import json
 import logging
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import cv2
 import numpy as np
 import torch
 
 from k2l_dist.augment import build_loader
-from k2l_dist.config import Config, apply_values
+from k2l_dist.config import Config
 from k2l_dist.data.crop import to_original
-from k2l_dist.data.readers import Skip
+from k2l_dist.data.prepare import is_truncated_jpeg
+from k2l_dist.data.readers import Skip, read_folder
 from k2l_dist.data.shards import load_manifest, load_samples_meta
+from k2l_dist.eval.detector import Detector, load_detector, read_rgb
 from k2l_dist.eval.evaluate import predict_landmarks
 from k2l_dist.models import LandmarkNet
-from k2l_dist.train.checkpoint import load_checkpoint
 from k2l_dist.utils.io import atomic_open
 
 log = logging.getLogger(__name__)
@@ -33,26 +35,8 @@ class DetectResult:
 
 def load_model(checkpoint: str | Path, device: torch.device) -> tuple[Config, LandmarkNet, np.ndarray]:
     """Ψ, its config and flip permutation from a run's ``model.pt``."""
-    ck = load_checkpoint(checkpoint)
-    if "psi" not in ck:
-        raise ValueError(f"{checkpoint}: holds no Stage-2 model (expected a run's model.pt)")
-    cfg = apply_values(Config(), ck["config"])
-    psi = LandmarkNet(cfg.model, int(ck["num_landmarks"]))
-    psi.load_state_dict(ck["psi"])
-    return cfg, psi.to(device).eval(), ck["flip_permutation"].numpy()
-
-
-def prepare_images(cfg: Config, images: str | Path, out_dir: Path) -> list[Skip]:
-    """Shards of a plain image folder at the model's input size (no keypoints needed).
-
-    Returns the images that prepare skipped (unreadable, truncated).
-    """
-    from k2l_dist.data.prepare import prepare
-
-    data = dataclasses.replace(cfg.data, format="folder", root=str(images), annotations="", box="whole",
-                               shards="", limit=0)
-    keypoints = dataclasses.replace(cfg.keypoints, method="none")
-    return prepare(dataclasses.replace(cfg, data=data, keypoints=keypoints), out_dir, overwrite=True).skips
+    det = load_detector(checkpoint, device)
+    return det.cfg, det.psi, det.flip_permutation
 
 
 def _warn_size(shard_dir: Path, prepared: int, trained: int) -> None:
@@ -67,46 +51,84 @@ def _unpredicted(meta: dict, ids: np.ndarray) -> list[Skip]:
     return [Skip(str(path), "left out by the shard check") for path in meta["paths"][missing]]
 
 
+Row = tuple[str, np.ndarray, np.ndarray]  # image path (relative to the root), landmarks, confidence
+
+
+def _image_rows(detector: Detector, images: Path, skipped: list[Skip], batch_size: int = 32) -> Iterator[Row]:
+    """Every image under ``images`` (or that one file), in memory: read, crop, Ψ."""
+    if images.is_file():
+        paths, root = [images.name], images.parent
+    else:
+        items, _ = read_folder(images)
+        paths, root = [item.path for item in items], images
+    for start in range(0, len(paths), batch_size):
+        names, pictures = [], []
+        for name in paths[start:start + batch_size]:
+            picture = read_rgb(root / name)
+            if picture is None:
+                skipped.append(Skip(name, "unreadable image"))
+            elif is_truncated_jpeg(root / name):
+                skipped.append(Skip(name, "truncated image"))
+            else:
+                names.append(name)
+                pictures.append(picture)
+        if pictures:
+            points, conf = detector.predict(pictures, batch_size=batch_size, with_confidence=True)
+            yield from zip(names, points, conf)
+
+
+def _shard_rows(detector: Detector, shard_dir: Path, skipped: list[Skip], cache: Path) -> Iterator[Row]:
+    """Every sample of prepared shards, through the extraction loader (no augmentation)."""
+    manifest, meta = load_manifest(shard_dir), load_samples_meta(shard_dir)
+    _warn_size(shard_dir, manifest["size"], detector.cfg.data.size)
+    aug = dataclasses.replace(detector.cfg.augment, enabled=False)
+    loader = build_loader(shard_dir, aug, device=detector.device, views=1, shuffle=False, padded="drop",
+                          cache_dir=cache)
+    ids, points, conf = predict_landmarks(detector.psi, loader, detector.flip_permutation if detector.flip_test
+                                          else None)
+    skipped += _unpredicted(meta, ids)
+    for k, row in enumerate(np.searchsorted(meta["ids"], ids)):
+        yield str(meta["paths"][row]), to_original(points[k], tuple(meta["boxes"][row]), manifest["size"]), conf[k]
+
+
 def detect(checkpoint: str | Path, out: str | Path, *, data: str | Path | None = None,
            images: str | Path | None = None, draw: str | Path | None = None, min_confidence: float = 0.0,
            device: str = "cpu", flip_test: bool | None = None) -> DetectResult:
     """Write one JSON line per image: ``{"image": path, "landmarks": [[x, y] | null, ...]}``.
 
-    Images that get no line are logged, one warning each, and returned in ``skipped``.
+    ``images``: an image file or a folder (every image under it, in memory, cropped as
+    :class:`~k2l_dist.eval.detector.Detector` does); ``data``: prepared shards. Images
+    that get no line are logged, one warning each, and returned in ``skipped``.
     """
     if (data is None) == (images is None):
         raise ValueError("give exactly one of --data SHARDS or --images DIR")
+    if images is not None and not Path(images).exists():
+        raise ValueError(f"--images {images}: no such file or folder")
     if draw is not None and images is not None and Path(draw).resolve() == Path(images).resolve():
         raise ValueError(f"--draw {draw} is the --images folder: drawings would replace the originals; "
                          f"pick another folder")
-    dev = torch.device(device)
-    cfg, psi, perm = load_model(checkpoint, dev)
-    use_flip = cfg.stage2.flip_test if flip_test is None else flip_test
+    detector = load_detector(checkpoint, device, flip_test)
+    skipped: list[Skip] = []
+    written = 0
     with tempfile.TemporaryDirectory(prefix="k2l-detect-") as tmp:
-        shard_dir = Path(data) if data is not None else Path(tmp) / "shards"
-        skipped = prepare_images(cfg, images, shard_dir) if images is not None else []
-        manifest, meta = load_manifest(shard_dir), load_samples_meta(shard_dir)
-        _warn_size(shard_dir, manifest["size"], cfg.data.size)
-        aug = dataclasses.replace(cfg.augment, enabled=False)
-        loader = build_loader(shard_dir, aug, device=dev, views=1, shuffle=False, padded="drop",
-                              cache_dir=Path(tmp) / "check")
-        ids, points, conf = predict_landmarks(psi, loader, perm if use_flip else None)
-        skipped += _unpredicted(meta, ids)
-        rows = np.searchsorted(meta["ids"], ids)
-        size = manifest["size"]
-        root = Path(images) if images is not None else Path(manifest.get("root", ""))
+        if images is not None:
+            images = Path(images)
+            root = images.parent if images.is_file() else images
+            rows = _image_rows(detector, images, skipped)
+        else:
+            root = Path(load_manifest(Path(data)).get("root", ""))
+            rows = _shard_rows(detector, Path(data), skipped, Path(tmp) / "check")
         with atomic_open(out, "wb") as handle:
-            for k, row in enumerate(rows):
-                orig = to_original(points[k], tuple(meta["boxes"][row]), size)
+            for path, orig, conf in rows:
                 lms = [None if c < min_confidence else [round(float(x), 2), round(float(y), 2)]
-                       for (x, y), c in zip(orig, conf[k])]
-                path = str(meta["paths"][row])
+                       for (x, y), c in zip(orig, conf)]
                 handle.write((json.dumps({"image": path, "landmarks": lms}) + "\n").encode())
+                written += 1
                 if draw is not None:
-                    _draw(root / path, orig, conf[k] >= min_confidence, Path(draw) / path)
+                    _draw(root / path, orig, conf >= min_confidence, Path(draw) / path)
     for s in skipped:
         log.warning("%s: skipped, %s", root / s.path, s.reason)
-    return DetectResult(len(ids), skipped)
+    return DetectResult(written, skipped)
 
 
 def _draw(src: Path, points: np.ndarray, keep: np.ndarray, dst: Path) -> None:

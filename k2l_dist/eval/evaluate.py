@@ -26,7 +26,7 @@ from k2l_dist.eval.regression import backward_nme, forward_nme, landmark_norm
 from k2l_dist.eval.split import regressor_ids
 from k2l_dist.keypoints import descriptors_to_float
 from k2l_dist.models import STRIDE
-from k2l_dist.models.points import heatmap_peaks, to_image_coords
+from k2l_dist.eval.detector import landmarks_in_views
 from k2l_dist.train.extract import extract, extraction_cap
 from k2l_dist.train.regions import CropRegions
 
@@ -52,13 +52,7 @@ def predict_landmarks(psi: torch.nn.Module, loader, perm: np.ndarray | None, sho
     psi.eval()
     ids, pts, conf = [], [], []
     for batch in tqdm(loader, desc="predict", unit="batch", disable=not show_progress, leave=False):
-        images = batch["view0"]
-        heat = psi(images).float()
-        if perm is not None:
-            mirrored = torch.flip(psi(torch.flip(images, dims=[-1])).float(), dims=[-1])
-            heat = (heat + mirrored[:, torch.as_tensor(perm, device=heat.device)]) / 2
-        peaks, c = heatmap_peaks(heat)
-        view_pts = to_image_coords(peaks, STRIDE)
+        view_pts, c = landmarks_in_views(psi, batch["view0"], perm)
         crop = transform_points(view_pts, inverse_affine(batch["matrix0"]).to(view_pts.device))
         ids.append(batch["id"].cpu().numpy())
         pts.append(crop.cpu().numpy())

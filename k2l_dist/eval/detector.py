@@ -1,0 +1,141 @@
+"""A trained landmark detector for Python callers: images in, K landmarks out, both in
+original pixels.
+
+    from k2l_dist import load_detector
+    detector = load_detector("runs/mtfl_cpu/model.pt")
+    points = detector.predict(image)            # (K, 2) x, y in the image's pixels
+    points, confidence = detector.predict([a, b], with_confidence=True)  # (2, K, 2), (2, K)
+
+Crop policy (the same as ``k2l detect --images``): each image is cropped to the square
+around the whole image, its short side padded by repeating the border pixels, and resized
+to the model's input size. Works best on images framed as the training crops were (for
+the face configs: a face filling about half the square).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import cv2
+import numpy as np
+import torch
+
+from k2l_dist.augment.geometry import inverse_affine, transform_points
+from k2l_dist.config import Config, apply_values
+from k2l_dist.data.crop import crop_image, to_original, whole_image_box
+from k2l_dist.models import STRIDE, LandmarkNet
+from k2l_dist.models.points import heatmap_peaks, to_image_coords
+from k2l_dist.train.checkpoint import load_checkpoint
+
+
+@torch.no_grad()
+def landmarks_in_views(psi: torch.nn.Module, views: torch.Tensor,
+                       perm: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ψ's K sub-pixel peaks in view pixels ``(B,K,2)`` and their confidence ``(B,K)``; with
+    ``perm``, flip-test averaging: the mirrored image's heatmaps, mirrored back and
+    channel-permuted, are averaged in."""
+    heat = psi(views).float()
+    if perm is not None:
+        mirrored = torch.flip(psi(torch.flip(views, dims=[-1])).float(), dims=[-1])
+        heat = (heat + mirrored[:, torch.as_tensor(perm, device=heat.device)]) / 2
+    peaks, conf = heatmap_peaks(heat)
+    return to_image_coords(peaks, STRIDE), conf
+
+
+def _rgb(image: Any) -> np.ndarray:
+    """An HWC RGB uint8 array from numpy (HWC RGB or HW gray; uint8,
+    or float in [0, 1]), PIL or a torch CHW tensor (uint8, or float in [0, 1])."""
+    if isinstance(image, torch.Tensor):
+        if image.dim() != 3:
+            raise ValueError(f"a tensor image must be CHW, got shape {tuple(image.shape)}")
+        image = image.detach().cpu().permute(1, 2, 0).numpy()
+    elif not isinstance(image, np.ndarray):
+        try:
+            image = np.asarray(image.convert("RGB"))  # PIL
+        except AttributeError:
+            raise TypeError(f"cannot read an image from {type(image).__name__}: give numpy, PIL or torch") from None
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    if image.ndim != 3 or image.shape[2] not in (1, 3):
+        raise ValueError(f"expected an RGB or gray image, got shape {image.shape}")
+    if image.shape[2] == 1:
+        image = np.repeat(image, 3, axis=2)
+    if image.dtype != np.uint8:  # 8 bits, as every training image was
+        image = np.clip(np.rint(image.astype(np.float32) * 255.0), 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(image)
+
+
+class Detector:
+    """Ψ with its pre- and post-processing. ``device``: where Ψ runs; ``flip_test``:
+    average with the mirrored image (default: as the run was configured)."""
+
+    def __init__(self, psi: LandmarkNet, cfg: Config, flip_permutation: np.ndarray, device: str | torch.device = "cpu",
+                 flip_test: bool | None = None) -> None:
+        self.device = torch.device(device)
+        self.psi = psi.to(self.device).eval()
+        self.cfg = cfg
+        self.flip_permutation = np.asarray(flip_permutation, np.int64)
+        self.flip_test = cfg.stage2.flip_test if flip_test is None else flip_test
+        self.crop_size = int(cfg.data.size)
+        self.view_size = int(cfg.augment.size or cfg.data.size)
+
+    @property
+    def num_landmarks(self) -> int:
+        return len(self.flip_permutation)
+
+    def crop(self, image: Any) -> tuple[np.ndarray, tuple[float, float, float]]:
+        """The model's input crop (HWC RGB, crop_size²) and its box in the image's pixels."""
+        rgb = _rgb(image)
+        box = whole_image_box(rgb.shape[1], rgb.shape[0])
+        return crop_image(rgb, box, self.crop_size), box
+
+    def predict(self, images: Any, *, batch_size: int = 32, with_confidence: bool = False):
+        """Landmarks in original pixels: (K, 2) for one image, (N, K, 2) for a list (x, y;
+        0-based pixel centres). ``with_confidence``: also the heatmap peaks' values."""
+        single = not isinstance(images, (list, tuple)) and not (isinstance(images, torch.Tensor) and images.dim() == 4)
+        items: Sequence[Any] = [images] if single else list(images)
+        points, conf = [], []
+        for start in range(0, len(items), batch_size):
+            crops, boxes = zip(*(self.crop(x) for x in items[start:start + batch_size]))
+            p, c = self._predict_crops(np.stack(crops))
+            points += [to_original(pt, box, self.crop_size) for pt, box in zip(p, boxes)]
+            conf.append(c)
+        pts = np.stack(points) if points else np.zeros((0, self.num_landmarks, 2))
+        cs = np.concatenate(conf) if conf else np.zeros((0, self.num_landmarks))
+        if single:
+            pts, cs = pts[0], cs[0]
+        return (pts, cs) if with_confidence else pts
+
+    def _predict_crops(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Crop-pixel landmarks of a (B, S, S, 3) batch of crops."""
+        views = torch.from_numpy(crops.astype(np.float32) / 255.0).permute(0, 3, 1, 2)
+        if self.view_size != self.crop_size:  # as the loader does: one bilinear resample of the crop
+            views = torch.nn.functional.interpolate(views, size=(self.view_size,) * 2, mode="bilinear",
+                                                    align_corners=False, antialias=False)
+        s = self.view_size / self.crop_size
+        to_view = torch.tensor([[s, 0.0, 0.5 * s - 0.5], [0.0, s, 0.5 * s - 0.5]]).expand(len(crops), 2, 3)
+        pts, conf = landmarks_in_views(self.psi, views.to(self.device),
+                                       self.flip_permutation if self.flip_test else None)
+        crop_pts = transform_points(pts.cpu(), inverse_affine(to_view))
+        return crop_pts.numpy().astype(np.float64), conf.cpu().numpy()
+
+
+def load_detector(path: str | Path, device: str | torch.device = "cpu", flip_test: bool | None = None) -> Detector:
+    """The Stage-2 detector of a run: its ``model.pt`` or the run folder."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.pt"
+    ck = load_checkpoint(path)
+    if "psi" not in ck:
+        raise ValueError(f"{path}: holds no Stage-2 model (expected a run's model.pt)")
+    cfg = apply_values(Config(), ck["config"])
+    psi = LandmarkNet(cfg.model, int(ck["num_landmarks"]))
+    psi.load_state_dict(ck["psi"])
+    return Detector(psi, cfg, ck["flip_permutation"].numpy(), device=device, flip_test=flip_test)
+
+
+def read_rgb(path: str | Path) -> np.ndarray | None:
+    """An image file as HWC RGB uint8 (None when OpenCV cannot read it)."""
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    return None if image is None or image.size == 0 else image[:, :, ::-1].copy()
