@@ -147,6 +147,9 @@ class Stage1Config:
     nms_radius: int = 1  # heatmap pixels
     subpixel: bool = True  # refine peaks to sub-pixel positions (log-quadratic fit)
     flip: bool = True  # flip correspondence (Sec. 3.7): flipped labels for mirrored views
+    # Images per extraction batch (inference only, with its mirror pass in the same forward);
+    # 0 = 4 × augment.batch_size
+    extract_batch_size: int = 0
 
 
 @dataclass
@@ -421,6 +424,7 @@ def validate(cfg: Config) -> None:
         (s1.iters_per_round >= 0, "stage1.iters_per_round", f"must be >= 0, got {s1.iters_per_round}"),
         (s1.lr > 0, "stage1.lr", f"must be > 0, got {s1.lr}"),
         (s1.extract_points >= 0, "stage1.extract_points", "must be >= 0 (0 = 3 × cluster.K)"),
+        (s1.extract_batch_size >= 0, "stage1.extract_batch_size", "must be >= 0 (0 = 4 × augment.batch_size)"),
         (s2.iterations >= 0, "stage2.iterations", f"must be >= 0, got {s2.iterations}"),
         (s2.lr > 0, "stage2.lr", f"must be > 0, got {s2.lr}"),
         (cfg.augment.batch_size >= 1, "augment.batch_size", f"must be >= 1, got {cfg.augment.batch_size}"),

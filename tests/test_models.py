@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -254,3 +256,28 @@ def test_extraction_recovers_planted_fractional_peaks_within_a_tenth_of_a_pixel(
         err = torch.cdist(found, planted[0]).min(dim=1).values
         assert len(err) == 3 and err.max() < tol, (subpixel, err)
     assert err.max() > 0.1  # integer peaks alone are off by more than the bound
+
+
+def test_extraction_mirror_pass_shares_the_batch_without_mixing_images():
+    """One forward over originals + mirrored images gives each image's own detections and,
+    for the mirrored descriptors, what a separate pass over the mirrored images gives."""
+    from k2l_dist.models.points import sample_descriptors
+    from k2l_dist.train.extract import extract
+
+    torch.manual_seed(0)
+    net = KeypointNet(TINY).eval()
+    images = torch.rand(3, 3, 32, 32)
+    batch = {"view0": images, "matrix0": torch.eye(3)[:2].expand(3, 2, 3), "id": torch.tensor([4, 9, 2])}
+    shared = extract(net, [batch], max_points=6, threshold=0.0, show_progress=False)
+    alone = extract(net, [batch], max_points=6, threshold=0.0, flip=False, show_progress=False)
+    np.testing.assert_array_equal(shared.image_ids, alone.image_ids)
+    np.testing.assert_allclose(shared.points, alone.points, atol=1e-4)
+    np.testing.assert_allclose(shared.descriptors, alone.descriptors, atol=1e-4)
+    with torch.no_grad():
+        _, fdmap = net(torch.flip(images, dims=[-1]))
+    want = []
+    for i, sid in enumerate(batch["id"].tolist()):
+        pts = torch.from_numpy(alone.points[alone.image_ids == sid]).clone()
+        pts[:, 0] = 31 - pts[:, 0]  # x ↔ S-1-x
+        want.append(sample_descriptors(fdmap[i:i + 1], pts[None], STRIDE)[0])
+    np.testing.assert_allclose(shared.flipped_descriptors, torch.cat(want).numpy(), atol=1e-4)

@@ -45,7 +45,7 @@ class Extraction:
         return out
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def extract(model: torch.nn.Module, batches: Iterable[dict], *, max_points: int, threshold: float,
             nms_radius: int = 1, flip: bool = True, subpixel: bool = True, total: int | None = None,
             show_progress: bool = True, regions=None) -> Extraction:
@@ -59,8 +59,13 @@ def extract(model: torch.nn.Module, batches: Iterable[dict], *, max_points: int,
     capped = 0
     for batch in tqdm(batches, total=total, desc="extract", unit="batch", disable=not show_progress, leave=False):
         images = batch["view0"]
-        heat, dmap = model(images)
-        heat = heat.float()
+        b = images.shape[0]
+        if flip:  # the mirror pass shares the forward: one batch of 2B images
+            heat, both = model(torch.cat([images, torch.flip(images, dims=[-1])]))
+            heat, dmap, fdmap = heat[:b].float(), both[:b], both[b:]
+        else:
+            heat, dmap = model(images)
+            heat = heat.float()
         if regions is not None:  # peaks on the padding never compete for the cap
             rects = regions.lookup(batch["id"], heat.device)
             matrix = batch["matrix0"].to(heat.device)
@@ -72,11 +77,10 @@ def extract(model: torch.nn.Module, batches: Iterable[dict], *, max_points: int,
             valid = valid & points_inside(view_pts, rects, matrix)
         desc = sample_descriptors(dmap.float(), view_pts, STRIDE)
         crop_pts = transform_points(view_pts, inverse_affine(batch["matrix0"]).to(view_pts.device))
-        b, p = valid.shape
+        p = valid.shape[1]
         sample_ids = batch["id"].reshape(-1).to(valid.device)[:, None].expand(b, p)
         if flip:
-            # Mirror the image exactly (pixel x ↔ S-1-x) and sample at the mirrored points.
-            _, fdmap = model(torch.flip(images, dims=[-1]))
+            # The image mirrored exactly (pixel x ↔ S-1-x), sampled at the mirrored points.
             mirrored = view_pts.clone()
             mirrored[..., 0] = images.shape[-1] - 1 - mirrored[..., 0]
             fdescs.append(sample_descriptors(fdmap.float(), mirrored, STRIDE)[valid].cpu())

@@ -70,7 +70,8 @@ def _loader(cfg: Config, shard_dir: Path, ids: np.ndarray, info, *, train: bool,
     """Training loaders give every rank a full, padded share per epoch (DDP steps in
     lockstep); extraction loaders give every rank its own disjoint slice, nothing repeated."""
     watchdog.pause()  # building a pipeline (validating shards) is not a step
-    aug = (augment or cfg.augment) if train else dataclasses.replace(cfg.augment, enabled=False)
+    aug = (augment or cfg.augment) if train else dataclasses.replace(
+        cfg.augment, enabled=False, batch_size=cfg.stage1.extract_batch_size or 4 * cfg.augment.batch_size)
     return build_loader(shard_dir, aug, rank=info.rank, world_size=info.world_size, seed=seed,
                         device=info.device, views=views if train else 1, shuffle=train,
                         padded="mark" if train else "drop", ids=ids)
