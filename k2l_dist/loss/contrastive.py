@@ -122,7 +122,8 @@ def contrastive_loss(
         labelled = valid & (labels >= 0)
 
         # Pairs within an image: one (2P, 2P) block per image, not the batch's (2BP)² matrix.
-        dist = _pair_sq_dist(x, x)  # (B, 2P, 2P)
+        raw = 2.0 - 2.0 * x @ x.transpose(-1, -2)  # (B, 2P, 2P) squared distances, before rounding clamps
+        dist = raw.clamp_min(0.0)
         slot = torch.arange(p, device=dev).repeat(2)
         upper = torch.ones(2 * p, 2 * p, dtype=torch.bool, device=dev).triu(1)
         same_slot = slot[:, None] == slot[None, :]
@@ -135,7 +136,7 @@ def contrastive_loss(
             # those inside an image (a sum per label, never the (2BP)² matrix).
             in_image = upper & labelled[:, :, None] & labelled[:, None, :] & (labels[:, :, None] == labels[:, None, :])
             total, count = _same_label_pair_sums(x[labelled], labels[labelled])
-            pos_sum = pos_sum + total - ((2.0 - 2.0 * x @ x.transpose(-1, -2)) * in_image).sum()
+            pos_sum = pos_sum + total - (raw * in_image).sum()
             num_pos = num_pos + count - in_image.sum()
 
         if negatives == "same_image":
