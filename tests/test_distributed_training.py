@@ -83,7 +83,18 @@ def test_two_process_runs_agree_resume_exactly_and_resume_at_another_world_size(
                 "object_store_round_bytes"):
         assert all(r[f"round/{key}"] >= 0 for r in rounds), key
     assert rounds[0]["round/bytes_sent"] > 0
-    assert any("warmup/step_seconds_slowest" in r for r in log)
+    assert any("stage1/step_seconds_slowest" in r for r in log)
+    # TensorBoard: one loss curve over the global step through the warm-up and both rounds
+    # (10 + 2 × 10 steps), the rounds' statistics at the step where each round happened
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(straight / "tensorboard")).Reload()
+    tags = events.Tags()["scalars"]
+    assert "stage1/loss" in tags and not any(t.startswith(("warmup/", "round1/", "round2/")) for t in tags)
+    assert [e.step for e in events.Scalars("stage1/loss")] == [5, 10, 15, 20, 25, 30]
+    assert [e.value for e in events.Scalars("stage1/round")] == [0, 0, 1, 1, 2, 2]
+    assert [(e.step, e.value) for e in events.Scalars("round/number")] == [(10, 1), (20, 2)]
+    assert "stage2/loss" in tags and "stage1/phase_seconds" in tags
 
     _ok(_run(cut, shards, "stage1.rounds=1"))
     shutil.copytree(cut, other)

@@ -105,7 +105,8 @@ def train_iterations(model: torch.nn.Module, optimizer: torch.optim.Optimizer, l
                      prefix: str, log_every: int, show_progress: bool, start: int = 0,
                      before_step: Callable[[int], None] | None = None,
                      after_step: Callable[[int, int], None] | None = None, precision: str = "fp32",
-                     schedule: LRSchedule | None = None) -> int:
+                     schedule: LRSchedule | None = None, phase: str = "",
+                     tags: dict[str, float] | None = None) -> int:
     """Optimiser steps ``start`` … ``iterations - 1`` of a phase over (repeated epochs of)
     ``loader``; returns the new global step.
 
@@ -114,14 +115,18 @@ def train_iterations(model: torch.nn.Module, optimizer: torch.optim.Optimizer, l
     ``before_step(i)`` runs before phase step i (e.g. reseeding), ``after_step(i + 1,
     global_step)`` after its update (e.g. checkpoints). Logged losses are averaged over
     ranks; ``step_seconds_slowest`` is the slowest rank's mean step time since the last
-    log line, where stragglers show."""
+    log line, where stragglers show. ``prefix`` names the curves (one per stage, over the
+    global step), ``phase`` the part of it in messages and fault points, ``tags`` constant
+    scalars logged with every line (the round number); the phase's wall time is logged at
+    its end as ``phase_seconds``."""
     model.train()
-    phase = prefix.rstrip("/")
+    phase = phase or prefix.rstrip("/")
+    began = time.perf_counter()
     batches = _forever(loader)
     for j in range(start):
         heartbeat(f"{phase} (skipping to the resumed batch)", j)
         next(batches)
-    bar = tqdm(range(start, iterations), desc=prefix.rstrip("/"), unit="it", disable=not show_progress,
+    bar = tqdm(range(start, iterations), desc=phase, unit="it", disable=not show_progress,
                leave=False)
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     rank = torch.distributed.get_rank() if world > 1 else 0
@@ -153,12 +158,14 @@ def train_iterations(model: torch.nn.Module, optimizer: torch.optim.Optimizer, l
             slowest = max_over_ranks(seconds)
             images = sum(batch[k].shape[0] for k in ("view0", "view1") if k in batch) * world
             values.update(lr=optimizer.param_groups[0]["lr"], step_seconds=seconds, step_seconds_slowest=slowest,
-                          images_per_second=images / max(slowest, 1e-9))
+                          images_per_second=images / max(slowest, 1e-9), **(tags or {}))
             log.scalars(step, values, prefix)
             bar.set_postfix(loss=f"{values['loss']:.4f}")
             since, tick = 0, now
         if after_step is not None:
             after_step(i + 1, step)
+    if iterations > start:
+        log.scalars(step, {"phase_seconds": time.perf_counter() - began}, prefix)
     return step
 
 
@@ -329,7 +336,8 @@ def _train(cfg: Config, info, shard_dir: Path, service: ClusteringService, resum
         return train_iterations(
             phi_ddp, opt, loader, lambda b: stage1_losses(phi_ddp, b, table, max_points=s1.max_points,
                                                           loss_cfg=loss_cfg, generator=gen, regions=regions),
-            n, step=progress.step, log=log, prefix=f"{phase}/", log_every=cfg.log_every, show_progress=show,
+            n, step=progress.step, log=log, prefix="stage1/", phase=phase, log_every=cfg.log_every,
+            tags={"round": progress.rounds_done + (phase != "warmup")}, show_progress=show,
             start=progress.phase_step, before_step=before, after_step=after,
             precision=cfg.precision, schedule=schedule1)
 
@@ -378,9 +386,10 @@ def _train(cfg: Config, info, shard_dir: Path, service: ClusteringService, resum
             labels, timings = recover("round", f"round{rnd}")
             table = LabelTable.from_round(labels)
             stage2_state["centroids_m"] = torch.from_numpy(np.array(labels.centroids))
-            log.scalars(rnd, {**labels.stats, **timings}, "round/")
+            log.scalars(progress.step, {"number": rnd, **labels.stats, **timings}, "round/")
             if info.is_main:
-                _round_grid(shard_dir, table, split.train[:16], run_dir / "rounds" / f"round{rnd:03d}.png", log, rnd)
+                _round_grid(shard_dir, table, split.train[:16], run_dir / "rounds" / f"round{rnd:03d}.png", log,
+                            progress.step)
             if show:
                 print(f"round {rnd}/{s1.rounds}: {labels.stats['points_per_image_after']:.1f} points/image kept, "
                       f"{labels.stats['images_kept_share']:.0%} images kept; extraction "
