@@ -198,6 +198,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    from k2l_dist.utils.logs import configure_logging
+
+    configure_logging()
     from k2l_dist.data.prepare import PrepareError
     from k2l_dist.data.readers import DatasetError
     from k2l_dist.data.shards import ShardError

@@ -21,3 +21,24 @@ def test_stray_arguments_are_refused(argv, capsys):
     with pytest.raises(SystemExit) as err:
         parse(argv)
     assert err.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_logging_is_rank_aware(capsys):
+    import logging
+
+    from k2l_dist.utils.logs import configure_logging
+
+    log = logging.getLogger("k2l_dist.clustering.kmeans")
+    try:
+        configure_logging(rank=0)
+        log.info("kmeans: k=10")
+        configure_logging(rank=3)  # replaces the handler, never adds a second one
+        log.info("not shown on other ranks")
+        log.warning("round 2: only 6 images")
+        assert len([h for h in logging.getLogger("k2l_dist").handlers if h.get_name() == "k2l"]) == 1
+    finally:
+        logger = logging.getLogger("k2l_dist")
+        for h in [h for h in logger.handlers if h.get_name() == "k2l"]:
+            logger.removeHandler(h)
+        logger.setLevel(logging.NOTSET)
+    assert capsys.readouterr().err.splitlines() == ["kmeans: k=10", "[rank 3] round 2: only 6 images"]
