@@ -140,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="k2l", description="Unsupervised object-landmark discovery (K2L).")
     parser.add_argument("--version", action="version", version=f"k2l-dist {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="errors with their traceback (default: one line for errors in the input)")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_prepare(sub)
     sub.choices["prepare"].set_defaults(func=_cmd_prepare)
@@ -200,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     from k2l_dist.utils.logs import configure_logging
 
-    configure_logging()
+    configure_logging(debug=args.debug)
     from k2l_dist.data.prepare import PrepareError
     from k2l_dist.data.readers import DatasetError
     from k2l_dist.data.shards import ShardError
@@ -211,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (ConfigError, DatasetError, PrepareError, ShardError, FileNotFoundError, ValueError, NonFiniteLoss,
             StorageError) as err:
+        if args.debug:
+            raise
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -42,3 +42,15 @@ def test_logging_is_rank_aware(capsys):
             logger.removeHandler(h)
         logger.setLevel(logging.NOTSET)
     assert capsys.readouterr().err.splitlines() == ["kmeans: k=10", "[rank 3] round 2: only 6 images"]
+
+
+def test_debug_keeps_the_traceback(tmp_path, capsys):
+    from k2l_dist.cli import main
+    from k2l_dist.config import ConfigError
+
+    missing = str(tmp_path / "nope.yaml")
+    assert main(["train", missing]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and len(err.strip().splitlines()) == 1 and "nope.yaml" in err
+    with pytest.raises(ConfigError):
+        main(["--debug", "train", missing])
