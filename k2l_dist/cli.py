@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from k2l_dist.config import ConfigError, apply_values, load_config, nest_values
+from k2l_dist.config import ConfigError, apply_values, config_yaml, load_config, nest_values
 
 # flag name → dotted config key, for `k2l prepare`
 PREPARE_FLAGS = {
@@ -88,6 +88,9 @@ def _cmd_train(args) -> int:
     from k2l_dist.train.run import train
 
     cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(config_yaml(cfg), end="")
+        return 0
     metrics = train(cfg, resume=not args.fresh)
     if int(os.environ.get("RANK", "0")) == 0:  # one summary per job, not per process
         print(_summary(cfg.run_dir, metrics))
@@ -148,15 +151,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="prepare-if-needed, Stage 1, Stage 2 and evaluation",
                        description="Train from a config; resumes from <run_dir>/checkpoint.pt if present.")
-    p.add_argument("config", help="YAML config, e.g. configs/quickstart.yaml")
+    p.add_argument("config", nargs="?", help="YAML config, e.g. configs/quickstart.yaml (or --config)")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    p.add_argument("--config", dest="config_file", metavar="FILE", help="YAML config (the same as the positional)")
     p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("evaluate", help="forward/backward NME and baselines of a finished run")
     p.add_argument("run", help="run folder (holds model.pt and config.yaml)")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the run's config (e.g. eval.*)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("detect", help="landmarks in original image pixels, as JSON lines")
@@ -166,15 +171,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .jsonl")
     p.add_argument("--draw", help="folder for the images with landmarks drawn")
     p.add_argument("--min-confidence", type=float, default=0.0, help="landmarks below this peak value are null")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N")
     p.set_defaults(func=_cmd_detect)
 
     p = sub.add_parser("ablate", help="train a config over a grid of settings; a markdown table of the metrics",
                        description="One run per combination of the --grid values (or the base and each "
                                    "--alone change), in <out>/<setting> "
                                    "(rerun to resume); the table goes to <out>/ablation.md.")
-    p.add_argument("config", help="YAML config, e.g. configs/mtfl_cpu.yaml")
+    p.add_argument("config", nargs="?", help="YAML config, e.g. configs/mtfl_cpu.yaml (or --config)")
     p.add_argument("overrides", nargs="*", help="key=value overrides shared by every setting")
+    p.add_argument("--config", dest="config_file", metavar="FILE", help="YAML config (the same as the positional)")
     p.add_argument("--grid", action="append", metavar="KEY=V1,V2",
                    help="a key and its values (repeat for more keys: every combination runs)")
     p.add_argument("--alone", action="append", metavar="'KEY=V [KEY=V …]'",
@@ -195,6 +201,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    if hasattr(args, "config_file"):  # `CMD CONFIG k=v …` or `CMD --config CONFIG k=v …`
+        if args.config is not None and "=" in args.config:
+            args.overrides, args.config = [args.config, *args.overrides], None
+        if args.config and args.config_file:
+            parser.error(f"two configs: {args.config} and --config {args.config_file}")
+        args.config = args.config or args.config_file
+        if not args.config:
+            parser.error(f"{args.command}: give a config file (positional or --config)")
     return args
 
 

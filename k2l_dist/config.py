@@ -400,11 +400,16 @@ def config_to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def config_yaml(cfg: Config) -> str:
+    """The fully resolved config as YAML (what every run saves, what --print-config shows)."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the fully resolved config as YAML (atomically)."""
     from k2l_dist.utils.io import atomic_write_text
 
-    atomic_write_text(Path(path), yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    atomic_write_text(Path(path), config_yaml(cfg))
 
 
 def validate(cfg: Config) -> None:

@@ -54,3 +54,20 @@ def test_debug_keeps_the_traceback(tmp_path, capsys):
     assert err.startswith("error:") and len(err.strip().splitlines()) == 1 and "nope.yaml" in err
     with pytest.raises(ConfigError):
         main(["--debug", "train", missing])
+
+
+def test_config_as_positional_or_option_and_print_config(capsys):
+    import yaml
+
+    from k2l_dist.cli import main
+
+    a = parse(["train", "configs/quickstart.yaml", "seed=3"])
+    b = parse(["train", "--config", "configs/quickstart.yaml", "seed=3"])
+    assert (a.config, a.overrides) == (b.config, b.overrides) == ("configs/quickstart.yaml", ["seed=3"])
+    assert main(["train", "--config", "configs/quickstart.yaml", "--print-config", "seed=3",
+                 "stage1.lr_milestones=[5,9]"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["seed"] == 3 and printed["stage1"]["lr_milestones"] == [5, 9]
+    assert printed["run_dir"] == "runs/quickstart" and printed["cluster"]["K"] == 20  # the file's values
+    with pytest.raises(SystemExit):
+        parse(["train", "a.yaml", "--config", "b.yaml"])

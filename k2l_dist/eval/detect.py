@@ -93,7 +93,7 @@ def _shard_rows(detector: Detector, shard_dir: Path, skipped: list[Skip], cache:
 
 def detect(checkpoint: str | Path, out: str | Path, *, data: str | Path | None = None,
            images: str | Path | None = None, draw: str | Path | None = None, min_confidence: float = 0.0,
-           device: str = "cpu", flip_test: bool | None = None) -> DetectResult:
+           device: str = "auto", flip_test: bool | None = None) -> DetectResult:
     """Write one JSON line per image: ``{"image": path, "landmarks": [[x, y] | null, ...]}``.
 
     ``images``: an image file or a folder (every image under it, in memory, cropped as

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from k2l_dist.augment.geometry import inverse_affine, transform_points
+from k2l_dist.augment.pipeline import resolve_device
 from k2l_dist.config import Config, apply_values
 from k2l_dist.data.crop import crop_image, to_original, whole_image_box
 from k2l_dist.models import STRIDE, LandmarkNet
@@ -70,9 +71,9 @@ class Detector:
     """Ψ with its pre- and post-processing. ``device``: where Ψ runs; ``flip_test``:
     average with the mirrored image (default: as the run was configured)."""
 
-    def __init__(self, psi: LandmarkNet, cfg: Config, flip_permutation: np.ndarray, device: str | torch.device = "cpu",
+    def __init__(self, psi: LandmarkNet, cfg: Config, flip_permutation: np.ndarray, device: str | torch.device = "auto",
                  flip_test: bool | None = None) -> None:
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.psi = psi.to(self.device).eval()
         self.cfg = cfg
         self.flip_permutation = np.asarray(flip_permutation, np.int64)
@@ -121,8 +122,9 @@ class Detector:
         return crop_pts.numpy().astype(np.float64), conf.cpu().numpy()
 
 
-def load_detector(path: str | Path, device: str | torch.device = "cpu", flip_test: bool | None = None) -> Detector:
-    """The Stage-2 detector of a run: its ``model.pt`` or the run folder."""
+def load_detector(path: str | Path, device: str | torch.device = "auto", flip_test: bool | None = None) -> Detector:
+    """The Stage-2 detector of a run: its ``model.pt`` or the run folder; ``device`` auto =
+    the GPU when there is one."""
     path = Path(path)
     if path.is_dir():
         path = path / "model.pt"

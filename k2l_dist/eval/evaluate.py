@@ -212,7 +212,7 @@ def log_landmark_grid(shard_dir: Path, ids: np.ndarray, points: list[np.ndarray]
         log.image(tag, grid[..., ::-1].copy(), step)
 
 
-def evaluate_checkpoint(run_dir: str | Path, device: str = "cpu", overrides: list[str] | tuple = ()) -> dict:
+def evaluate_checkpoint(run_dir: str | Path, device: str = "auto", overrides: list[str] | tuple = ()) -> dict:
     """Re-evaluate a finished run from its ``model.pt`` (writes metrics.json again)."""
     import json
 
@@ -235,7 +235,9 @@ def evaluate_checkpoint(run_dir: str | Path, device: str = "cpu", overrides: lis
     manifest, meta = load_manifest(shard_dir), load_samples_meta(shard_dir)
     if "landmarks" not in meta:
         raise ValueError(f"{shard_dir}: the dataset has no annotated landmarks to evaluate against")
-    dev = torch.device(device)
+    from k2l_dist.augment.pipeline import resolve_device
+
+    dev = resolve_device(device)
     phi = KeypointNet(cfg.model)
     phi.load_state_dict(ck["phi"])
     psi = LandmarkNet(cfg.model, int(ck["num_landmarks"]))
