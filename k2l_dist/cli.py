@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("detect", help="landmarks in original image pixels, as JSON lines")
     p.add_argument("--checkpoint", required=True, help="a run's model.pt")
     p.add_argument("--data", help="shards from `k2l prepare` (any dataset)")
-    p.add_argument("--images", help="a folder of images (prepared on the fly)")
+    p.add_argument("--images", help="an image file or a folder of images (read in memory)")
     p.add_argument("--out", required=True, help="output .jsonl")
     p.add_argument("--draw", help="folder for the images with landmarks drawn")
     p.add_argument("--min-confidence", type=float, default=0.0, help="landmarks below this peak value are null")
