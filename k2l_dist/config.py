@@ -111,8 +111,8 @@ class LossConfig:
     heatmap_sigma: float = 1.0  # Gaussian σ of detector / landmark targets
     margin: float = 1.0  # hinge margin m on squared distances of unit descriptors, in [0, 4]
     neg_weight: float = 1.0  # weight of the mean negative term vs the mean positive term
-    negatives: str = "same_image"  # same_image | different_clusters (ablation, Table 2)
-    correspondence: str = "clustering"  # clustering | equivariance (ablation, Table 2)
+    negatives: str = "same_image"  # same_image | different_clusters (ablation, Table 3)
+    correspondence: str = "clustering"  # clustering | equivariance (ablation, Table 3)
     random_negatives: int = 32  # random-location negatives per view and image (same_image)
     min_neg_distance: float = 3.0  # random negatives at least this far from every labelled point
     # two detections of one image closer than this (in the crop, heatmap pixels) are not
