@@ -1,0 +1,100 @@
+"""Where a training step's time goes: torch.profiler over Φ's Stage-1 step, summarised.
+
+One warm-up step, then ``--steps`` profiled steps of the real Stage-1 step (forward,
+losses, backward, RMSprop) on fixed in-memory pairs; the table lists the operators with
+the most self CPU time, and the model's FLOPs per image (torch's flop counter) give the
+achieved GFLOP/s.
+
+    python bench/profile_step.py --config configs/celeba.yaml --size 256 --pairs 16 model.width=296
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(ROOT))
+from fixtures import fixed_pairs  # noqa: E402
+from report import machine, write_section  # noqa: E402
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/celeba.yaml")
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--pairs", type=int, default=16)
+    p.add_argument("--steps", type=int, default=1)
+    p.add_argument("--rows", type=int, default=12)
+    p.add_argument("--section", default="profile_step")
+    p.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args()
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from k2l_dist.config import load_config
+    from k2l_dist.distributed.threads import pin_threads
+    from k2l_dist.models import KeypointNet, count_parameters
+    from k2l_dist.train.optim import rmsprop
+    from k2l_dist.train.steps import stage1_losses
+
+    threads = pin_threads()
+    cfg = load_config(ROOT / args.config, args.overrides)
+    torch.manual_seed(0)
+    phi = KeypointNet(cfg.model)
+    opt = rmsprop(phi.parameters(), lr=cfg.stage1.lr)
+    batch, table = fixed_pairs(args.pairs, args.size, cfg.cluster.M, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+
+    def step() -> None:
+        losses = stage1_losses(phi, batch, table, max_points=cfg.stage1.max_points, loss_cfg=cfg.loss, generator=gen)
+        opt.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        opt.step()
+
+    with torch.no_grad(), FlopCounterMode(display=False) as flops:
+        phi(batch["view0"][:1])
+    gflop_image = flops.get_total_flops() / 1e9
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        seconds = (time.perf_counter() - t0) / args.steps
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in events)
+    rows = [f"| `{e.key}` | {e.self_cpu_time_total / 1e3 / args.steps:.0f} | {100 * e.self_cpu_time_total / total:.1f}% "
+            f"| {e.count // args.steps} |" for e in events[:args.rows]]
+    images = 2 * args.pairs
+    achieved = 3 * gflop_image * images / seconds  # forward + backward ≈ 3 × forward
+    body = "\n".join([
+        f"## Profile of a Stage-1 step: {cfg.model.width} channels, {args.size} px",
+        "",
+        f"`python bench/profile_step.py --config {args.config} --size {args.size} --pairs {args.pairs} "
+        f"{' '.join(args.overrides)}` — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
+        "",
+        f"- machine: {machine()}",
+        f"- Φ {count_parameters(phi) / 1e6:.2f} M parameters (width {cfg.model.width}, depth {cfg.model.depth}, "
+        f"GroupNorm groups {cfg.model.groups}), {gflop_image:.1f} GFLOP per image forward, {images} images per "
+        f"step (forward + backward ≈ 3 × forward), {threads} threads",
+        f"- {args.steps} profiled step(s) under torch.profiler: {seconds:.1f} s per step, "
+        f"{achieved:.0f} GFLOP/s achieved",
+        "",
+        "| operator | self CPU ms per step | share | calls per step |",
+        "|---|---|---|---|",
+        *rows,
+    ])
+    print(body)
+    write_section(args.out, args.section, body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
