@@ -154,6 +154,21 @@ def test_actor_labels_equal_inline_for_1_2_3_way_splits_in_random_order(local_ra
         ray.kill(actor)
 
 
+@pytest.mark.timeout(120)
+def test_actor_clusters_on_the_threads_it_was_given_despite_rays_single_thread_default(local_ray):
+    """Ray starts actors with OMP_NUM_THREADS=1 and OpenMP counts threads per calling thread:
+    the clustering (in one of the actor's pool threads) must still use cluster.threads."""
+    from k2l_dist.clustering.actor import ClusteringActor, split_part
+
+    ray = local_ray
+    cfg = ClusterConfig(K=4, M=8, nredo=1, threads=2)
+    actor = ray.remote(ClusteringActor).options(max_concurrency=3, num_cpus=0).remote(dataclasses.asdict(cfg), 1)
+    actor.submit.remote("round1/try0", 0, [ray.put(h) for h in split_part(_same_parts(1)[0])], "round")
+    stats, _ = ray.get(actor.result.remote("round1/try0", 60))
+    assert stats["actor_faiss_threads"] == 2
+    ray.kill(actor)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_actor_over_2_and_3_shard_actors_agrees_with_one_shard(local_ray):

@@ -131,7 +131,8 @@ class ClusteringActor:
         t2 = time.perf_counter()
         stats = dict(labels.stats)
         stats.update(actor_fetch_seconds=t1 - t0, actor_cluster_seconds=t2 - t1,
-                     object_store_round_bytes=float(part_bytes + labels.nbytes), actor_peak_rss_bytes=peak_rss_bytes())
+                     object_store_round_bytes=float(part_bytes + labels.nbytes), actor_peak_rss_bytes=peak_rss_bytes(),
+                     actor_faiss_threads=float(faiss.omp_get_max_threads()))
         return stats, [ray.put(labels.arrays())]
 
     def _sharded(self, kind: str, ids: list[dict], payload_refs: list) -> tuple[RoundLabels, int]:
