@@ -2,6 +2,7 @@
 
 import errno
 import json
+import re
 import time
 
 import numpy as np
@@ -167,8 +168,9 @@ def test_a_single_image_dataset_trains_with_warnings_instead_of_a_crash(tmp_path
     cfg = load_config(None, [*TINY, f"run_dir={tmp_path}", "data.synthetic_count=1", "stage1.rounds=1", "stage2.iterations=2"])
     with caplog.at_level("WARNING"):
         metrics = train(cfg)
-    # one image: at most K=6 survivors of the first pass for M=12 clusters
-    assert "round 1: 6 of 12 clusters have no points" in caplog.text
+    # one image: at most K=6 survivors of the first pass for M=12 clusters, so at least 6 stay empty
+    empty = re.search(r"round 1: (\d+) of 12 clusters have no points", caplog.text)
+    assert empty is not None and int(empty.group(1)) >= 6, caplog.text
     assert "evaluation skipped" in caplog.text and "evaluation_skipped" in metrics
     assert (tmp_path / "model.pt").exists() and (tmp_path / "metrics.json").exists()
 
