@@ -108,7 +108,7 @@ class ClusteringActor:
 
         # OpenMP's thread count is per calling thread, and Ray starts actors with
         # OMP_NUM_THREADS=1: this method runs in one of the actor's pool threads, not in
-        # __init__'s, so without this Faiss ran on one core here (1.42x the inline round).
+        # __init__'s, so without this Faiss ran on one core here.
         faiss.omp_set_num_threads(self.threads)
 
         round_name = key.split("/")[0]

@@ -11,17 +11,14 @@ from typing import Iterator
 
 import cv2
 import numpy as np
-import torch
 
 from k2l_dist.augment import build_loader
-from k2l_dist.config import Config
 from k2l_dist.data.crop import to_original
 from k2l_dist.data.prepare import is_truncated_jpeg
 from k2l_dist.data.readers import Skip, read_folder
 from k2l_dist.data.shards import load_manifest, load_samples_meta
 from k2l_dist.eval.detector import Detector, load_detector, read_rgb
 from k2l_dist.eval.evaluate import predict_landmarks
-from k2l_dist.models import LandmarkNet
 from k2l_dist.utils.io import atomic_open
 
 log = logging.getLogger(__name__)
@@ -31,12 +28,6 @@ log = logging.getLogger(__name__)
 class DetectResult:
     written: int  # JSON lines written
     skipped: list[Skip]  # every input image that got no line, with the reason
-
-
-def load_model(checkpoint: str | Path, device: torch.device) -> tuple[Config, LandmarkNet, np.ndarray]:
-    """Ψ, its config and flip permutation from a run's ``model.pt``."""
-    det = load_detector(checkpoint, device)
-    return det.cfg, det.psi, det.flip_permutation
 
 
 def _warn_size(shard_dir: Path, prepared: int, trained: int) -> None:
@@ -54,13 +45,9 @@ def _unpredicted(meta: dict, ids: np.ndarray) -> list[Skip]:
 Row = tuple[str, np.ndarray, np.ndarray]  # image path (relative to the root), landmarks, confidence
 
 
-def _image_rows(detector: Detector, images: Path, skipped: list[Skip], batch_size: int = 32) -> Iterator[Row]:
-    """Every image under ``images`` (or that one file), in memory: read, crop, Ψ."""
-    if images.is_file():
-        paths, root = [images.name], images.parent
-    else:
-        items, _ = read_folder(images)
-        paths, root = [item.path for item in items], images
+def _image_rows(detector: Detector, root: Path, paths: list[str], skipped: list[Skip],
+                batch_size: int = 32) -> Iterator[Row]:
+    """Images ``root / path``, in memory: read, crop, Ψ."""
     for start in range(0, len(paths), batch_size):
         names, pictures = [], []
         for name in paths[start:start + batch_size]:
@@ -114,7 +101,8 @@ def detect(checkpoint: str | Path, out: str | Path, *, data: str | Path | None =
         if images is not None:
             images = Path(images)
             root = images.parent if images.is_file() else images
-            rows = _image_rows(detector, images, skipped)
+            paths = [images.name] if images.is_file() else [item.path for item in read_folder(images)[0]]
+            rows = _image_rows(detector, root, paths, skipped)
         else:
             root = Path(load_manifest(Path(data)).get("root", ""))
             rows = _shard_rows(detector, Path(data), skipped, Path(tmp) / "check")
