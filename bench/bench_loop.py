@@ -64,7 +64,7 @@ def measure(args) -> dict:
     from k2l_dist.data.shards import load_manifest, load_samples_meta
     from k2l_dist.train.optim import rmsprop
     from k2l_dist.models import KeypointNet, LandmarkNet, count_parameters
-    from k2l_dist.train.regions import CropRegions
+    from k2l_dist.models.regions import CropRegions
     from k2l_dist.train.run import _forever, _loader, initial_table, train_iterations
     from k2l_dist.train.steps import stage1_losses, stage2_losses
     from k2l_dist.utils.metrics import MetricsLogger
@@ -150,7 +150,7 @@ def measure(args) -> dict:
         return result
     # One round's pseudo-labelling over the whole dataset, as `k2l train` does it.
     from k2l_dist.clustering.service import InlineService
-    from k2l_dist.train.extract import extract, extraction_cap
+    from k2l_dist.models.extract import extract, extraction_cap
 
     s1 = cfg.stage1
     ext_loader = _loader(cfg, shard_dir, ids, info, train=False, seed=0)

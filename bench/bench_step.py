@@ -8,7 +8,7 @@ For each precision, on fixed in-memory pairs (no data loading: compute alone):
   contrastive loss with same-image negatives, backward, RMSprop); its excess over the
   limit is the losses' share;
 * **Stage-2 step**: Ψ (K heatmaps) on one view, ``stage2_losses``;
-* **extraction**: ``train.extract.extract`` (peaks, descriptors and the mirror pass) in
+* **extraction**: ``models.extract.extract`` (peaks, descriptors and the mirror pass) in
   images per second.
 
 Medians over ``--repeats`` × ``--steps``; precisions alternate within each repeat. Under
@@ -60,7 +60,7 @@ def measure(args) -> dict:
     from k2l_dist.distributed.collectives import broadcast_arrays, check_replicas
     from k2l_dist.train.optim import rmsprop
     from k2l_dist.models import KeypointNet, LandmarkNet, count_parameters
-    from k2l_dist.train.extract import extract
+    from k2l_dist.models.extract import extract
     from k2l_dist.train.steps import autocast, stage1_losses, stage2_losses
 
     cfg = load_config(ROOT / args.config, args.overrides)

@@ -113,7 +113,7 @@ def _summary(run_dir: str, metrics: dict) -> str:
 
 
 def _cmd_ablate(args) -> int:
-    from k2l_dist.eval.ablate import ablate
+    from k2l_dist.train.ablate import ablate
 
     print(ablate(args.config, args.grid or [], args.overrides, args.out, alone=args.alone))
     return 0

@@ -3,7 +3,7 @@
 import pytest
 
 from k2l_dist.config import ConfigError
-from k2l_dist.eval.ablate import ablate, alone_settings, parse_grid, settings, table
+from k2l_dist.train.ablate import ablate, alone_settings, parse_grid, settings, table
 
 
 def test_alone_runs_the_base_then_each_change_on_its_own():

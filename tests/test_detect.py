@@ -15,7 +15,7 @@ from k2l_dist.config import Config, apply_values
 from k2l_dist.eval import detect as detect_module
 from k2l_dist.eval.detector import Detector
 from k2l_dist.models import LandmarkNet
-from k2l_dist.train.checkpoint import save_checkpoint
+from k2l_dist.utils.checkpoint import save_checkpoint
 
 K = 3
 

@@ -239,7 +239,7 @@ def test_heatmap_peaks_subpixel(background: float) -> None:
 
 
 def test_extraction_recovers_planted_fractional_peaks_within_a_tenth_of_a_pixel() -> None:
-    from k2l_dist.train.extract import extract
+    from k2l_dist.models.extract import extract
 
     planted = torch.tensor([[[5.3, 7.8], [11.6, 3.25], [2.5, 12.1]]])  # (x, y) heatmap pixels
     heat = gaussian_heatmaps(planted, torch.ones(1, 3, dtype=torch.bool), (16, 16), 1.0).amax(1, keepdim=True)
@@ -262,7 +262,7 @@ def test_extraction_mirror_pass_shares_the_batch_without_mixing_images():
     """One forward over originals + mirrored images gives each image's own detections and,
     for the mirrored descriptors, what a separate pass over the mirrored images gives."""
     from k2l_dist.models.points import sample_descriptors
-    from k2l_dist.train.extract import extract
+    from k2l_dist.models.extract import extract
 
     torch.manual_seed(0)
     net = KeypointNet(TINY).eval()

@@ -7,8 +7,8 @@ from k2l_dist.config import KeypointConfig
 from k2l_dist.data.crop import to_crop, valid_rects
 from k2l_dist.keypoints.generic import KeypointDetector
 from k2l_dist.loss import gaussian_heatmaps
-from k2l_dist.train.extract import extract
-from k2l_dist.train.regions import CropRegions, pixel_mask, points_inside
+from k2l_dist.models.extract import extract
+from k2l_dist.models.regions import CropRegions, pixel_mask, points_inside
 
 
 def test_valid_rect_is_where_the_image_corners_land_in_the_crop():

@@ -15,7 +15,7 @@ from k2l_dist.config import ClusterConfig, ConfigError, load_config, validate
 from k2l_dist.data import prepare as prepare_module
 from k2l_dist.distributed.watchdog import Watchdog
 from k2l_dist.data.prepare import is_prepared, prepare
-from k2l_dist.train.checkpoint import load_checkpoint, load_latest_checkpoint, previous, save_checkpoint
+from k2l_dist.utils.checkpoint import load_checkpoint, load_latest_checkpoint, previous, save_checkpoint
 from k2l_dist.train.run import NonFiniteLoss, train
 from k2l_dist.utils import io as io_module
 from k2l_dist.utils.io import StorageError

@@ -12,7 +12,7 @@ Per view, in this order (each range an :class:`~k2l_dist.config.AugmentConfig` v
 each step left out of the graph when its range is zero):
 
 * geometry, one resampling (bilinear; past the crop's edge the border pixel repeats, and
-  ``train.regions`` masks it out of the losses): scale about the centre
+  ``models.regions`` masks it out of the losses): scale about the centre
   (also crop size → view size), rotation about the centre, translation (fraction of the
   view side), horizontal flip;
 * photometric, on the warped uint8 image: hue/saturation (``fn.hsv``),

@@ -27,7 +27,7 @@ from k2l_dist.config import Config, apply_values
 from k2l_dist.data.crop import crop_image, to_original, whole_image_box
 from k2l_dist.models import STRIDE, LandmarkNet
 from k2l_dist.models.points import heatmap_peaks, to_image_coords
-from k2l_dist.train.checkpoint import load_checkpoint
+from k2l_dist.utils.checkpoint import load_checkpoint
 
 
 @torch.no_grad()

@@ -27,8 +27,8 @@ from k2l_dist.eval.split import regressor_ids
 from k2l_dist.keypoints import descriptors_to_float
 from k2l_dist.models import STRIDE
 from k2l_dist.eval.detector import landmarks_in_views
-from k2l_dist.train.extract import extract, extraction_cap
-from k2l_dist.train.regions import CropRegions
+from k2l_dist.models.extract import extract, extraction_cap
+from k2l_dist.models.regions import CropRegions
 
 log_ = logging.getLogger(__name__)
 
@@ -219,7 +219,7 @@ def evaluate_checkpoint(run_dir: str | Path, device: str = "auto", overrides: li
     from k2l_dist.config import Config, apply_values, load_config
     from k2l_dist.data.shards import load_manifest, load_samples_meta
     from k2l_dist.models import KeypointNet, LandmarkNet
-    from k2l_dist.train.checkpoint import load_checkpoint
+    from k2l_dist.utils.checkpoint import load_checkpoint
     from k2l_dist.eval.split import split_for_run
     from k2l_dist.utils.io import atomic_write_text
     from k2l_dist.utils.metrics import MetricsLogger

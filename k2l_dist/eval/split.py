@@ -27,12 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-from k2l_dist.config import EvalConfig
+from k2l_dist.config import SPLITS, EvalConfig
 from k2l_dist.data.shards import TEST_IDS, TRAIN_IDS
 
 log = logging.getLogger(__name__)
-
-SPLITS = ("random", "last", "file", "protocol")
 
 
 @dataclass

@@ -31,11 +31,11 @@ from k2l_dist.distributed import watchdog
 from k2l_dist.distributed.collectives import check_replicas, max_over_ranks, mean_over_ranks
 from k2l_dist.distributed.watchdog import heartbeat
 from k2l_dist.models import KeypointNet, LandmarkNet
-from k2l_dist.train.checkpoint import load_latest_checkpoint, save_checkpoint
+from k2l_dist.utils.checkpoint import load_latest_checkpoint, save_checkpoint
 from k2l_dist.train.compat import incompatible_changes
 from k2l_dist.eval.split import split_for_run
-from k2l_dist.train.extract import extract, extraction_cap
-from k2l_dist.train.regions import CropRegions
+from k2l_dist.models.extract import extract, extraction_cap
+from k2l_dist.models.regions import CropRegions
 from k2l_dist.train.schedule import LRSchedule
 from k2l_dist.train.labels import LabelTable
 from k2l_dist.train.optim import rmsprop

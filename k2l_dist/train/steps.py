@@ -14,7 +14,7 @@ from k2l_dist.loss import contrastive_loss, detector_loss, landmark_loss
 from k2l_dist.models import STRIDE
 from k2l_dist.models.points import sample_descriptors, sample_negative_locations, to_feature_coords, to_image_coords
 from k2l_dist.train.labels import LabelTable
-from k2l_dist.train.regions import CropRegions, pixel_mask, points_inside
+from k2l_dist.models.regions import CropRegions, pixel_mask, points_inside
 
 
 

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from k2l_dist.augment.geometry import inverse_affine, transform_points
 from k2l_dist.models import STRIDE
 from k2l_dist.models.points import nms_peaks, sample_descriptors, to_image_coords
-from k2l_dist.train.regions import pixel_mask, points_inside
+from k2l_dist.models.regions import pixel_mask, points_inside
 
 
 
@@ -51,7 +51,7 @@ def extract(model: torch.nn.Module, batches: Iterable[dict], *, max_points: int,
             show_progress: bool = True, regions=None) -> Extraction:
     """Detect points and descriptors on un-augmented views (``view0``, ``matrix0``, ``id``).
 
-    ``regions`` (:class:`~k2l_dist.train.regions.CropRegions`): detections on a crop's
+    ``regions`` (:class:`~k2l_dist.models.regions.CropRegions`): detections on a crop's
     padding (repeated border pixels) are dropped."""
     was_training = model.training
     model.eval()
