@@ -209,11 +209,13 @@ def main() -> int:
         "## Clustering round: inline vs the Ray actor",
         "",
         f"`python bench/bench_clustering.py --points {args.points} --dim {args.dim} --repeats {args.repeats} "
-        f"--shards {args.shards}{' --sklearn' if args.sklearn else ''}` — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"--shards {args.shards}{' --sklearn' if args.sklearn else ''}` — "
+        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
         "",
         f"- machine: {machine()}",
         f"- data: {args.points:,} descriptors × {args.dim}-d float32 (+ their mirrored descriptors), "
-        f"{len(part['sample_ids']):,} images (20–40 points each), {args.K} noisy prototypes; {size_gb:.2f} GB per round",
+        f"{len(part['sample_ids']):,} images (20–40 points each), {args.K} noisy prototypes; "
+        f"{size_gb:.2f} GB per round",
         f"- round: two-way K-means K={args.K} then M={args.M} (niter {args.niter}, {cfg.nredo} seeded restarts, faiss "
         f"subsample {cfg.max_points_per_centroid}/centroid for the seeding), per-image dedup, mirrored assignment; "
         f"Faiss on {threads} threads everywhere",

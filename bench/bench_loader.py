@@ -29,9 +29,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterable
 
 import cv2
 import numpy as np
@@ -43,8 +43,6 @@ from k2l_dist.data.shards import SHARD_PATTERN, Sample, shard_paths, write_index
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import write_section  # noqa: E402
-
-
 
 # --------------------------------------------------------------------------- synthetic shards
 
@@ -58,7 +56,8 @@ def synthetic_picture(rng: np.random.Generator, size: int) -> np.ndarray:
         colour = rng.integers(0, 256, 3).tolist()
         kind = rng.integers(0, 4)
         if kind == 0:
-            cv2.circle(img, tuple(int(v) for v in rng.integers(0, size, 2)), int(rng.integers(5, size // 3)), colour, -1)
+            centre = tuple(int(v) for v in rng.integers(0, size, 2))
+            cv2.circle(img, centre, int(rng.integers(5, size // 3)), colour, -1)
         elif kind == 1:
             p, q = rng.integers(0, size, 2), rng.integers(0, size, 2)
             cv2.rectangle(img, tuple(int(v) for v in p), tuple(int(v) for v in q), colour, -1)
@@ -241,7 +240,6 @@ def main(argv: list[str] | None = None) -> int:
             workers = 0 if threads == 1 else threads
             ocv = opencv_loader(urls, cfg, size, workers, seed=0)
             ocv_times, ocv_n = time_epochs(lambda: ocv, args.repeats)
-            del ocv
             dali_rate = dali_n / statistics.median(dali_times)
             ocv_rate = ocv_n / statistics.median(ocv_times)
             rows.append((threads, dali_rate, dali_times, dali_n, ocv_rate, ocv_times, ocv_n, startup))

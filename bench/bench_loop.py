@@ -22,7 +22,6 @@ the initial keypoints as ``k2l train`` does; the round uses a label table with
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import sys
 import tempfile
@@ -34,7 +33,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT))
 from report import machine, write_section  # noqa: E402
-
 
 # The paper's schedule: a round every 5,000 iterations of 16 pairs on CelebA's ~200k images.
 PAIRS_PER_IMAGE_PER_ROUND = 5000 * 16 / 200_000
@@ -62,9 +60,9 @@ def measure(args) -> dict:
     from k2l_dist.config import load_config
     from k2l_dist.data.prepare import is_prepared, prepare
     from k2l_dist.data.shards import load_manifest, load_samples_meta
-    from k2l_dist.train.optim import rmsprop
     from k2l_dist.models import KeypointNet, LandmarkNet, count_parameters
     from k2l_dist.models.regions import CropRegions
+    from k2l_dist.train.optim import rmsprop
     from k2l_dist.train.run import _forever, _loader, initial_table, train_iterations
     from k2l_dist.train.steps import stage1_losses, stage2_losses
     from k2l_dist.utils.metrics import MetricsLogger

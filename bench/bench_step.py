@@ -58,9 +58,9 @@ def measure(args) -> dict:
     from k2l_dist import distributed
     from k2l_dist.config import load_config
     from k2l_dist.distributed.collectives import broadcast_arrays, check_replicas
-    from k2l_dist.train.optim import rmsprop
     from k2l_dist.models import KeypointNet, LandmarkNet, count_parameters
     from k2l_dist.models.extract import extract
+    from k2l_dist.train.optim import rmsprop
     from k2l_dist.train.steps import autocast, stage1_losses, stage2_losses
 
     cfg = load_config(ROOT / args.config, args.overrides)
@@ -187,7 +187,8 @@ def nccl_check(args) -> dict:
         dist.all_reduce(x)
         noise = float((grads[1] - grads[0]).abs().max())
         ddp = float((grads[2] - grads[0]).abs().max())
-        return {"nccl_version": ".".join(map(str, torch.cuda.nccl.version())), "nccl_all_reduce": x.tolist() == [1.0] * 4,
+        return {"nccl_version": ".".join(map(str, torch.cuda.nccl.version())),
+                "nccl_all_reduce": x.tolist() == [1.0] * 4,
                 "ddp_vs_plain_max_abs_grad_diff": ddp, "plain_vs_plain_max_abs_grad_diff": noise,
                 "grad_max_abs": float(grads[0].abs().max())}
     finally:

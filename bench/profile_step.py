@@ -70,7 +70,8 @@ def main() -> int:
         seconds = (time.perf_counter() - t0) / args.steps
     events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
     total = sum(e.self_cpu_time_total for e in events)
-    rows = [f"| `{e.key}` | {e.self_cpu_time_total / 1e3 / args.steps:.0f} | {100 * e.self_cpu_time_total / total:.1f}% "
+    rows = [f"| `{e.key}` | {e.self_cpu_time_total / 1e3 / args.steps:.0f} | "
+            f"{100 * e.self_cpu_time_total / total:.1f}% "
             f"| {e.count // args.steps} |" for e in events[:args.rows]]
     images = 2 * args.pairs
     achieved = 3 * gflop_image * images / seconds  # forward + backward ≈ 3 × forward

@@ -1,7 +1,8 @@
-"""The `k2l` command line: prepare, train, detect, evaluate.
+"""The `k2l` command line: prepare, train, ablate, evaluate, detect, export.
 
-Every subcommand resolves one :class:`~k2l_dist.config.Config` the same way: defaults ←
-``--config FILE`` ← the subcommand's flags ← trailing ``key=value`` overrides.
+Every subcommand resolves one :class:`~k2l_dist.config.Config` the same way: defaults (for
+evaluate, detect and export: the run's saved config) ← ``--config FILE`` ← the
+subcommand's flags ← trailing ``key=value`` overrides.
 """
 
 from __future__ import annotations
@@ -122,7 +123,7 @@ def _cmd_ablate(args) -> int:
 def _cmd_evaluate(args) -> int:
     from k2l_dist.eval.evaluate import evaluate_checkpoint
 
-    metrics = evaluate_checkpoint(args.run, device=args.device, overrides=args.overrides)
+    metrics = evaluate_checkpoint(args.run, device=args.device, overrides=args.overrides, config=args.config)
     print(_summary(args.run, metrics))
     return 0
 
@@ -130,12 +131,27 @@ def _cmd_evaluate(args) -> int:
 def _cmd_detect(args) -> int:
     from k2l_dist.eval.detect import detect
 
-    result = detect(args.checkpoint, args.out, data=args.data, images=args.images, draw=args.draw,
-                    min_confidence=args.min_confidence, device=args.device)
-    print(f"{result.written} images → {args.out}" + (f", drawings in {args.draw}" if args.draw else ""))
+    result = detect(args.checkpoint, args.out, data=args.data, images=args.images, video=args.video, draw=args.draw,
+                    min_confidence=args.min_confidence, device=args.device, config=args.config,
+                    overrides=tuple(args.overrides))
+    unit = "frames" if args.video else "images"
+    print(f"{result.written} {unit} → {args.out}" + (f", drawings in {args.draw}" if args.draw else ""))
     if result.skipped:
         print(f"{len(result.skipped)} images skipped, each named in a warning above")
     return 0
+
+
+def _cmd_export(args) -> int:
+    from k2l_dist.eval.export import export
+
+    print(f"wrote {export(args.run, args.format, args.out, config=args.config, overrides=tuple(args.overrides))}")
+    return 0
+
+
+def _run_config_args(p: argparse.ArgumentParser) -> None:
+    """--config and overrides for the commands that start from a run's saved config."""
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the run's saved config")
+    p.add_argument("--config", help="YAML whose values override the run's saved config")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,19 +176,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="forward/backward NME and baselines of a finished run")
     p.add_argument("run", help="run folder (holds model.pt and config.yaml)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides of the run's config (e.g. eval.*)")
+    _run_config_args(p)
     p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("detect", help="landmarks in original image pixels, as JSON lines")
-    p.add_argument("--checkpoint", required=True, help="a run's model.pt")
+    p.add_argument("--checkpoint", required=True, help="a run's model.pt (or the run folder)")
     p.add_argument("--data", help="shards from `k2l prepare` (any dataset)")
     p.add_argument("--images", help="an image file or a folder of images (read in memory)")
+    p.add_argument("--video", help="a video file (one JSON line per frame)")
     p.add_argument("--out", required=True, help="output .jsonl")
-    p.add_argument("--draw", help="folder for the images with landmarks drawn")
+    p.add_argument("--draw", help="folder for the images with landmarks drawn (a .avi or .mp4 file for --video)")
+    _run_config_args(p)
     p.add_argument("--min-confidence", type=float, default=0.0, help="landmarks below this peak value are null")
     p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N")
     p.set_defaults(func=_cmd_detect)
+
+    p = sub.add_parser("export", help="a run's detector as TorchScript or ONNX, pre- and post-processing inside",
+                       description="Write Ψ with its input normalisation, flip test and sub-pixel peak decoding "
+                                   "as one file: inputs uint8 crops (B,S,S,3) and their boxes (B,3), outputs "
+                                   "landmarks (B,K,2) in original pixels and confidence (B,K).")
+    p.add_argument("run", help="run folder (or its model.pt)")
+    p.add_argument("--format", required=True, choices=["torchscript", "onnx"])
+    p.add_argument("--out", help="output file (default: RUN/detector.ts or RUN/detector.onnx)")
+    _run_config_args(p)
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("ablate", help="train a config over a grid of settings; a markdown table of the metrics",
                        description="One run per combination of the --grid values (or the base and each "
@@ -197,6 +225,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     stray = [a for a in extra if "=" not in a or a.startswith("-") or not hasattr(args, "overrides")]
+    stray += [a for a in getattr(args, "overrides", []) if "=" not in a]  # a word where an override belongs
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:

@@ -397,6 +397,14 @@ def load_config(
     return cfg
 
 
+def run_config(saved: dict, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """A finished run's config (the dict its checkpoint carries) ← YAML file at ``path`` ←
+    ``key=value`` overrides: how evaluate, detect and export resolve theirs."""
+    cfg = load_config(path, overrides, base=apply_values(Config(), saved))
+    validate(cfg)
+    return cfg
+
+
 def config_to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
@@ -440,7 +448,8 @@ def validate(cfg: Config) -> None:
         (cfg.checkpoint_every >= 1, "checkpoint_every", f"must be >= 1, got {cfg.checkpoint_every}"),
         (device_ok, "device", f"{cfg.device!r} is not auto, cpu, cuda or cuda:N"),
         (cfg.precision in ("fp32", "bf16"), "precision", f"{cfg.precision!r} is not fp32 or bf16"),
-        (cfg.compile in COMPILE_BACKENDS, "compile", f"{cfg.compile!r} is not one of {', '.join(map(repr, COMPILE_BACKENDS))}"),
+        (cfg.compile in COMPILE_BACKENDS, "compile",
+         f"{cfg.compile!r} is not one of {', '.join(map(repr, COMPILE_BACKENDS))}"),
         (cfg.dist.lr_scaling in ("none", "linear", "sqrt"), "dist.lr_scaling",
          f"{cfg.dist.lr_scaling!r} is not none, linear or sqrt"),
         (cfg.dist.timeout_s > 0, "dist.timeout_s", "must be > 0"),

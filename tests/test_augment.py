@@ -223,7 +223,8 @@ def test_identity_views_for_extraction(small, cache):
     want = torch.from_numpy(img[..., ::-1].copy()).permute(2, 0, 1).float() / 255
     assert (first["view0"][0] - want).abs().max() < 4 / 255
 
-    half = build_loader(small, AugmentConfig(enabled=False, size=32, batch_size=8), views=1, shuffle=False, cache_dir=cache)
+    half = build_loader(small, AugmentConfig(enabled=False, size=32, batch_size=8), views=1, shuffle=False,
+                        cache_dir=cache)
     m = next(iter(half))["matrix0"][0]
     # crop size 64 → view 32, pixel centres: x' = (x + 0.5) / 2 - 0.5
     assert torch.allclose(m, torch.tensor([[0.5, 0, -0.25], [0, 0.5, -0.25]]), atol=1e-6)
@@ -398,7 +399,8 @@ def test_flip_is_shared_between_the_views_of_a_pair(small, cache, shared):
         same += int((batch["flip0"] == batch["flip1"]).sum())
         total += batch["flip0"].numel()
         # the flip is part of the matrix: a mirrored view has a negative x scale
-        det = batch["matrix0"][:, 0, 0] * batch["matrix0"][:, 1, 1] - batch["matrix0"][:, 0, 1] * batch["matrix0"][:, 1, 0]
+        m = batch["matrix0"]
+        det = m[:, 0, 0] * m[:, 1, 1] - m[:, 0, 1] * m[:, 1, 0]
         assert torch.equal(det < 0, batch["flip0"])
     if shared:
         assert same == total

@@ -16,11 +16,33 @@ def test_overrides_may_follow_options():
 
 @pytest.mark.parametrize("argv", [["train", "configs/quickstart.yaml", "--bogus"],
                                   ["train", "configs/quickstart.yaml", "--fresh", "notanoverride"],
-                                  ["detect", "--checkpoint", "m.pt", "--out", "o.jsonl", "seed=1"]])
+                                  ["detect", "--checkpoint", "m.pt", "--out", "o.jsonl", "notanoverride"]])
 def test_stray_arguments_are_refused(argv, capsys):
     with pytest.raises(SystemExit) as err:
         parse(argv)
     assert err.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
+
+
+COMMANDS = {  # each command with its required arguments
+    "prepare": ["prepare", "--out", "shards"],
+    "train": ["train"],
+    "ablate": ["ablate", "--out", "runs", "--grid", "cluster.K=5,6"],
+    "evaluate": ["evaluate", "runs/q"],
+    "detect": ["detect", "--checkpoint", "runs/q", "--images", "imgs", "--out", "o.jsonl"],
+    "export": ["export", "runs/q", "--format", "onnx"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_command_takes_config_and_trailing_overrides(command):
+    from k2l_dist.cli import build_parser
+
+    assert set(COMMANDS) == set(build_parser()._subparsers._group_actions[0].choices)  # no command left out
+    args = parse([*COMMANDS[command], "--config", "c.yaml", "seed=2", "cluster.K=7"])
+    assert args.config == "c.yaml" and args.overrides == ["seed=2", "cluster.K=7"]
+    between = parse([*COMMANDS[command], "seed=2", "--config", "c.yaml", "cluster.K=7"])  # options in between
+    assert between.overrides == ["seed=2", "cluster.K=7"] and between.config == "c.yaml"
+    assert getattr(args, "device", "auto") == "auto"  # one device default wherever there is a --device
 
 
 def test_logging_is_rank_aware(capsys):

@@ -179,7 +179,7 @@ def test_two_way_cluster_recovers_planted_structure() -> None:
     # within each image the 5 real points have 5 distinct K labels ...
     lab = res.labels_k[real].reshape(-1, K)  # real points are K per image, in image order
     pr = proto[real].reshape(-1, K)
-    for row_l, row_p in zip(lab, pr):
+    for row_l in lab:
         assert np.unique(row_l).size == K
     # ... and the labels agree with the prototypes across images (one bijection)
     mapping = {}

@@ -13,7 +13,7 @@ import torch
 from k2l_dist.cli import main
 from k2l_dist.config import Config, apply_values
 from k2l_dist.eval import detect as detect_module
-from k2l_dist.eval.detector import Detector
+from k2l_dist.eval import detector as detector_module
 from k2l_dist.models import LandmarkNet
 from k2l_dist.utils.checkpoint import save_checkpoint
 
@@ -53,14 +53,14 @@ def images(tmp_path):
 def test_detect_maps_crop_points_back_to_original_pixels(model_pt, images, tmp_path, monkeypatch):
     root, sizes = images
 
-    def fake_predict(self, crops):
+    def fake_peaks(psi, views, perm):
         # landmark 0 at the crop centre, 1 at the top-left pixel centre, 2 at (10.25, 20.5)
-        assert crops.shape[1:] == (32, 32, 3)
-        pts = np.tile(np.array([[15.5, 15.5], [0.0, 0.0], [10.25, 20.5]]), (len(crops), 1, 1))
-        conf = np.tile(np.array([0.9, 0.05, 0.9]), (len(crops), 1))
+        assert views.shape[1:] == (3, 32, 32)  # the view is the crop here (augment.size unset)
+        pts = torch.tensor([[15.5, 15.5], [0.0, 0.0], [10.25, 20.5]]).expand(len(views), 3, 2)
+        conf = torch.tensor([0.9, 0.05, 0.9]).expand(len(views), 3)
         return pts, conf
 
-    monkeypatch.setattr(Detector, "_predict_crops", fake_predict)
+    monkeypatch.setattr(detector_module, "landmarks_in_views", fake_peaks)
     out = tmp_path / "preds.jsonl"
     result = detect_module.detect(model_pt, out, images=root, draw=tmp_path / "drawn", min_confidence=0.1)
     assert result.written == 3 and result.skipped == []
@@ -167,7 +167,8 @@ def test_python_api_predict_equals_k2l_detect_for_every_input_type(model_pt, ima
     from k2l_dist import load_detector
 
     root, sizes = images
-    assert main(["detect", "--checkpoint", str(model_pt), "--images", str(root), "--out", str(tmp_path / "p.jsonl")]) == 0
+    out = tmp_path / "p.jsonl"
+    assert main(["detect", "--checkpoint", str(model_pt), "--images", str(root), "--out", str(out)]) == 0
     rows = {r["image"]: r["landmarks"] for r in map(json.loads, (tmp_path / "p.jsonl").read_text().splitlines())}
     detector = load_detector(model_pt.parent)  # the run folder or its model.pt
     assert detector.num_landmarks == K and callable(k2l_dist.train) and k2l_dist.Config is Config
@@ -205,3 +206,71 @@ def test_python_m_k2l_dist_is_the_cli():
 
     out = subprocess.run([sys.executable, "-m", "k2l_dist", "--version"], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == f"k2l-dist {k2l_dist.__version__}"
+
+
+def _write_clip(path, frames):
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, frames[0].shape[1::-1])
+    assert writer.isOpened()
+    for frame in frames:
+        writer.write(frame)
+    writer.release()
+
+
+def _read_clip(path):
+    reader = cv2.VideoCapture(str(path))
+    frames = []
+    while True:
+        ok, frame = reader.read()
+        if not ok:
+            return frames
+        frames.append(frame)
+
+
+def test_detect_on_a_video_writes_a_line_per_frame_and_an_annotated_video(model_pt, tmp_path, capsys):
+    from k2l_dist import load_detector
+
+    rng = np.random.default_rng(3)
+    clip = tmp_path / "clip.avi"
+    _write_clip(clip, [rng.integers(0, 255, (36, 52, 3), dtype=np.uint8) for _ in range(21)])
+    out, drawn = tmp_path / "frames.jsonl", tmp_path / "drawn.avi"
+    assert main(["detect", "--checkpoint", str(model_pt), "--video", str(clip), "--out", str(out),
+                 "--draw", str(drawn)]) == 0
+    assert "21 frames" in capsys.readouterr().out
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["frame"] for r in rows] == list(range(21))  # 21 frames: one batch of 16 and a last one of 5
+    assert rows[10]["time_s"] == pytest.approx(1.0)
+    decoded = _read_clip(clip)  # the same decoder gives the same frames
+    expected = load_detector(model_pt).predict([f[:, :, ::-1] for f in decoded])
+    np.testing.assert_allclose(np.array([r["landmarks"] for r in rows]), expected, atol=0.01)
+    annotated = _read_clip(drawn)
+    assert len(annotated) == 21 and annotated[0].shape == (36, 52, 3)
+    assert not list(tmp_path.glob(".drawn*"))  # no temporary file left
+
+
+def test_detect_video_errors_name_the_file(model_pt, tmp_path, capsys):
+    bad = tmp_path / "not_a_video.avi"
+    bad.write_bytes(b"garbage")
+    assert main(["detect", "--checkpoint", str(model_pt), "--video", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "not_a_video.avi" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    clip = tmp_path / "clip.avi"
+    _write_clip(clip, [np.zeros((20, 20, 3), np.uint8)] * 2)
+    assert main(["detect", "--checkpoint", str(model_pt), "--video", str(clip), "--out", str(tmp_path / "o"),
+                 "--draw", str(tmp_path / "drawn.gif")]) == 2
+    assert ".avi or .mp4" in capsys.readouterr().err
+    assert main(["detect", "--checkpoint", str(model_pt), "--video", str(clip), "--images", str(tmp_path),
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "exactly one of" in capsys.readouterr().err
+
+
+def test_detect_takes_the_run_config_overrides_and_a_config_file(model_pt, images, tmp_path):
+    root, _ = images
+    outs = {n: tmp_path / f"{n}.jsonl" for n in ("saved", "override", "file", "file_then_override")}
+    (tmp_path / "noflip.yaml").write_text("stage2:\n  flip_test: false\n")
+    base = ["detect", "--checkpoint", str(model_pt), "--images", str(root)]
+    assert main([*base, "--out", str(outs["saved"])]) == 0  # the run saved flip_test: true
+    assert main([*base, "--out", str(outs["override"]), "stage2.flip_test=false"]) == 0
+    assert main([*base, "--out", str(outs["file"]), "--config", str(tmp_path / "noflip.yaml")]) == 0
+    assert main([*base, "--out", str(outs["file_then_override"]), "--config", str(tmp_path / "noflip.yaml"),
+                 "stage2.flip_test=true"]) == 0
+    text = {n: p.read_text() for n, p in outs.items()}
+    assert text["override"] == text["file"] != text["saved"] == text["file_then_override"]

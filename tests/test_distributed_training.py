@@ -20,8 +20,8 @@ from k2l_dist.clustering.rounds import merge_parts
 from k2l_dist.config import AugmentConfig, load_config
 from k2l_dist.data.prepare import prepare
 from k2l_dist.models import KeypointNet
-from k2l_dist.utils.checkpoint import load_checkpoint
 from k2l_dist.models.extract import extract
+from k2l_dist.utils.checkpoint import load_checkpoint
 from tests.test_distributed import ROOT, _torchrun
 from tests.tiny import TINY
 

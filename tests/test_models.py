@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -261,8 +260,8 @@ def test_extraction_recovers_planted_fractional_peaks_within_a_tenth_of_a_pixel(
 def test_extraction_mirror_pass_shares_the_batch_without_mixing_images():
     """One forward over originals + mirrored images gives each image's own detections and,
     for the mirrored descriptors, what a separate pass over the mirrored images gives."""
-    from k2l_dist.models.points import sample_descriptors
     from k2l_dist.models.extract import extract
+    from k2l_dist.models.points import sample_descriptors
 
     torch.manual_seed(0)
     net = KeypointNet(TINY).eval()

@@ -20,7 +20,8 @@ def _textured(rng, width=120, height=100):
     for _ in range(25):
         x, y = rng.integers(0, width), rng.integers(0, height)
         w, h = rng.integers(5, 25, 2)
-        cv2.rectangle(image, (int(x), int(y)), (int(x + w), int(y + h)), tuple(int(c) for c in rng.integers(0, 255, 3)), -1)
+        colour = tuple(int(c) for c in rng.integers(0, 255, 3))
+        cv2.rectangle(image, (int(x), int(y)), (int(x + w), int(y + h)), colour, -1)
     return image
 
 
@@ -86,8 +87,8 @@ def test_prepare_skips_every_bad_input_with_a_named_reason(mtfl_like, tmp_path):
 def test_round_trip_maps_landmarks_back_to_original_pixels(mtfl_like, tmp_path):
     out = tmp_path / "shards"
     prepare(_cfg(mtfl_like), out)
-    annotations = {ln.split()[0]: np.array(ln.split()[1:11], float) for ln in (mtfl_like / "training.txt").read_text().splitlines()
-                   if len(ln.split()) == 15}
+    lines = (mtfl_like / "training.txt").read_text().splitlines()
+    annotations = {ln.split()[0]: np.array(ln.split()[1:11], float) for ln in lines if len(ln.split()) == 15}
     meta = load_samples_meta(out)
     samples = list(read_dataset(out))
     assert [s.id for s in samples] == list(meta["ids"]) == [0, 1, 2, 3, 4, 5]
@@ -257,7 +258,8 @@ def test_mafl_prepare_crops_around_the_five_points(tmp_path):
     (tmp_path / "training.txt").write_text("000001.jpg\n000002.jpg\n000003.jpg\n")
     (tmp_path / "testing.txt").write_text("000006.jpg\n")
     cfg = load_config(None, [f"data.root={root}", "data.format=mafl", f"data.annotations={tmp_path / 'landmarks.txt'}",
-                             f"data.train_list={tmp_path / 'training.txt'}", f"data.test_list={tmp_path / 'testing.txt'}",
+                             f"data.train_list={tmp_path / 'training.txt'}",
+                             f"data.test_list={tmp_path / 'testing.txt'}",
                              "data.box=landmarks", "data.box_scale=2.2", "data.size=64", "data.workers=0",
                              "keypoints.count=20"])
     out = tmp_path / "shards"
@@ -269,3 +271,12 @@ def test_mafl_prepare_crops_around_the_five_points(tmp_path):
     side = 2.2 * (lm.max(0) - lm.min(0)).max()
     assert s.box[2] == pytest.approx(side)  # the face protocol's square: 2.2 x the points' longer side
     np.testing.assert_allclose(to_original(s.landmarks.astype(np.float64), s.box, 64), lm, atol=0.01)
+
+
+def test_progress_false_silences_the_progress_bars(mtfl_like, tmp_path, capsys):
+    import dataclasses
+
+    prepare(_cfg(mtfl_like), tmp_path / "a")
+    assert "keypoints:" in capsys.readouterr().err  # the bars, on stderr
+    prepare(dataclasses.replace(_cfg(mtfl_like), progress=False), tmp_path / "b")
+    assert capsys.readouterr().err == ""

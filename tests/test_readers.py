@@ -1,8 +1,17 @@
 import numpy as np
 import pytest
 
-from k2l_dist.data.readers import (DatasetError, read_aflw, read_box_file, read_folder, read_items, read_lsp,
-                                   read_mafl, read_mtfl, read_pts)
+from k2l_dist.data.readers import (
+    DatasetError,
+    read_aflw,
+    read_box_file,
+    read_folder,
+    read_items,
+    read_lsp,
+    read_mafl,
+    read_mtfl,
+    read_pts,
+)
 
 SHARED = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -144,7 +153,8 @@ def test_aflw_trains_on_mtfl_training_and_tests_on_its_aflw_faces(tmp_path):
     row = " 1 2 3 4 5 6 7 8 9 10 1 2 2 3"
     (tmp_path / "training.txt").write_text(f"lfw_5590\\a.jpg{row}\n\nnet_7876\\b.jpg{row}\n")
     # MTFL's own files: Windows paths, a leading space on testing lines
-    (tmp_path / "testing.txt").write_text(f" AFLW\\1.jpg{row}\n other\\2.jpg{row}\n AFLW\\3.jpg 1 2\n AFLW\\4.jpg{row}\n")
+    (tmp_path / "testing.txt").write_text(
+        f" AFLW\\1.jpg{row}\n other\\2.jpg{row}\n AFLW\\3.jpg 1 2\n AFLW\\4.jpg{row}\n")
     items, skips = read_aflw(tmp_path, tmp_path / "training.txt", tmp_path / "testing.txt")
     assert [(i.id, i.path, i.split) for i in items] == [
         (0, "lfw_5590/a.jpg", "train"), (1, "net_7876/b.jpg", "train"), (2, "AFLW/1.jpg", "test"),

@@ -13,11 +13,11 @@ import yaml
 from k2l_dist.clustering.rounds import degenerate_warnings, recover
 from k2l_dist.config import ClusterConfig, ConfigError, load_config, validate
 from k2l_dist.data import prepare as prepare_module
-from k2l_dist.distributed.watchdog import Watchdog
 from k2l_dist.data.prepare import is_prepared, prepare
-from k2l_dist.utils.checkpoint import load_checkpoint, load_latest_checkpoint, previous, save_checkpoint
+from k2l_dist.distributed.watchdog import Watchdog
 from k2l_dist.train.run import NonFiniteLoss, train
 from k2l_dist.utils import io as io_module
+from k2l_dist.utils.checkpoint import load_checkpoint, load_latest_checkpoint, previous, save_checkpoint
 from k2l_dist.utils.io import StorageError
 from tests.tiny import TINY
 
@@ -165,7 +165,8 @@ def test_a_round_where_most_images_lose_their_points_warns_with_the_numbers(capl
 
 @pytest.mark.slow
 def test_a_single_image_dataset_trains_with_warnings_instead_of_a_crash(tmp_path, caplog):
-    cfg = load_config(None, [*TINY, f"run_dir={tmp_path}", "data.synthetic_count=1", "stage1.rounds=1", "stage2.iterations=2"])
+    cfg = load_config(None, [*TINY, f"run_dir={tmp_path}", "data.synthetic_count=1", "stage1.rounds=1",
+                             "stage2.iterations=2"])
     with caplog.at_level("WARNING"):
         metrics = train(cfg)
     # one image: at most K=6 survivors of the first pass for M=12 clusters, so at least 6 stay empty

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
+from k2l_dist.clustering.rounds import merge_parts, recover
 from k2l_dist.config import Config, apply_values
-from k2l_dist.utils.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from k2l_dist.models.extract import Extraction
 from k2l_dist.train.labels import LabelTable
-from k2l_dist.clustering.rounds import merge_parts, recover
 from k2l_dist.train.run import initial_table, lr_for_world
 from k2l_dist.train.steps import landmark_targets
+from k2l_dist.utils.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
 
 def test_label_table_lookup_pads_and_handles_unknown_ids():

@@ -21,8 +21,13 @@ from typing import Any
 import numpy as np
 
 from k2l_dist.clustering.rounds import PART_KEYS, RoundLabels, merge_parts, part_nbytes, recover
-from k2l_dist.clustering.sharded import DescriptorShard, ShardGroup, canonical_slices, sharded_final_labels, \
-    sharded_pseudo_labels
+from k2l_dist.clustering.sharded import (
+    DescriptorShard,
+    ShardGroup,
+    canonical_slices,
+    sharded_final_labels,
+    sharded_pseudo_labels,
+)
 from k2l_dist.config import ClusterConfig
 from k2l_dist.utils.faults import fault_requested
 

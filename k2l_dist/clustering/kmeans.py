@@ -286,7 +286,8 @@ def dedup_per_image(image_ids: np.ndarray, labels: np.ndarray, distances: np.nda
     distances = np.asarray(distances, dtype=np.float32).reshape(-1)
     n = labels.shape[0]
     if image_ids.shape[0] != n or distances.shape[0] != n:
-        raise ValueError(f"length mismatch: image_ids {image_ids.shape}, labels {labels.shape}, distances {distances.shape}")
+        raise ValueError(f"length mismatch: image_ids {image_ids.shape}, labels {labels.shape}, "
+                         f"distances {distances.shape}")
     keep = np.zeros(n, dtype=bool)
     if n == 0:
         return keep

@@ -74,8 +74,8 @@ class RayService:
                 refs = [ray.put(half) for half in split_part(part)]  # kept alive until the labels are read
                 self.actor.submit.remote(f"{key}/try{attempt}", self.rank, refs, kind)
                 t1 = time.perf_counter()
-                stats, (labels_ref,) = ray.get(self.actor.result.remote(f"{key}/try{attempt}", self.cfg.round_timeout_s),
-                                               timeout=self.cfg.round_timeout_s + 60)
+                pending = self.actor.result.remote(f"{key}/try{attempt}", self.cfg.round_timeout_s)
+                stats, (labels_ref,) = ray.get(pending, timeout=self.cfg.round_timeout_s + 60)
                 t2 = time.perf_counter()
                 arrays = ray.get(labels_ref)
                 t3 = time.perf_counter()

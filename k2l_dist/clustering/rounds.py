@@ -18,8 +18,9 @@ Everything here is numpy + Faiss: it runs inside the torch-free clustering actor
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -55,7 +56,7 @@ class RoundLabels:
         return {k: getattr(self, k) for k in self.ARRAYS}
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], stats: dict[str, Any]) -> "RoundLabels":
+    def from_arrays(cls, arrays: dict[str, np.ndarray], stats: dict[str, Any]) -> RoundLabels:
         return cls(**{k: arrays[k] for k in cls.ARRAYS}, stats=dict(stats))
 
     @property

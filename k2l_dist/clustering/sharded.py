@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import faiss
 import numpy as np
@@ -31,8 +32,14 @@ from scipy import sparse
 
 from k2l_dist.clustering.flip import flip_count_matrix, flip_permutation
 from k2l_dist.clustering.kmeans import ClusterStats, KMeansResult, assign, dedup_per_image, kmeans
-from k2l_dist.clustering.rounds import (PART_KEYS, RoundLabels, cluster_size_stats, final_stats, images_kept_share,
-                                       table_layout)
+from k2l_dist.clustering.rounds import (
+    PART_KEYS,
+    RoundLabels,
+    cluster_size_stats,
+    final_stats,
+    images_kept_share,
+    table_layout,
+)
 from k2l_dist.config import ClusterConfig
 
 log = logging.getLogger(__name__)
@@ -225,11 +232,11 @@ class ShardGroup:
         self._call = call
 
     @classmethod
-    def local(cls, shards: Sequence[DescriptorShard]) -> "ShardGroup":
+    def local(cls, shards: Sequence[DescriptorShard]) -> ShardGroup:
         return cls(shards, _call_local)
 
     @classmethod
-    def ray(cls, actor_handles: Sequence[Any]) -> "ShardGroup":
+    def ray(cls, actor_handles: Sequence[Any]) -> ShardGroup:
         """Actors of ``ray.remote(DescriptorShard)``: every call goes out at once, then one ``ray.get``."""
         return cls(actor_handles, _call_ray)
 

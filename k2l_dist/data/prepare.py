@@ -15,9 +15,9 @@ from __future__ import annotations
 import collections
 import multiprocessing as mp
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import cv2
 import numpy as np
@@ -205,7 +205,8 @@ def _crop(item: SourceItem):
     if isinstance(box, Skip):
         return box
     size = _Worker.data.size
-    cropped = image if (box == (0.0, 0.0, float(size)) and image.shape[:2] == (size, size)) else crops.crop_image(image, box, size)
+    already_cropped = box == (0.0, 0.0, float(size)) and image.shape[:2] == (size, size)
+    cropped = image if already_cropped else crops.crop_image(image, box, size)
     lm = None if landmarks is None else crops.to_crop(landmarks.astype(np.float64), box, size).astype(np.float32)
     return cropped, box, (width, height), lm, visible
 
@@ -235,9 +236,10 @@ def _encode(item: SourceItem) -> bytes | Skip:
     return buf.tobytes()
 
 
-def _parallel(fn, items: list, data: DataConfig, keypoints: KeypointConfig | None, desc: str) -> Iterator:
+def _parallel(fn, items: list, data: DataConfig, keypoints: KeypointConfig | None, desc: str,
+              progress: bool = True) -> Iterator:
     """Ordered map over worker processes (in-process when data.workers <= 1)."""
-    bar = dict(total=len(items), desc=desc, unit="img", smoothing=0.05, mininterval=1.0)
+    bar = dict(total=len(items), desc=desc, unit="img", smoothing=0.05, mininterval=1.0, disable=not progress)
     if data.workers <= 1:
         _Worker.init(data, keypoints)
         yield from tqdm(map(fn, items), **bar)
@@ -296,7 +298,7 @@ def prepare(cfg: Config, out_dir: str | Path, overwrite: bool = False) -> Summar
     # Pass 1: crop + detect.
     detected: list[Detected] = []
     by_id = {item.id: item for item in items}
-    for result in _parallel(_detect, items, data, kcfg, "keypoints"):
+    for result in _parallel(_detect, items, data, kcfg, "keypoints", cfg.progress):
         if isinstance(result, Skip):
             if data.strict:
                 raise PrepareError(f"{result.path}: {result.reason}" + (f" ({result.detail})" if result.detail else ""))
@@ -313,7 +315,7 @@ def prepare(cfg: Config, out_dir: str | Path, overwrite: bool = False) -> Summar
     fraction = kcfg.outlier_fraction if kcfg.method != "none" else 0.0
     masks = outlier_keep_masks([d.descriptors for d in detected], fraction,
                                kcfg.outlier_neighbours, max_reference=kcfg.outlier_reference,
-                               seed=cfg.seed, progress=True)
+                               seed=cfg.seed, progress=cfg.progress)
     for d, keep in zip(detected, masks):
         d.keypoints, d.descriptors = d.keypoints[keep], d.descriptors[keep]
     summary.keypoints_after = sum(len(d.keypoints) for d in detected)
@@ -328,7 +330,7 @@ def prepare(cfg: Config, out_dir: str | Path, overwrite: bool = False) -> Summar
         stale.unlink()
     shards = []
     per = data.samples_per_shard
-    encoded = _parallel(_encode, [by_id[d.id] for d in detected], data, None, "shards")
+    encoded = _parallel(_encode, [by_id[d.id] for d in detected], data, None, "shards", cfg.progress)
     kept: list[Detected] = []
     batch: list[Sample] = []
 
@@ -391,8 +393,8 @@ def _manifest(cfg: Config, shards: list[dict], kept: list[Detected], summary: Su
     if data.format == "synthetic":
         from k2l_dist.data import synthetic
 
-        manifest.update(landmark_names=list(synthetic.LANDMARK_NAMES), flip_permutation=list(synthetic.FLIP_PERMUTATION),
-                        norm_indices=list(synthetic.EYE_INDICES))
+        manifest.update(landmark_names=list(synthetic.LANDMARK_NAMES),
+                        flip_permutation=list(synthetic.FLIP_PERMUTATION), norm_indices=list(synthetic.EYE_INDICES))
     elif data.format in ("mtfl", "aflw", "mafl"):
         manifest.update(landmark_names=list(FACE5_NAMES), norm_indices=[0, 1])  # interocular: the eye centres
     return manifest

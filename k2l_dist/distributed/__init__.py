@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import atexit
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -57,7 +57,7 @@ def resolve_device(device: str, local_rank: int) -> torch.device:
 
 
 def enable(cfg: DistConfig | None = None, device: str = "auto", *,
-           before_group: Callable[["DistInfo"], None] | None = None) -> DistInfo:
+           before_group: Callable[[DistInfo], None] | None = None) -> DistInfo:
     """Pin threads, pick this rank's device, run ``before_group`` (e.g. rank 0 prepares the
     shards while the others wait outside any collective), then join the process group."""
     cfg = cfg or DistConfig()

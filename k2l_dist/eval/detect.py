@@ -1,16 +1,19 @@
-"""`k2l detect`: landmarks in original pixels for an image, a folder of images or prepared shards."""
+"""`k2l detect`: landmarks in original pixels for an image, a folder of images, a video or
+prepared shards."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Iterator
 
 import cv2
 import numpy as np
+from tqdm import tqdm
 
 from k2l_dist.augment import build_loader
 from k2l_dist.data.crop import to_original
@@ -20,6 +23,9 @@ from k2l_dist.data.shards import load_manifest, load_samples_meta
 from k2l_dist.eval.detector import Detector, load_detector, read_rgb
 from k2l_dist.eval.evaluate import predict_landmarks
 from k2l_dist.utils.io import atomic_open
+
+# OpenCV writers by suffix of --draw for a video (both ship with opencv-python-headless)
+VIDEO_CODECS = {".avi": "MJPG", ".mp4": "mp4v"}
 
 log = logging.getLogger(__name__)
 
@@ -78,23 +84,132 @@ def _shard_rows(detector: Detector, shard_dir: Path, skipped: list[Skip], cache:
         yield str(meta["paths"][row]), to_original(points[k], tuple(meta["boxes"][row]), manifest["size"]), conf[k]
 
 
+def _video_frames(path: Path) -> tuple[Iterator[np.ndarray], float, int]:
+    """A video's frames (BGR), its frame rate and its frame count (0 when unknown)."""
+    reader = cv2.VideoCapture(str(path))
+    if not reader.isOpened():
+        raise ValueError(f"--video {path}: OpenCV cannot open it as a video")
+    fps = reader.get(cv2.CAP_PROP_FPS) or 25.0
+    count = max(int(reader.get(cv2.CAP_PROP_FRAME_COUNT)), 0)
+
+    def frames() -> Iterator[np.ndarray]:
+        try:
+            while True:
+                ok, frame = reader.read()
+                if not ok:
+                    return
+                yield frame
+        finally:
+            reader.release()
+
+    return frames(), fps, count
+
+
+def _batches(items: Iterator[np.ndarray], size: int) -> Iterator[list[np.ndarray]]:
+    batch: list[np.ndarray] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+@contextlib.contextmanager
+def _video_drawing(draw: Path | None, fps: float) -> Iterator[Callable[[np.ndarray], None]]:
+    """``write(frame)`` into ``draw`` (codec by suffix); the file takes its name only when
+    every frame is written. Without ``draw``, ``write`` does nothing."""
+    if draw is None:
+        yield lambda frame: None
+        return
+    tmp = draw.with_name(f".{draw.stem}.tmp{draw.suffix}")
+    writer: list[cv2.VideoWriter] = []
+
+    def write(frame: np.ndarray) -> None:
+        if not writer:  # the first frame gives the size
+            draw.parent.mkdir(parents=True, exist_ok=True)
+            fourcc = cv2.VideoWriter_fourcc(*VIDEO_CODECS[draw.suffix.lower()])
+            writer.append(cv2.VideoWriter(str(tmp), fourcc, fps, (frame.shape[1], frame.shape[0])))
+            if not writer[0].isOpened():
+                raise ValueError(f"--draw {draw}: OpenCV cannot write this video format here")
+        writer[0].write(frame)
+
+    try:
+        yield write
+    except BaseException:
+        if writer:
+            writer[0].release()
+        tmp.unlink(missing_ok=True)
+        raise
+    if writer:
+        writer[0].release()
+        tmp.replace(draw)
+
+
+def _detect_video(detector: Detector, video: Path, out: str | Path, draw: str | Path | None,
+                  min_confidence: float, batch_size: int = 16) -> int:
+    """One JSON line per frame, ``{"frame": i, "time_s": t, "landmarks": [...]}``; with
+    ``draw``, the video again with the landmarks drawn."""
+    from k2l_dist.eval.plots import draw_landmarks
+
+    if draw is not None:
+        draw = Path(draw)
+        if draw.suffix.lower() not in VIDEO_CODECS:
+            raise ValueError(f"--draw {draw}: for a video, give a {' or '.join(VIDEO_CODECS)} file")
+        if draw.resolve() == video.resolve():
+            raise ValueError(f"--draw {draw} is the input video; pick another file")
+    frames, fps, count = _video_frames(video)
+    written = 0
+    with (atomic_open(out, "wb") as handle, _video_drawing(draw, fps) as write_frame,
+          tqdm(total=count or None, unit="frame", desc="detect", disable=None) as bar):
+        for batch in _batches(frames, batch_size):
+            rgb = [frame[:, :, ::-1] for frame in batch]
+            points, conf = detector.predict(rgb, batch_size=batch_size, with_confidence=True)
+            for frame, pts, c in zip(batch, points, conf):
+                landmarks = _json_points(pts, c, min_confidence)
+                row = {"frame": written, "time_s": round(written / fps, 4), "landmarks": landmarks}
+                handle.write((json.dumps(row) + "\n").encode())
+                if draw is not None:
+                    kept = np.where((c >= min_confidence)[:, None], pts, np.nan)
+                    write_frame(draw_landmarks(frame, kept, radius=max(2, round(max(frame.shape[:2]) / 100))))
+                written += 1
+            bar.update(len(batch))
+    if written == 0:
+        log.warning("%s: no frame could be read", video)
+    return written
+
+
+def _json_points(points: np.ndarray, conf: np.ndarray, min_confidence: float) -> list:
+    """``[x, y]`` rounded to 0.01 px per landmark, ``None`` below ``min_confidence``."""
+    return [None if c < min_confidence else [round(float(x), 2), round(float(y), 2)]
+            for (x, y), c in zip(points, conf)]
+
+
 def detect(checkpoint: str | Path, out: str | Path, *, data: str | Path | None = None,
-           images: str | Path | None = None, draw: str | Path | None = None, min_confidence: float = 0.0,
-           device: str = "auto", flip_test: bool | None = None) -> DetectResult:
-    """Write one JSON line per image: ``{"image": path, "landmarks": [[x, y] | null, ...]}``.
+           images: str | Path | None = None, video: str | Path | None = None, draw: str | Path | None = None,
+           min_confidence: float = 0.0, device: str = "auto", flip_test: bool | None = None,
+           config: str | Path | None = None, overrides: tuple[str, ...] = ()) -> DetectResult:
+    """Write one JSON line per image: ``{"image": path, "landmarks": [[x, y] | null, ...]}``
+    (per frame for a video: ``{"frame": i, "time_s": t, "landmarks": ...}``).
 
     ``images``: an image file or a folder (every image under it, in memory, cropped as
-    :class:`~k2l_dist.eval.detector.Detector` does); ``data``: prepared shards. Images
-    that get no line are logged, one warning each, and returned in ``skipped``.
+    :class:`~k2l_dist.eval.detector.Detector` does); ``video``: a video file OpenCV reads;
+    ``data``: prepared shards. Images that get no line are logged, one warning each, and
+    returned in ``skipped``. The run's config ← ``config`` ← ``overrides`` (e.g.
+    ``stage2.flip_test=false``).
     """
-    if (data is None) == (images is None):
-        raise ValueError("give exactly one of --data SHARDS or --images DIR")
-    if images is not None and not Path(images).exists():
-        raise ValueError(f"--images {images}: no such file or folder")
+    if sum(x is not None for x in (data, images, video)) != 1:
+        raise ValueError("give exactly one of --data SHARDS, --images FILE_OR_DIR or --video FILE")
+    for flag, value in (("--images", images), ("--video", video)):
+        if value is not None and not Path(value).exists():
+            raise ValueError(f"{flag} {value}: no such file or folder")
     if draw is not None and images is not None and Path(draw).resolve() == Path(images).resolve():
         raise ValueError(f"--draw {draw} is the --images folder: drawings would replace the originals; "
                          f"pick another folder")
-    detector = load_detector(checkpoint, device, flip_test)
+    detector = load_detector(checkpoint, device, flip_test, config=config, overrides=overrides)
+    if video is not None:
+        return DetectResult(_detect_video(detector, Path(video), out, draw, min_confidence), [])
     skipped: list[Skip] = []
     written = 0
     with tempfile.TemporaryDirectory(prefix="k2l-detect-") as tmp:
@@ -108,9 +223,8 @@ def detect(checkpoint: str | Path, out: str | Path, *, data: str | Path | None =
             rows = _shard_rows(detector, Path(data), skipped, Path(tmp) / "check")
         with atomic_open(out, "wb") as handle:
             for path, orig, conf in rows:
-                lms = [None if c < min_confidence else [round(float(x), 2), round(float(y), 2)]
-                       for (x, y), c in zip(orig, conf)]
-                handle.write((json.dumps({"image": path, "landmarks": lms}) + "\n").encode())
+                row = {"image": path, "landmarks": _json_points(orig, conf, min_confidence)}
+                handle.write((json.dumps(row) + "\n").encode())
                 written += 1
                 if draw is not None:
                     _draw(root / path, orig, conf >= min_confidence, Path(draw) / path)

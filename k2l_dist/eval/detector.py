@@ -14,17 +14,18 @@ the face configs: a face filling about half the square).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
 import torch
+from torch import nn
 
-from k2l_dist.augment.geometry import inverse_affine, transform_points
 from k2l_dist.augment.pipeline import resolve_device
-from k2l_dist.config import Config, apply_values
-from k2l_dist.data.crop import crop_image, to_original, whole_image_box
+from k2l_dist.config import Config, run_config
+from k2l_dist.data.crop import crop_image, whole_image_box
 from k2l_dist.models import STRIDE, LandmarkNet
 from k2l_dist.models.points import heatmap_peaks, to_image_coords
 from k2l_dist.utils.checkpoint import load_checkpoint
@@ -32,7 +33,7 @@ from k2l_dist.utils.checkpoint import load_checkpoint
 
 @torch.no_grad()
 def landmarks_in_views(psi: torch.nn.Module, views: torch.Tensor,
-                       perm: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor]:
+                       perm: torch.Tensor | np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Ψ's K sub-pixel peaks in view pixels ``(B,K,2)`` and their confidence ``(B,K)``; with
     ``perm``, flip-test averaging: the mirrored image's heatmaps, mirrored back and
     channel-permuted, are averaged in."""
@@ -42,6 +43,38 @@ def landmarks_in_views(psi: torch.nn.Module, views: torch.Tensor,
         heat = (heat + mirrored[:, torch.as_tensor(perm, device=heat.device)]) / 2
     peaks, conf = heatmap_peaks(heat)
     return to_image_coords(peaks, STRIDE), conf
+
+
+class DetectorGraph(nn.Module):
+    """Ψ between model-input crops and landmarks in original pixels, as one traceable graph
+    (what :class:`Detector` runs and ``k2l export`` writes).
+
+    ``forward(crops, boxes)``: ``crops`` ``(B, S, S, 3)`` uint8 RGB, each the square
+    ``box`` of its image resampled to ``S = crop_size`` pixels; ``boxes`` ``(B, 3)`` float32
+    ``x0, y0, side`` in the image's pixels (edge coordinates, see ``k2l_dist.data.crop``).
+    Returns landmarks ``(B, K, 2)`` x, y in the image's pixels (0-based pixel centres) and
+    their heatmap peak values ``(B, K)``.
+    """
+
+    def __init__(self, psi: LandmarkNet, flip_permutation: np.ndarray | None, crop_size: int,
+                 view_size: int) -> None:
+        super().__init__()
+        self.psi = psi.eval()
+        self.crop_size, self.view_size = int(crop_size), int(view_size)
+        self.flip_test = flip_permutation is not None
+        perm = np.arange(psi.num_landmarks) if flip_permutation is None else np.asarray(flip_permutation)
+        self.register_buffer("perm", torch.as_tensor(perm, dtype=torch.long), persistent=False)
+
+    def forward(self, crops: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        views = crops.permute(0, 3, 1, 2).float() / 255.0
+        if self.view_size != self.crop_size:  # as the loader does: one bilinear resample of the crop
+            views = nn.functional.interpolate(views, size=(self.view_size, self.view_size), mode="bilinear",
+                                              align_corners=False, antialias=False)
+        pts, conf = landmarks_in_views(self.psi, views, self.perm if self.flip_test else None)
+        # view → crop → image in one step: the view is the box at view_size pixels
+        boxes = boxes.to(pts.dtype).unsqueeze(1)
+        image_pts = (pts + 0.5) * (boxes[..., 2:3] / self.view_size) - 0.5 + boxes[..., :2]
+        return image_pts, conf
 
 
 def _rgb(image: Any) -> np.ndarray:
@@ -80,6 +113,8 @@ class Detector:
         self.flip_test = cfg.stage2.flip_test if flip_test is None else flip_test
         self.crop_size = int(cfg.data.size)
         self.view_size = int(cfg.augment.size or cfg.data.size)
+        self.graph = DetectorGraph(self.psi, self.flip_permutation if self.flip_test else None, self.crop_size,
+                                   self.view_size).to(self.device)
 
     @property
     def num_landmarks(self) -> int:
@@ -99,39 +134,35 @@ class Detector:
         points, conf = [], []
         for start in range(0, len(items), batch_size):
             crops, boxes = zip(*(self.crop(x) for x in items[start:start + batch_size]))
-            p, c = self._predict_crops(np.stack(crops))
-            points += [to_original(pt, box, self.crop_size) for pt, box in zip(p, boxes)]
+            p, c = self.predict_crops(np.stack(crops), np.asarray(boxes, np.float32))
+            points.append(p)
             conf.append(c)
-        pts = np.stack(points) if points else np.zeros((0, self.num_landmarks, 2))
+        pts = np.concatenate(points) if points else np.zeros((0, self.num_landmarks, 2))
         cs = np.concatenate(conf) if conf else np.zeros((0, self.num_landmarks))
         if single:
             pts, cs = pts[0], cs[0]
         return (pts, cs) if with_confidence else pts
 
-    def _predict_crops(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Crop-pixel landmarks of a (B, S, S, 3) batch of crops."""
-        views = torch.from_numpy(crops.astype(np.float32) / 255.0).permute(0, 3, 1, 2)
-        if self.view_size != self.crop_size:  # as the loader does: one bilinear resample of the crop
-            views = torch.nn.functional.interpolate(views, size=(self.view_size,) * 2, mode="bilinear",
-                                                    align_corners=False, antialias=False)
-        s = self.view_size / self.crop_size
-        to_view = torch.tensor([[s, 0.0, 0.5 * s - 0.5], [0.0, s, 0.5 * s - 0.5]]).expand(len(crops), 2, 3)
-        pts, conf = landmarks_in_views(self.psi, views.to(self.device),
-                                       self.flip_permutation if self.flip_test else None)
-        crop_pts = transform_points(pts.cpu(), inverse_affine(to_view))
-        return crop_pts.numpy().astype(np.float64), conf.cpu().numpy()
+    @torch.no_grad()
+    def predict_crops(self, crops: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Image-pixel landmarks of ``(B, S, S, 3)`` uint8 crops of the ``(B, 3)`` boxes."""
+        pts, conf = self.graph(torch.from_numpy(np.ascontiguousarray(crops)).to(self.device),
+                               torch.from_numpy(np.asarray(boxes, np.float32)).to(self.device))
+        return pts.cpu().numpy().astype(np.float64), conf.cpu().numpy()
 
 
-def load_detector(path: str | Path, device: str | torch.device = "auto", flip_test: bool | None = None) -> Detector:
+def load_detector(path: str | Path, device: str | torch.device = "auto", flip_test: bool | None = None,
+                  config: str | Path | None = None, overrides: Sequence[str] = ()) -> Detector:
     """The Stage-2 detector of a run: its ``model.pt`` or the run folder; ``device`` auto =
-    the GPU when there is one."""
+    the GPU when there is one. The run's saved config ← ``config`` (a YAML file) ←
+    ``overrides`` (``key=value``) decide the flip test and the input sizes."""
     path = Path(path)
     if path.is_dir():
         path = path / "model.pt"
     ck = load_checkpoint(path)
     if "psi" not in ck:
         raise ValueError(f"{path}: holds no Stage-2 model (expected a run's model.pt)")
-    cfg = apply_values(Config(), ck["config"])
+    cfg = run_config(ck["config"], config, tuple(overrides))
     psi = LandmarkNet(cfg.model, int(ck["num_landmarks"]))
     psi.load_state_dict(ck["psi"])
     return Detector(psi, cfg, ck["flip_permutation"].numpy(), device=device, flip_test=flip_test)

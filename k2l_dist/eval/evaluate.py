@@ -21,12 +21,11 @@ from k2l_dist.augment.geometry import inverse_affine, transform_points
 from k2l_dist.clustering import assign, cluster_dedup, dedup_per_image
 from k2l_dist.data.shards import read_dataset
 from k2l_dist.eval.completion import column_means, fill_with_means, svt
+from k2l_dist.eval.detector import landmarks_in_views
 from k2l_dist.eval.metrics import mean_shape_baseline, raw_landmark_accuracy
 from k2l_dist.eval.regression import backward_nme, forward_nme, landmark_norm
 from k2l_dist.eval.split import regressor_ids
 from k2l_dist.keypoints import descriptors_to_float
-from k2l_dist.models import STRIDE
-from k2l_dist.eval.detector import landmarks_in_views
 from k2l_dist.models.extract import extract, extraction_cap
 from k2l_dist.models.regions import CropRegions
 
@@ -212,15 +211,17 @@ def log_landmark_grid(shard_dir: Path, ids: np.ndarray, points: list[np.ndarray]
         log.image(tag, grid[..., ::-1].copy(), step)
 
 
-def evaluate_checkpoint(run_dir: str | Path, device: str = "auto", overrides: list[str] | tuple = ()) -> dict:
-    """Re-evaluate a finished run from its ``model.pt`` (writes metrics.json again)."""
+def evaluate_checkpoint(run_dir: str | Path, device: str = "auto", overrides: list[str] | tuple = (),
+                        config: str | Path | None = None) -> dict:
+    """Re-evaluate a finished run from its ``model.pt`` (writes metrics.json again); its
+    saved config ← ``config`` (a YAML file) ← ``overrides``."""
     import json
 
-    from k2l_dist.config import Config, apply_values, load_config
+    from k2l_dist.config import run_config
     from k2l_dist.data.shards import load_manifest, load_samples_meta
+    from k2l_dist.eval.split import split_for_run
     from k2l_dist.models import KeypointNet, LandmarkNet
     from k2l_dist.utils.checkpoint import load_checkpoint
-    from k2l_dist.eval.split import split_for_run
     from k2l_dist.utils.io import atomic_write_text
     from k2l_dist.utils.metrics import MetricsLogger
 
@@ -229,8 +230,7 @@ def evaluate_checkpoint(run_dir: str | Path, device: str = "auto", overrides: li
     saved = ck["config"]
     if "split" not in saved.get("eval", {}):  # trained before eval.split existed: it held out the last ids
         saved = {**saved, "eval": {**saved.get("eval", {}), "split": "last"}}
-    cfg = apply_values(Config(), saved)
-    cfg = dataclasses.replace(load_config(None, overrides, base=cfg), run_dir=str(run_dir))
+    cfg = dataclasses.replace(run_config(saved, config, tuple(overrides)), run_dir=str(run_dir))
     shard_dir = Path(cfg.data.shards or run_dir / "shards")
     manifest, meta = load_manifest(shard_dir), load_samples_meta(shard_dir)
     if "landmarks" not in meta:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import colorsys
 import io
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import matplotlib.image
 import numpy as np

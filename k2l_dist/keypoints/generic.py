@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 
-from k2l_dist.data.crop import PADDING_MARGIN, inside_rects
 from k2l_dist.config import KeypointConfig
+from k2l_dist.data.crop import PADDING_MARGIN, inside_rects
 from k2l_dist.keypoints.anms import anms
 
 if TYPE_CHECKING:
@@ -79,7 +79,7 @@ class KeypointDetector:
     no detection gives empty arrays of shapes (0, 2) and (0, descriptor_dim).
     """
 
-    def __init__(self, cfg: KeypointConfig, device: "str | torch.device" = "cpu") -> None:
+    def __init__(self, cfg: KeypointConfig, device: str | torch.device = "cpu") -> None:
         method = cfg.method.lower()
         if method not in METHODS:
             raise ValueError(f"keypoints.method: expected one of {', '.join(METHODS)}, got {cfg.method!r}")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import faiss
 import numpy as np
-
 from tqdm import tqdm
 
 from k2l_dist.keypoints.generic import descriptors_to_float

@@ -6,7 +6,6 @@ from k2l_dist.config import LossConfig
 from k2l_dist.loss.contrastive import contrastive_loss
 from k2l_dist.loss.detector import detector_loss, detector_target, gaussian_heatmaps, landmark_loss
 
-
 __all__ = [
     "LossConfig",
     "contrastive_loss",

@@ -8,8 +8,8 @@ the plain interface to clustering (which may run in another process).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import numpy as np
 import torch
@@ -19,7 +19,6 @@ from k2l_dist.augment.geometry import inverse_affine, transform_points
 from k2l_dist.models import STRIDE
 from k2l_dist.models.points import nms_peaks, sample_descriptors, to_image_coords
 from k2l_dist.models.regions import pixel_mask, points_inside
-
 
 
 @dataclass

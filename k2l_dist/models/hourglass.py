@@ -188,7 +188,7 @@ class LandmarkNet(nn.Module):
         return torch.sigmoid(self.head(self.backbone(images)))
 
     @classmethod
-    def from_keypoint_net(cls, phi: KeypointNet, num_landmarks: int) -> "LandmarkNet":
+    def from_keypoint_net(cls, phi: KeypointNet, num_landmarks: int) -> LandmarkNet:
         """Ψ initialised from Φ (paper Sec. 4.2): the whole backbone is copied, the
         K-channel head (the only layer Φ does not have) is freshly initialised."""
         psi = cls(phi.cfg, num_landmarks)

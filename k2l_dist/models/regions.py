@@ -24,7 +24,7 @@ class CropRegions:
     rects: torch.Tensor  # (N, 4) float32 x0, y0, x1, y1 in crop pixels
 
     @classmethod
-    def from_meta(cls, meta: dict[str, np.ndarray], size: int) -> "CropRegions":
+    def from_meta(cls, meta: dict[str, np.ndarray], size: int) -> CropRegions:
         """From a shard folder's ``samples.npz`` (crop boxes and original image sizes)."""
         order = np.argsort(meta["ids"])
         rects = valid_rects(meta["boxes"][order], meta["orig_sizes"][order], size)

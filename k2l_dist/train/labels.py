@@ -23,7 +23,7 @@ class LabelTable:
 
     @classmethod
     def from_points(cls, image_ids: np.ndarray, points: np.ndarray, labels: np.ndarray | None = None,
-                    flipped_labels: np.ndarray | None = None, all_ids: np.ndarray | None = None) -> "LabelTable":
+                    flipped_labels: np.ndarray | None = None, all_ids: np.ndarray | None = None) -> LabelTable:
         """Build from flat per-point arrays (any order); ``all_ids`` adds samples with no point."""
         image_ids = np.asarray(image_ids, np.int64)
         labels = np.full(len(image_ids), -1, np.int64) if labels is None else np.asarray(labels, np.int64)
@@ -35,7 +35,7 @@ class LabelTable:
                    np.asarray(points, np.float32)[order].reshape(-1, 2), labels[order], flipped_labels[order])
 
     @classmethod
-    def from_round(cls, labels) -> "LabelTable":
+    def from_round(cls, labels) -> LabelTable:
         """A round's :class:`~k2l_dist.clustering.rounds.RoundLabels`, without copying its arrays."""
         return cls(labels.ids, labels.offsets, labels.points, labels.labels, labels.flipped_labels)
 
@@ -72,5 +72,5 @@ class LabelTable:
                 for k in ("ids", "offsets", "points", "labels", "flipped_labels")}
 
     @classmethod
-    def from_state(cls, state: dict[str, torch.Tensor]) -> "LabelTable":
+    def from_state(cls, state: dict[str, torch.Tensor]) -> LabelTable:
         return cls(**{k: v.numpy() for k, v in state.items()})

@@ -13,8 +13,8 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -30,16 +30,16 @@ from k2l_dist.data.shards import load_manifest, load_samples_meta
 from k2l_dist.distributed import watchdog
 from k2l_dist.distributed.collectives import check_replicas, max_over_ranks, mean_over_ranks
 from k2l_dist.distributed.watchdog import heartbeat
-from k2l_dist.models import KeypointNet, LandmarkNet
-from k2l_dist.utils.checkpoint import load_latest_checkpoint, save_checkpoint
-from k2l_dist.train.compat import incompatible_changes
 from k2l_dist.eval.split import split_for_run
+from k2l_dist.models import KeypointNet, LandmarkNet
 from k2l_dist.models.extract import extract, extraction_cap
 from k2l_dist.models.regions import CropRegions
-from k2l_dist.train.schedule import LRSchedule
+from k2l_dist.train.compat import incompatible_changes
 from k2l_dist.train.labels import LabelTable
 from k2l_dist.train.optim import rmsprop
+from k2l_dist.train.schedule import LRSchedule
 from k2l_dist.train.steps import autocast, stage1_losses, stage2_losses
+from k2l_dist.utils.checkpoint import load_latest_checkpoint, save_checkpoint
 from k2l_dist.utils.faults import fault_requested, maybe_hang, maybe_interrupt, maybe_raise
 from k2l_dist.utils.io import atomic_write_text, ensure_writable
 from k2l_dist.utils.metrics import MetricsLogger

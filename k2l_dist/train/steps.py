@@ -13,9 +13,8 @@ from k2l_dist.augment.geometry import inside_view, select_by_flip, transform_poi
 from k2l_dist.loss import contrastive_loss, detector_loss, landmark_loss
 from k2l_dist.models import STRIDE
 from k2l_dist.models.points import sample_descriptors, sample_negative_locations, to_feature_coords, to_image_coords
-from k2l_dist.train.labels import LabelTable
 from k2l_dist.models.regions import CropRegions, pixel_mask, points_inside
-
+from k2l_dist.train.labels import LabelTable
 
 
 def _view_labels(batch: dict, lab: dict[str, torch.Tensor], view: int, device: torch.device):
@@ -86,7 +85,8 @@ def stage1_losses(model: torch.nn.Module, batch: dict, table: LabelTable, *, max
             "images_sitting_out": 1.0 - in_loss.float().mean()}
 
 
-def landmark_targets(batch: dict, table: LabelTable, num_landmarks: int, view: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def landmark_targets(batch: dict, table: LabelTable, num_landmarks: int,
+                     view: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Ψ's targets in one view: (B, K, 2) points in view pixels and (B, K) validity.
 
     The table's labels are landmark channels; a mirrored view takes the flipped labels

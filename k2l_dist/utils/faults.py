@@ -5,8 +5,9 @@ for round 1), ``actor:round2`` (the clustering actor's process exits while clust
 round 2, once: a recreated actor carries on), ``nan:round2`` (the first loss of round 2
 becomes NaN), ``kill:round1:15`` / ``stop:round1:15`` (after step 15 of round 1 the
 rank SIGKILLs itself / raises, once per run folder, so that a restarted or resumed run
-gets past it; ``kill:extract-round2:1`` does so at batch 1 of round 2's extraction), ``hang:round1:5`` (before step 5 of round 1 the rank stops making progress,
-to test the watchdog). Unset in normal runs.
+gets past it; ``kill:extract-round2:1`` does so at batch 1 of round 2's extraction),
+``hang:round1:5`` (before step 5 of round 1 the rank stops making progress, to test the
+watchdog). Unset in normal runs.
 """
 
 from __future__ import annotations
