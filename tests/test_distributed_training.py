@@ -95,6 +95,9 @@ def test_two_process_runs_agree_resume_exactly_and_resume_at_another_world_size(
     assert [e.value for e in events.Scalars("stage1/round")] == [0, 0, 1, 1, 2, 2]
     assert [(e.step, e.value) for e in events.Scalars("round/number")] == [(10, 1), (20, 2)]
     assert "stage2/loss" in tags and "stage1/phase_seconds" in tags
+    # each phase ends with the largest rank's peak memory so far: it never shrinks
+    peaks = [e.value for e in events.Scalars("stage1/peak_rss_gb")]
+    assert len(peaks) == 3 and all(0.1 < p < 20 for p in peaks) and peaks == sorted(peaks)
 
     _ok(_run(cut, shards, "stage1.rounds=1"))
     shutil.copytree(cut, other)

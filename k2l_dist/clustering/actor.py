@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import resource
 import threading
 import time
 from typing import Any
@@ -30,6 +29,7 @@ from k2l_dist.clustering.sharded import (
 )
 from k2l_dist.config import ClusterConfig
 from k2l_dist.utils.faults import fault_requested
+from k2l_dist.utils.memory import peak_rss_bytes
 
 # A rank's extraction travels as two objects: the ids (all the coordinator reads) and
 # the payload (read only by whoever clusters those points).
@@ -40,11 +40,6 @@ def split_part(part: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict
     return ({k: part[k] for k in ID_KEYS}, {k: v for k, v in part.items() if k not in ID_KEYS})
 
 log = logging.getLogger(__name__)
-
-
-def peak_rss_bytes() -> float:
-    """This process's peak resident memory so far (Linux reports kilobytes)."""
-    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 class ClusteringActor:

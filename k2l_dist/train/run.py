@@ -42,6 +42,7 @@ from k2l_dist.train.steps import autocast, stage1_losses, stage2_losses
 from k2l_dist.utils.checkpoint import load_latest_checkpoint, save_checkpoint
 from k2l_dist.utils.faults import fault_requested, maybe_hang, maybe_interrupt, maybe_raise
 from k2l_dist.utils.io import atomic_write_text, ensure_writable
+from k2l_dist.utils.memory import peak_rss_bytes
 from k2l_dist.utils.metrics import MetricsLogger
 from k2l_dist.utils.seeds import derive_seed
 
@@ -165,7 +166,9 @@ def train_iterations(model: torch.nn.Module, optimizer: torch.optim.Optimizer, l
         if after_step is not None:
             after_step(i + 1, step)
     if iterations > start:
-        log.scalars(step, {"phase_seconds": time.perf_counter() - began}, prefix)
+        # the largest rank's peak memory so far: a multi-day run shows a leak as a rising curve
+        log.scalars(step, {"phase_seconds": time.perf_counter() - began,
+                           "peak_rss_gb": max_over_ranks(peak_rss_bytes() / 1e9)}, prefix)
     return step
 
 
