@@ -89,6 +89,7 @@ def main() -> int:
     p.add_argument("--niter", type=int, default=20)
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--out", type=Path, help="append the tables to this markdown file")
+    p.add_argument("--raw-dir", type=Path, help="keep py-spy's raw (collapsed) stacks here")
     args = p.parse_args()
     if shutil.which("py-spy") is None:
         sys.exit("py-spy is not installed: pip install py-spy")
@@ -108,7 +109,9 @@ def main() -> int:
                         object_store_gb=max(2.0, 4.5 * args.points * args.dim * 4 / 1e9))
     part = synthetic_part(args.points, args.dim, args.K)
     out: list[str] = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = args.raw_dir or Path(scratch)
+        tmp.mkdir(parents=True, exist_ok=True)
         merged = merge_parts([part])
         recover("round", merged, cfg)  # warm: imports, first-touch of the arrays
         spy = record(os.getpid(), Path(tmp) / "inline.txt")

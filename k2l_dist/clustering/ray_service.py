@@ -18,7 +18,7 @@ import uuid
 
 import numpy as np
 
-from k2l_dist.clustering.actor import split_part
+from k2l_dist.clustering.actor import actor_runtime_env, split_part
 from k2l_dist.clustering.rounds import RoundLabels, part_nbytes
 from k2l_dist.config import ClusterConfig
 from k2l_dist.distributed import ray_runtime
@@ -48,7 +48,7 @@ class RayService:
         if info.rank == 0:
             options = {"name": name, "namespace": ray_runtime.NAMESPACE, "max_restarts": cfg.actor_restarts,
                        "max_task_retries": 0, "max_concurrency": info.world_size + 4, "num_cpus": 0,
-                       "num_gpus": 1 if cfg.use_gpu else 0, "lifetime": None}
+                       "num_gpus": 1 if cfg.use_gpu else 0, "lifetime": None, "runtime_env": actor_runtime_env()}
             if cfg.actor_resource:
                 options["resources"] = {cfg.actor_resource: 1}
             remote = ray.remote(ClusteringActor)
@@ -93,7 +93,24 @@ class RayService:
                                        f"(cluster.actor_restarts={self.cfg.actor_restarts}): {reason}")
             log.warning("clustering actor lost in %s (%s); redoing the round, attempt %d of %d",
                         key, reason.splitlines()[0], attempt + 2, attempts)
+            self._await_restart(min(self.cfg.round_timeout_s, 300.0))
         raise AssertionError("unreachable")
+
+    def _await_restart(self, limit_s: float) -> None:
+        """Until the restarted actor answers: its new process (started with its own
+        environment, not taken from Ray's pool of idle workers) can take seconds."""
+        import ray
+        from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
+
+        deadline = time.monotonic() + limit_s
+        while time.monotonic() < deadline:
+            try:
+                ray.get(self.actor.ping.remote(), timeout=10)
+                return
+            except (ActorUnavailableError, GetTimeoutError):
+                time.sleep(0.5)  # still restarting
+            except RayActorError:
+                return  # gone for good: the next attempt fails and names the round
 
     def close(self, clean: bool = True) -> None:
         from k2l_dist.distributed import barrier
