@@ -38,16 +38,24 @@ print(json.dumps({"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_
 
 
 def run_one(config: str, count: int, run_dir: Path, overrides: list[str]) -> dict:
-    args = [f"run_dir={run_dir}", f"data.synthetic_count={count}", *SCHEDULE, *overrides]
-    out = subprocess.run([sys.executable, "-c", CHILD, config, *args], capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    shards = run_dir / "shards"
+    # prepared in its own process: preparation holds every image's keypoint descriptors for
+    # the outlier removal, which is not the training rank's memory
+    prep = subprocess.run([sys.executable, "-m", "k2l_dist", "prepare", "--config", config, "--out", str(shards),
+                           f"data.synthetic_count={count}", "progress=false", *overrides],
+                          capture_output=True, text=True, env=env)
+    if prep.returncode != 0:
+        sys.exit(f"preparing {count} images failed:\n{prep.stderr[-3000:]}")
+    args = [f"run_dir={run_dir}", f"data.shards={shards}", f"data.synthetic_count={count}", *SCHEDULE, *overrides]
+    out = subprocess.run([sys.executable, "-c", CHILD, config, *args], capture_output=True, text=True, env=env)
     if out.returncode != 0:
         sys.exit(f"training with {count} images failed:\n{out.stderr[-3000:]}")
     result = json.loads(out.stdout.strip().splitlines()[-1])
     rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     points = max((r.get("round/points", 0) for r in rows), default=0)
     training = max(r.get(k, 0.0) for r in rows for k in ("stage1/peak_rss_gb", "stage2/peak_rss_gb")) * 1e9
-    meta = sum(f.stat().st_size for f in (run_dir / "shards").glob("samples*.npz"))
+    meta = sum(f.stat().st_size for f in shards.glob("samples*.npz"))
     return {"count": count, "peak": training, "with_eval": result["peak_rss_bytes"], "round_points": points,
             "meta_bytes": meta}
 
@@ -78,13 +86,14 @@ def main() -> int:
         # per point: descriptor and its mirror (float32), crop point, score, ids
         extraction = r["round_points"] * (2 * d * 4 + 2 * 4 + 4 + 2 * 8) / 1e6
         lines.append(f"| {r['count']:,} | {r['peak'] / 1e9:.2f} | {growth:.1f} | {r['with_eval'] / 1e9:.2f} | "
-                     f"{r['round_points']:,} | "
+                     f"{int(r['round_points']):,} | "
                      f"{extraction:.1f} | {r['meta_bytes'] / 1e6:.1f} |")
     stamp = f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"
     text = "\n".join([
         "", "## Training-rank memory against the dataset's size", "",
         f"`python bench/bench_rank_memory.py --counts {' '.join(map(str, args.counts))}` — {stamp}; "
         f"`{args.config}` with a short schedule ({', '.join(SCHEDULE[:4])}), one process, synthetic images.",
+        "The shards are prepared in a process of their own first. "
         "Peak RSS of the training process up to the end of Stage 2 (its `stage*/peak_rss_gb` log entries; the "
         "clustering runs inline in one process, so the round's clustering arrays are in it too), then with the "
         "evaluation that follows.", "", *lines, ""])

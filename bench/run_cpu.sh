@@ -16,5 +16,7 @@ want step && $PY bench/bench_step.py --config configs/celeba.yaml --size 256 --p
 want loop && $PY bench/bench_loop.py --config configs/quickstart.yaml --shards "$SHARDS_Q" --steps 20 --repeats 3
 want loop && $PY bench/bench_loop.py --config configs/mtfl_cpu.yaml --shards "$SHARDS_M" --steps 10 --repeats 3
 want clustering && $PY bench/bench_clustering.py --points 1000000 --dim 256 --repeats 3 --shards 2 --sklearn
+want profile && $PY bench/profile_actor.py --points 1000000 --out BENCHMARKS.md   # needs py-spy
+want memory && $PY bench/bench_rank_memory.py --counts 2000 8000
 want ddp && $PY bench/bench_ddp.py --config configs/quickstart.yaml --steps 30 --repeats 3
 want loader && $PY bench/bench_loader.py --batch-size 32 --threads 2 --repeats 5 --breakdown
