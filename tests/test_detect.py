@@ -274,3 +274,12 @@ def test_detect_takes_the_run_config_overrides_and_a_config_file(model_pt, image
                  "stage2.flip_test=true"]) == 0
     text = {n: p.read_text() for n, p in outs.items()}
     assert text["override"] == text["file"] != text["saved"] == text["file_then_override"]
+
+
+def test_the_flip_test_is_fixed_when_the_detector_is_built(model_pt):
+    from k2l_dist import load_detector
+
+    detector = load_detector(model_pt, flip_test=False)
+    with pytest.raises(AttributeError):
+        detector.flip_test = True  # would not reach the graph it runs
+    assert detector.flip_test is False and not detector.graph.flip_test

@@ -110,11 +110,17 @@ class Detector:
         self.psi = psi.to(self.device).eval()
         self.cfg = cfg
         self.flip_permutation = np.asarray(flip_permutation, np.int64)
-        self.flip_test = cfg.stage2.flip_test if flip_test is None else flip_test
+        self._flip_test = bool(cfg.stage2.flip_test if flip_test is None else flip_test)
         self.crop_size = int(cfg.data.size)
         self.view_size = int(cfg.augment.size or cfg.data.size)
-        self.graph = DetectorGraph(self.psi, self.flip_permutation if self.flip_test else None, self.crop_size,
+        self.graph = DetectorGraph(self.psi, self.flip_permutation if self._flip_test else None, self.crop_size,
                                    self.view_size).to(self.device)
+
+    @property
+    def flip_test(self) -> bool:
+        """Whether the mirrored image's heatmaps are averaged in (fixed when the graph is built:
+        pass ``flip_test`` to :func:`load_detector` to change it)."""
+        return self._flip_test
 
     @property
     def num_landmarks(self) -> int:
