@@ -104,13 +104,26 @@ def sklearn_rows(x: np.ndarray, k: int, niter: int, threads: int) -> list[tuple[
     return rows
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_round_args(p: argparse.ArgumentParser) -> None:
+    """The synthetic round's size and K-means settings (shared with profile_actor.py)."""
     p.add_argument("--points", type=int, default=1_000_000)
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--K", type=int, default=30)
     p.add_argument("--M", type=int, default=100)
     p.add_argument("--niter", type=int, default=20)
+
+
+def round_config(args: argparse.Namespace, threads: int):
+    """The round's ClusterConfig, with an object store large enough for its arrays."""
+    from k2l_dist.config import ClusterConfig
+
+    return ClusterConfig(K=args.K, M=args.M, niter=args.niter, threads=threads,
+                         object_store_gb=max(2.0, 4.5 * args.points * args.dim * 4 / 1e9))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_round_args(p)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds per path first")
     p.add_argument("--shards", type=int, default=2, help="also time the actor over this many shard actors (0: skip)")
@@ -124,13 +137,11 @@ def main() -> int:
 
     from k2l_dist.clustering.ray_service import RayService
     from k2l_dist.clustering.rounds import merge_parts, recover
-    from k2l_dist.config import ClusterConfig
     from k2l_dist.distributed import DistInfo
     from k2l_dist.distributed.threads import pin_threads
 
     threads = pin_threads()
-    cfg = ClusterConfig(K=args.K, M=args.M, niter=args.niter, threads=threads,
-                        object_store_gb=max(2.0, 4.5 * args.points * args.dim * 4 / 1e9))
+    cfg = round_config(args, threads)
     part = synthetic_part(args.points, args.dim, args.K)
     size_gb = sum(a.nbytes for a in part.values()) / 1e9
 

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_clustering import synthetic_part  # noqa: E402
+from bench_clustering import add_round_args, round_config, synthetic_part  # noqa: E402
 
 
 def record(pid: int, out: Path) -> subprocess.Popen:
@@ -82,11 +82,7 @@ def table(title: str, seconds: float, total: int, self_rows, incl_rows) -> list[
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--points", type=int, default=1_000_000)
-    p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--K", type=int, default=30)
-    p.add_argument("--M", type=int, default=100)
-    p.add_argument("--niter", type=int, default=20)
+    add_round_args(p)
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--out", type=Path, help="append the tables to this markdown file")
     p.add_argument("--raw-dir", type=Path, help="keep py-spy's raw (collapsed) stacks here")
@@ -100,13 +96,11 @@ def main() -> int:
 
     from k2l_dist.clustering.ray_service import RayService
     from k2l_dist.clustering.rounds import merge_parts, recover
-    from k2l_dist.config import ClusterConfig
     from k2l_dist.distributed import DistInfo
     from k2l_dist.distributed.threads import pin_threads
 
     threads = pin_threads()
-    cfg = ClusterConfig(K=args.K, M=args.M, niter=args.niter, threads=threads,
-                        object_store_gb=max(2.0, 4.5 * args.points * args.dim * 4 / 1e9))
+    cfg = round_config(args, threads)
     part = synthetic_part(args.points, args.dim, args.K)
     out: list[str] = []
     with tempfile.TemporaryDirectory() as scratch:

@@ -11,7 +11,6 @@ import torch
 from k2l_dist.cli import main
 from k2l_dist.config import Config, apply_values
 from k2l_dist.eval.detector import load_detector
-from k2l_dist.eval.export import crop_inputs
 from k2l_dist.models import LandmarkNet
 from k2l_dist.utils.checkpoint import save_checkpoint
 
@@ -47,7 +46,7 @@ def run(tmp_path_factory):
 def _inputs(run_dir, images):
     names = sorted(p.name for p in images.iterdir())
     pictures = [cv2.imread(str(images / n))[:, :, ::-1] for n in names]
-    crops, boxes = crop_inputs(load_detector(run_dir, device="cpu"), pictures)
+    crops, boxes = load_detector(run_dir, device="cpu").crop_batch(pictures)
     return names, crops, boxes
 
 

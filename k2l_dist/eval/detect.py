@@ -151,8 +151,6 @@ def _detect_video(detector: Detector, video: Path, out: str | Path, draw: str | 
                   min_confidence: float, batch_size: int = 16) -> int:
     """One JSON line per frame, ``{"frame": i, "time_s": t, "landmarks": [...]}``; with
     ``draw``, the video again with the landmarks drawn."""
-    from k2l_dist.eval.plots import draw_landmarks
-
     if draw is not None:
         draw = Path(draw)
         if draw.suffix.lower() not in VIDEO_CODECS:
@@ -171,8 +169,7 @@ def _detect_video(detector: Detector, video: Path, out: str | Path, draw: str | 
                 row = {"frame": written, "time_s": round(written / fps, 4), "landmarks": landmarks}
                 handle.write((json.dumps(row) + "\n").encode())
                 if draw is not None:
-                    kept = np.where((c >= min_confidence)[:, None], pts, np.nan)
-                    write_frame(draw_landmarks(frame, kept, radius=max(2, round(max(frame.shape[:2]) / 100))))
+                    write_frame(_drawn(frame, pts, c >= min_confidence))
                 written += 1
             bar.update(len(batch))
     if written == 0:
@@ -233,15 +230,19 @@ def detect(checkpoint: str | Path, out: str | Path, *, data: str | Path | None =
     return DetectResult(written, skipped)
 
 
-def _draw(src: Path, points: np.ndarray, keep: np.ndarray, dst: Path) -> None:
+def _drawn(image_bgr: np.ndarray, points: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """The image with its kept landmarks drawn, dots sized to the image."""
     from k2l_dist.eval.plots import draw_landmarks
 
+    radius = max(2, round(max(image_bgr.shape[:2]) / 100))
+    return draw_landmarks(image_bgr, np.where(keep[:, None], points, np.nan), radius=radius)
+
+
+def _draw(src: Path, points: np.ndarray, keep: np.ndarray, dst: Path) -> None:
     image = cv2.imread(str(src), cv2.IMREAD_COLOR)
     if image is None:
         return
     if dst.with_suffix(".png").resolve() == src.resolve():  # never overwrite an input image
         raise ValueError(f"--draw would overwrite the input image {src}; pick another folder")
-    pts = np.where(keep[:, None], points, np.nan)
-    radius = max(2, round(max(image.shape[:2]) / 100))
     dst.parent.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(dst.with_suffix(".png")), draw_landmarks(image, pts, radius=radius))
+    cv2.imwrite(str(dst.with_suffix(".png")), _drawn(image, points, keep))

@@ -132,6 +132,12 @@ class Detector:
         box = whole_image_box(rgb.shape[1], rgb.shape[0])
         return crop_image(rgb, box, self.crop_size), box
 
+    def crop_batch(self, images: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
+        """``(B, S, S, 3)`` uint8 crops and their ``(B, 3)`` float32 boxes: the inputs of
+        :class:`DetectorGraph` and of an exported detector."""
+        crops, boxes = zip(*(self.crop(image) for image in images))
+        return np.stack(crops), np.asarray(boxes, np.float32)
+
     def predict(self, images: Any, *, batch_size: int = 32, with_confidence: bool = False):
         """Landmarks in original pixels: (K, 2) for one image, (N, K, 2) for a list (x, y;
         0-based pixel centres). ``with_confidence``: also the heatmap peaks' values."""
@@ -139,8 +145,7 @@ class Detector:
         items: Sequence[Any] = [images] if single else list(images)
         points, conf = [], []
         for start in range(0, len(items), batch_size):
-            crops, boxes = zip(*(self.crop(x) for x in items[start:start + batch_size]))
-            p, c = self.predict_crops(np.stack(crops), np.asarray(boxes, np.float32))
+            p, c = self.predict_crops(*self.crop_batch(items[start:start + batch_size]))
             points.append(p)
             conf.append(c)
         pts = np.concatenate(points) if points else np.zeros((0, self.num_landmarks, 2))

@@ -7,7 +7,7 @@ pixels out (normalisation, the resize to the view size, Ψ, the flip test and th
 sub-pixel peak decoding included). The crop itself (a square box around the image,
 resampled to ``crop_size`` pixels) stays outside the graph because its output size does
 not depend on its input; ``k2l_dist.data.crop`` says exactly how it is made, and
-:func:`crop_inputs` makes it.
+:meth:`~k2l_dist.eval.detector.Detector.crop_batch` makes it.
 
 - ``torchscript``: ``torch.jit.load(path)(crops, boxes)``; the metadata is the extra
   file ``k2l.json``.
@@ -23,7 +23,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from k2l_dist import __version__
@@ -54,13 +53,6 @@ def metadata(detector: Detector) -> dict[str, Any]:
                        "k2l_dist.data.crop.crop_image",
         "landmark_names": [f"landmark_{k}" for k in range(detector.num_landmarks)],
     }
-
-
-def crop_inputs(detector: Detector, images: list[Any]) -> tuple[np.ndarray, np.ndarray]:
-    """The exported graph's two inputs for a list of images (numpy, PIL or torch), cropped
-    as ``k2l detect`` crops them."""
-    crops, boxes = zip(*(detector.crop(image) for image in images))
-    return np.stack(crops), np.asarray(boxes, np.float32)
 
 
 def export(run: str | Path, fmt: str, out: str | Path | None = None, *, config: str | Path | None = None,
