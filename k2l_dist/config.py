@@ -10,6 +10,7 @@ config is written next to every run's outputs (:func:`save_config`).
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -36,6 +37,9 @@ class DataConfig:
     test_list: str = ""
     train_list: str = ""  # mafl: MAFL training.txt (the images the regressors are fitted on)
     shards: str = ""  # folder of prepared shards; empty = <run_dir>/shards
+    # data.shards is a path on each node's own disk: the first process of every node that
+    # lacks it prepares it there (the nodes' copies must agree, checked by content digest)
+    local_shards: bool = False
     size: int = 128  # side of the square crop written to the shards, pixels
     box: str = "whole"  # whole | landmarks | file
     box_scale: float = 2.2  # side of a landmark/file box relative to its longer side
@@ -195,8 +199,12 @@ class ClusterConfig:
     service: str = "auto"  # auto | ray | inline
     shards: int = 1  # descriptor shard actors (ray); > 1 spreads one round's descriptors over nodes
     actor_restarts: int = 1  # times a dead clustering actor is recreated and its round redone
-    actor_resource: str = ""  # custom Ray resource the actor needs (cluster.yaml: k2l_cluster)
-    threads: int = 0  # Faiss threads inside the actor; 0 = the cores Ray gives the node
+    # A custom Ray resource only the clustering nodes offer (cluster.yaml: k2l_cluster): the
+    # actor and its shard holders are placed on those nodes.
+    actor_resource: str = ""
+    actor_cpus: int = 0  # CPUs Ray reserves for the actor and each shard holder; 0 = a node's free CPUs
+    actor_memory_gb: float = 0.0  # memory Ray reserves for the actor and each holder; 0 = none reserved
+    threads: int = 0  # Faiss threads inside the actor and holders; 0 = the CPUs each was given
     object_store_gb: float = 0.0  # object store of a locally started Ray; 0 = 30% of memory
     round_timeout_s: float = 3600.0  # longest wait for a round's labels before the job fails
 
@@ -421,6 +429,27 @@ def save_config(cfg: Config, path: str | Path) -> None:
     atomic_write_text(Path(path), config_yaml(cfg))
 
 
+# keys that hold a path: resolved against the working directory before a job starts, so
+# every process, node and saved config means the same file whatever its own directory
+PATH_KEYS = ("run_dir", "data.root", "data.annotations", "data.test_list", "data.train_list", "data.shards",
+             "data.box_file", "keypoints.superpoint_weights", "eval.split_file")
+
+
+def absolute_paths(cfg: Config, base: str | Path | None = None) -> Config:
+    """``cfg`` with every path key (``PATH_KEYS``) made absolute against ``base`` (default: the
+    working directory); empty values stay empty, ``~`` is expanded."""
+    base = Path.cwd() if base is None else Path(base)
+    values = {}
+    for key in PATH_KEYS:
+        node = cfg
+        for part in key.split("."):
+            node = getattr(node, part)
+        if node:
+            path = Path(node).expanduser()
+            values[key] = os.path.abspath(base / path)
+    return apply_values(cfg, nest_values(values))
+
+
 def validate(cfg: Config) -> None:
     """Refuse, before any work starts, values that cannot work; the error names every key."""
     c, s1, s2 = cfg.cluster, cfg.stage1, cfg.stage2
@@ -433,6 +462,8 @@ def validate(cfg: Config) -> None:
         (c.service in ("auto", "ray", "inline"), "cluster.service", f"{c.service!r} is not auto, ray or inline"),
         (c.shards >= 1, "cluster.shards", f"must be >= 1, got {c.shards}"),
         (c.actor_restarts >= 0, "cluster.actor_restarts", "must be >= 0"),
+        (c.actor_cpus >= 0, "cluster.actor_cpus", f"must be >= 0 (0 = a node's free CPUs), got {c.actor_cpus}"),
+        (c.actor_memory_gb >= 0, "cluster.actor_memory_gb", f"must be >= 0, got {c.actor_memory_gb}"),
         (s1.warmup_iters >= 0, "stage1.warmup_iters", f"must be >= 0, got {s1.warmup_iters}"),
         (s1.rounds >= 0, "stage1.rounds", f"must be >= 0, got {s1.rounds}"),
         (s1.iters_per_round >= 0, "stage1.iters_per_round", f"must be >= 0, got {s1.iters_per_round}"),

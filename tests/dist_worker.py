@@ -81,15 +81,16 @@ def check_collectives(info, out: Path) -> None:
 
 def check_inline_service(info, out: Path) -> None:
     """Every rank gets the labels that clustering all parts in one process gives."""
-    from k2l_dist.clustering.rounds import merge_parts, recover
+    from k2l_dist.clustering.rounds import recover
     from k2l_dist.clustering.service import InlineService
+    from k2l_dist.clustering.store import PointSet
     from k2l_dist.config import ClusterConfig
     from tests.test_distributed import planted_parts
 
     cfg = ClusterConfig(K=4, M=8, nredo=2)
     parts = planted_parts(2)
     labels = InlineService(cfg, info.world_size).recover("round", parts[info.rank], "round1")
-    expected = recover("round", merge_parts(parts), cfg)
+    expected = recover("round", PointSet.from_parts(parts), cfg)
     for key, value in expected.arrays().items():
         assert np.array_equal(value, labels.arrays()[key]), key
     (out / f"inline_rank{info.rank}.json").write_text(json.dumps(labels.stats))

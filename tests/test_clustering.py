@@ -34,12 +34,32 @@ def test_kmeans_honours_max_points_per_centroid(capfd: pytest.CaptureFixture) ->
     capped = kmeans(x, 4, ClusterConfig(max_points_per_centroid=100, niter=3, verbose=True))
     out = capfd.readouterr().out
     assert capped.trained_on == 400 and capped.max_points_per_centroid == 100
-    assert "Sampling a subset of 400 / 3000" in out  # faiss itself says it used 400
+    assert "Clustering 400 points" in out  # faiss itself says it trained on 400
     full = kmeans(x, 4, ClusterConfig(max_points_per_centroid=0, niter=3, verbose=True))
     out = capfd.readouterr().out
-    assert full.trained_on == 3000 and "Sampling a subset" not in out
+    assert full.trained_on == 3000 and "Clustering 3000 points" in out
     assert capped.centroids.shape == full.centroids.shape == (4, 8)
     assert capped.centroids.dtype == np.float32
+
+
+def test_the_sample_handed_to_faiss_is_the_one_faiss_draws_itself() -> None:
+    """Handing faiss only its subsample (drawn here) trains exactly what faiss trains when it
+    subsamples all the points itself: the same centroids, bit for bit."""
+    import faiss
+
+    from k2l_dist.clustering.kmeans import faiss_subsample
+
+    x = np.random.default_rng(5).standard_normal((5000, 8)).astype(np.float32)
+    for seed in (0, 7926):
+        own = faiss.Kmeans(8, 6, niter=4, nredo=1, seed=seed, max_points_per_centroid=50)
+        own.train(x)
+        ours = faiss.Kmeans(8, 6, niter=4, nredo=1, seed=seed, max_points_per_centroid=50)
+        ours.train(x[faiss_subsample(len(x), 300, seed)])
+        np.testing.assert_array_equal(ours.centroids, own.centroids)
+    res = kmeans(x, 6, ClusterConfig(niter=4, nredo=1, seed=0, max_points_per_centroid=50, init="random"))
+    own = faiss.Kmeans(8, 6, niter=4, nredo=1, seed=0, max_points_per_centroid=50)
+    own.train(x)
+    np.testing.assert_array_equal(res.centroids, own.centroids)
 
 
 def test_kmeans_deterministic_given_seed() -> None:

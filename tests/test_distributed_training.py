@@ -16,13 +16,12 @@ import pytest
 import torch
 
 from k2l_dist.augment import build_loader
-from k2l_dist.clustering.rounds import merge_parts
 from k2l_dist.config import AugmentConfig, load_config
 from k2l_dist.data.prepare import prepare
 from k2l_dist.models import KeypointNet
 from k2l_dist.models.extract import extract
 from k2l_dist.utils.checkpoint import load_checkpoint
-from tests.test_distributed import ROOT, _torchrun
+from tests.test_distributed import ROOT, _torchrun, canonical
 from tests.tiny import TINY
 
 
@@ -43,8 +42,8 @@ def test_two_rank_extractions_merge_to_the_one_rank_extraction(shards):
         loader = build_loader(shards, aug, rank=rank, world_size=world, views=1, shuffle=False, padded="drop")
         return extract(phi, loader, max_points=12, threshold=0.0, show_progress=False).as_dict()
 
-    one = merge_parts([part(0, 1)])
-    two = merge_parts([part(1, 2), part(0, 2)])
+    one = canonical([part(0, 1)])
+    two = canonical([part(1, 2), part(0, 2)])
     assert len(one["sample_ids"]) == 120 and np.array_equal(one["sample_ids"], two["sample_ids"])
     assert np.array_equal(one["image_ids"], two["image_ids"]) and len(one["image_ids"]) > 500
     for key in ("points", "scores", "descriptors", "flipped_descriptors"):
@@ -75,8 +74,8 @@ def test_two_process_runs_agree_resume_exactly_and_resume_at_another_world_size(
     metrics = json.loads((straight / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and "forward_nme" in metrics
     log = _log(straight)
-    # every round compared the replicas' parameters (a mismatch raises) and logged its costs
-    assert sum("replicas/phi_checksum" in r for r in log) == 2 and any("replicas/psi_checksum" in r for r in log)
+    # the warm-up and every round compared the replicas' parameters (a mismatch raises) and logged its costs
+    assert sum("replicas/phi_checksum" in r for r in log) == 3 and any("replicas/psi_checksum" in r for r in log)
     rounds = [r for r in log if "round/extract_seconds" in r]
     assert len(rounds) == 2
     for key in ("cluster_seconds", "broadcast_seconds", "bytes_sent", "actor_cluster_seconds",

@@ -11,6 +11,7 @@ import torch
 import yaml
 
 from k2l_dist.clustering.rounds import degenerate_warnings, recover
+from k2l_dist.clustering.store import PointSet
 from k2l_dist.config import ClusterConfig, ConfigError, load_config, validate
 from k2l_dist.data import prepare as prepare_module
 from k2l_dist.data.prepare import is_prepared, prepare
@@ -154,13 +155,13 @@ def test_a_round_where_most_images_lose_their_points_warns_with_the_numbers(capl
               "scores": np.ones(20, np.float32), "descriptors": desc.astype(np.float32),
               "sample_ids": np.arange(10, dtype=np.int64)}
     with caplog.at_level("WARNING"):
-        labels = recover("round", merged, ClusterConfig(K=6, M=8, niter=5))
+        labels = recover("round", PointSet.from_parts([merged]), ClusterConfig(K=6, M=8, niter=5))
         warned = degenerate_warnings(labels, "round 3")
     assert labels.stats["images_kept_share"] == pytest.approx(0.2)
     assert any("round 3: only 2 of 10 images keep pseudo-labels" in w for w in warned)
     assert "round 3: only 2 of 10 images keep" in caplog.text
     with pytest.raises(ValueError, match="no image has a detection above stage1.detect_threshold"):
-        recover("round", {k: v[:0] for k, v in merged.items()}, ClusterConfig(K=6, M=8))
+        recover("round", PointSet.from_parts([{k: v[:0] for k, v in merged.items()}]), ClusterConfig(K=6, M=8))
 
 
 @pytest.mark.slow

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from k2l_dist.clustering.rounds import merge_parts, recover
+from k2l_dist.clustering.rounds import recover
+from k2l_dist.clustering.store import PointSet
 from k2l_dist.config import Config, apply_values
 from k2l_dist.models.extract import Extraction
 from k2l_dist.train.labels import LabelTable
@@ -59,7 +60,7 @@ def _planted_extraction(n_images=80, K=4, d=16, seed=0, flip_map=(1, 0, 2, 3)):
 
 
 def _recover(kind, ext, cfg):
-    labels = recover(kind, merge_parts([ext.as_dict()]), cfg.cluster)
+    labels = recover(kind, PointSet.from_parts([ext.as_dict()]), cfg.cluster)
     return LabelTable.from_round(labels), labels
 
 

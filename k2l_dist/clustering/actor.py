@@ -2,11 +2,13 @@
 one round's pseudo-labels.
 
 Each rank ``ray.put``s its extraction and :meth:`ClusteringActor.submit`s the reference;
-the first :meth:`ClusteringActor.result` call after the last submission merges the parts
-in canonical order, clusters them with Faiss (on every GPU the actor sees, else on
-CPU; over shard actors when ``cluster.shards > 1``) and puts the labels into the
-object store once; every rank reads that one object. Threaded (not async): calls
-wait on a condition while the clustering runs outside the lock.
+the first :meth:`ClusteringActor.result` call after the last submission orders the
+points canonically, clusters them with Faiss (on every GPU the actor sees, else on its
+CPUs; over shard holders when ``cluster.shards > 1``) and puts the labels into the
+object store once; every rank reads that one object. The descriptors are read in place
+from the object store (:class:`~k2l_dist.clustering.store.PointSet`), never copied
+whole. Threaded (not async): calls wait on a condition while the clustering runs
+outside the lock.
 """
 
 from __future__ import annotations
@@ -19,21 +21,17 @@ from typing import Any
 
 import numpy as np
 
-from k2l_dist.clustering.rounds import PART_KEYS, RoundLabels, merge_parts, part_nbytes, recover
-from k2l_dist.clustering.sharded import (
-    DescriptorShard,
-    ShardGroup,
-    canonical_slices,
-    sharded_final_labels,
-    sharded_pseudo_labels,
-)
+from k2l_dist.clustering.placement import place
+from k2l_dist.clustering.ray_store import remote_store
+from k2l_dist.clustering.rounds import part_nbytes, recover
+from k2l_dist.clustering.store import INDEX_KEYS, DescriptorStore, PointSet
 from k2l_dist.config import ClusterConfig
 from k2l_dist.utils.faults import fault_requested
 from k2l_dist.utils.memory import peak_rss_bytes
 
-# A rank's extraction travels as two objects: the ids (all the coordinator reads) and
-# the payload (read only by whoever clusters those points).
-ID_KEYS = ("image_ids", "sample_ids")
+# A rank's extraction travels as two objects: the index (ids, positions, scores: all
+# the coordinator reads) and the descriptors (read only by whoever assigns those points).
+ID_KEYS = ("sample_ids", *INDEX_KEYS)
 
 
 def split_part(part: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -56,21 +54,25 @@ def actor_runtime_env() -> dict[str, dict[str, str]]:
 log = logging.getLogger(__name__)
 
 
+class ClusteringDropped(RuntimeError):
+    """A round given up because some of its ranks have gone."""
+
+
 class ClusteringActor:
-    def __init__(self, cfg: dict[str, Any], world_size: int, fault: str = "") -> None:
+    def __init__(self, cfg: dict[str, Any], world_size: int, fault: str = "", threads: int = 0) -> None:
+        """``threads``: the CPUs Ray gave this actor (``cluster.threads`` overrides; 0 = this node's cores)."""
         import faiss
 
         self.cfg = ClusterConfig(**cfg)
         self.world_size = world_size
         self.fault = fault
-        self.threads = self.cfg.threads or len(os.sched_getaffinity(0))
+        self.threads = self.cfg.threads or threads or len(os.sched_getaffinity(0))
         faiss.omp_set_num_threads(self.threads)
         self._cond = threading.Condition()
         self._parts: dict[str, dict[int, list]] = {}
         self._kinds: dict[str, str] = {}
         self._results: dict[str, tuple[dict, list] | BaseException] = {}
         self._running: set[str] = set()
-        self._shards = None
 
     def ping(self) -> int:
         return os.getpid()
@@ -84,6 +86,14 @@ class ClusteringActor:
                 self._results = {k: v for k, v in self._results.items() if k == key}
             self._parts.setdefault(key, {})[rank] = refs
             self._kinds[key] = kind
+            self._cond.notify_all()
+
+    def drop(self, key: str, why: str) -> None:
+        """Give up round ``key`` (its ranks have gone): its parts are released, waiters told why."""
+        with self._cond:
+            self._parts.pop(key, None)
+            if key not in self._results:
+                self._results[key] = ClusteringDropped(f"{key} dropped: {why}")
             self._cond.notify_all()
 
     def result(self, key: str, timeout: float) -> tuple[dict, list]:
@@ -130,77 +140,50 @@ class ClusteringActor:
                 not ray.get_runtime_context().was_current_actor_reconstructed:
             os._exit(1)  # injected: the actor's process dies mid-round
         t0 = time.perf_counter()
-        id_refs = [self._parts[key][r][0] for r in range(self.world_size)]
+        ids = ray.get([self._parts[key][r][0] for r in range(self.world_size)])
         payload_refs = [self._parts[key][r][1] for r in range(self.world_size)]
-        ids = ray.get(id_refs)
-        if self.cfg.shards > 1:
-            labels, part_bytes = self._sharded(self._kinds[key], ids, payload_refs)
-            t1 = t0
-        else:
-            payloads = ray.get(payload_refs)
-            part_bytes = sum(part_nbytes(p) for p in ids + payloads)
+        holders: list = []
+        try:
+            if self.cfg.shards > 1:
+                placements = place(self.cfg, count=self.cfg.shards)
+                store, holders = remote_store(payload_refs, [i["image_ids"] for i in ids],
+                                              [p.options | {"runtime_env": actor_runtime_env()} for p in placements],
+                                              [self.cfg.threads or p.threads for p in placements], self.cfg.use_gpu)
+            else:
+                store = DescriptorStore.local(ray.get(payload_refs), use_gpu=self.cfg.use_gpu)
+            points = PointSet.from_parts(ids, store)
             t1 = time.perf_counter()
-            labels = recover(self._kinds[key], merge_parts([{**i, **p} for i, p in zip(ids, payloads)]), self.cfg)
-            del payloads
+            held = object_store_used_bytes()
+            labels = recover(self._kinds[key], points, self.cfg)
+        finally:
+            for holder in holders:
+                ray.kill(holder)
         t2 = time.perf_counter()
+        part_bytes = sum(part_nbytes(i) for i in ids) + store.nbytes
         stats = dict(labels.stats)
         stats.update(actor_fetch_seconds=t1 - t0, actor_cluster_seconds=t2 - t1,
-                     object_store_round_bytes=float(part_bytes + labels.nbytes), actor_peak_rss_bytes=peak_rss_bytes(),
-                     actor_faiss_threads=float(faiss.omp_get_max_threads()),
-                     actor_malloc_arena_max=float(os.environ.get("MALLOC_ARENA_MAX", "0")))
+                     object_store_round_bytes=float(part_bytes + labels.nbytes), object_store_used_bytes=held,
+                     actor_peak_rss_bytes=peak_rss_bytes(), actor_faiss_threads=float(faiss.omp_get_max_threads()),
+                     actor_malloc_arena_max=float(os.environ.get("MALLOC_ARENA_MAX", "0")),
+                     actor_holders=float(max(1, len(holders))))
         return stats, [ray.put(labels.arrays())]
 
-    def _sharded(self, kind: str, ids: list[dict], payload_refs: list) -> tuple[RoundLabels, int]:
-        """Cluster over ``cfg.shards`` shard actors spread over the nodes; each gathers its
-        own rows from the ranks' payloads, so no process holds every descriptor."""
+    def where(self) -> dict[str, Any]:
+        """The node this actor runs on and the threads its Faiss uses."""
+        import faiss
         import ray
 
-        all_ids = np.unique(np.concatenate([i["sample_ids"] for i in ids]))
-        if len(all_ids) != sum(len(i["sample_ids"]) for i in ids):
-            raise ValueError("an image was extracted by two ranks: rank slices must be disjoint")
-        slices = canonical_slices([i["image_ids"] for i in ids], self.cfg.shards)
-        if any(len(part) == 0 for part, _ in slices):
-            raise ValueError(f"cluster.shards={self.cfg.shards} is more than the images with points allow")
-        remote = ray.remote(PartShard).options(num_cpus=0, scheduling_strategy="SPREAD",
-                                               num_gpus=1 if self.cfg.use_gpu else 0, runtime_env=actor_runtime_env())
-        shards = [remote.remote([payload_refs], [i["image_ids"] for i in ids], part, row, self.cfg.threads or None,
-                                self.cfg.use_gpu) for part, row in slices]
-        try:
-            group = ShardGroup.ray(shards)
-            part_bytes = int(sum(group.run("nbytes")))
-            fn = sharded_pseudo_labels if kind == "round" else sharded_final_labels
-            return fn(group, self.cfg, all_ids), part_bytes
-        finally:
-            for shard in shards:
-                ray.kill(shard)
+        faiss.omp_set_num_threads(self.threads)
+        return {"node_id": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address(),
+                "faiss_threads": int(faiss.omp_get_max_threads()), "cpus": self.threads}
 
 
-class PartShard(DescriptorShard):
-    """A descriptor shard that gathers its rows from the ranks' payloads in the object store.
+def object_store_used_bytes() -> float:
+    """Bytes the cluster's object stores hold right now (all nodes; NaN when Ray does not say)."""
+    try:
+        from ray._private import state
+        from ray._private.internal_api import get_memory_info_reply
 
-    ``part[i]``, ``row[i]``: the rank part and row of the shard's i-th point, in canonical
-    order (:func:`~k2l_dist.clustering.sharded.canonical_slices`).
-    """
-
-    def __init__(self, payload_refs: list, part_image_ids: list[np.ndarray], part: np.ndarray, row: np.ndarray,
-                 threads: int | None, use_gpu: bool) -> None:
-        import ray
-
-        needed = np.unique(part).tolist()
-        payloads = dict(zip(needed, ray.get([payload_refs[0][i] for i in needed])))
-        arrays = {"image_ids": np.zeros(len(part), np.int64)}
-        keys = [k for k in PART_KEYS if k in (payloads[needed[0]] if needed else {})]
-        for key in keys:
-            sample = payloads[needed[0]][key]
-            arrays[key] = np.empty((len(part), *sample.shape[1:]), sample.dtype)
-        for p in needed:
-            at = part == p
-            arrays["image_ids"][at] = np.asarray(part_image_ids[p])[row[at]]
-            for key in keys:
-                arrays[key][at] = payloads[p][key][row[at]]
-        del payloads
-        super().__init__(arrays, threads=threads, use_gpu=use_gpu)
-        self._nbytes = part_nbytes(arrays)
-
-    def nbytes(self) -> int:
-        return self._nbytes
+        return float(get_memory_info_reply(state.state).store_stats.object_store_bytes_used)
+    except Exception:  # noqa: BLE001 - a private Ray API: the number is a report, never required
+        return float("nan")

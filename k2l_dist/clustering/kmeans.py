@@ -1,29 +1,34 @@
 """Correspondence recovery by clustering (paper Sec. 3.3, Eq. 1; Sec. 3.6; Sec. 3.7).
 
-Every K-means in the project goes through :func:`kmeans` (faiss). On top of it:
+Every K-means in the project goes through :func:`kmeans_rows` (faiss), which reads only
+the rows faiss trains on. On top of it:
 
 * :func:`dedup_per_image` keeps, per (image, cluster), only the point closest to the
   centroid -- the paper's replacement for a per-image Hungarian assignment.
-* :func:`cluster_dedup` = K-means + assignment + dedup (the Stage-2 "last K-means
+* :func:`cluster_points` = K-means + assignment + dedup (the Stage-2 "last K-means
   with K clusters", Sec. 3.6).
-* :func:`two_way_cluster` = the modified two-way K-means of Sec. 3.3: K clusters to cap
+* :func:`two_way_points` = the modified two-way K-means of Sec. 3.3: K clusters to cap
   every image at K points, then M >> K clusters on the survivors.
 * :func:`assign_flipped` = cluster labels of the descriptors taken on the flipped image
   (Sec. 3.7).
 
-Everything is plain numpy in/out, torch-free: it runs inside the Ray clustering actor too.
+Both work on a :class:`~k2l_dist.clustering.store.PointSet`, whose descriptors may stay
+in the ranks' parts or on other nodes; :func:`cluster_dedup` and :func:`two_way_cluster`
+are the same on plain arrays. numpy + Faiss, torch-free: it runs in the clustering actor.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import faiss
 import numpy as np
 
+from k2l_dist.clustering.nearest import as_f32, assign, flat_index, gpu_count
+from k2l_dist.clustering.store import PointSet
 from k2l_dist.config import ClusterConfig
 
 log = logging.getLogger(__name__)
@@ -100,36 +105,6 @@ class TwoWayResult:
 # --------------------------------------------------------------------------- faiss
 
 
-def _gpu_count() -> int:
-    # faiss-cpu has no get_num_gpus on some builds; treat that as zero GPUs
-    get = getattr(faiss, "get_num_gpus", None)
-    return int(get()) if get is not None else 0
-
-
-GPU_TEMP_MEMORY = 1 << 30  # Faiss scratch memory per GPU (its default grows with the card)
-
-
-@functools.lru_cache(maxsize=1)
-def _gpu_resources() -> tuple:
-    """One StandardGpuResources per visible GPU, created once per process (creating them
-    allocates scratch memory and CUDA handles: too slow to repeat every search)."""
-    resources = []
-    for _ in range(_gpu_count()):
-        res = faiss.StandardGpuResources()
-        res.setTempMemory(GPU_TEMP_MEMORY)
-        resources.append(res)
-    return tuple(resources)
-
-
-def _flat_index(d: int, use_gpu: bool):
-    """An exact L2 index: on every visible GPU (cached resources) when asked and possible."""
-    index = faiss.IndexFlatL2(d)
-    resources = _gpu_resources() if use_gpu and _gpu_count() > 0 else ()
-    if resources:
-        index = faiss.index_cpu_to_gpu_multiple_py(list(resources), index)
-    return index
-
-
 _INIT_METHODS = {
     "random": "ClusteringInitMethod_RANDOM",
     "kmeans++": "ClusteringInitMethod_KMEANS_PLUS_PLUS",
@@ -149,36 +124,49 @@ def _init_method(name: str) -> int | None:
     return int(value)
 
 
-def _as_f32(x: np.ndarray, name: str) -> np.ndarray:
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if x.ndim != 2:
-        raise ValueError(f"{name}: expected a 2-D (n, d) array, got shape {x.shape}")
-    return x
-
-
 _OBJECTIVE_POINTS = 100_000  # points on which restarts are compared
 
 
-def kmeans(x: np.ndarray, k: int, cfg: ClusterConfig | None = None) -> KMeansResult:
-    """faiss K-means of ``x`` (n, d) into ``k`` clusters; deterministic for a given ``cfg.seed``.
+def faiss_subsample(n: int, size: int, seed: int) -> np.ndarray:
+    """The rows faiss itself trains on when handed ``n`` > ``size`` points with this seed
+    (``Clustering::train``: the first ``size`` entries of ``rand_perm(n, seed)``), in its order."""
+    if n >= 2**31:
+        raise ValueError(f"{n} points: more than faiss' standard subsampling indexes")
+    perm = np.empty(n, np.int32)
+    faiss.rand_perm(faiss.swig_ptr(perm), n, int(seed))
+    return perm[:size].astype(np.int64)
 
-    faiss trains on a seeded random subsample of ``k * cfg.max_points_per_centroid``
-    points when n is larger; the number it really used is returned as ``trained_on``
-    and logged, because with the default cap (256) a K=10 pass over 200k descriptors
-    trains on only 2560 of them.
+
+def kmeans(x: np.ndarray, k: int, cfg: ClusterConfig | None = None) -> KMeansResult:
+    """faiss K-means of ``x`` (n, d) into ``k`` clusters; deterministic for a given ``cfg.seed``."""
+    x = as_f32(x, "x")
+    if not np.isfinite(x).all():
+        raise ValueError("x contains NaN or inf")
+    return kmeans_rows(lambda idx: x[idx], x.shape[0], x.shape[1], k, cfg)
+
+
+def kmeans_rows(rows: Callable[[np.ndarray], np.ndarray], n: int, d: int, k: int,
+                cfg: ClusterConfig | None = None) -> KMeansResult:
+    """faiss K-means of ``n`` points of dimension ``d`` that ``rows(indices)`` reads.
+
+    Only what faiss uses is ever read: with n > k * ``cfg.max_points_per_centroid``
+    faiss trains on a seeded random subsample of that many points, which is drawn here
+    exactly as faiss would draw it (:func:`faiss_subsample`) and handed over alone, so
+    the points can stay in the ranks' parts and faiss scans no more than its sample.
+    The number of points trained on is returned as ``trained_on`` and logged, because
+    with the default cap (256) a K=10 pass over 200k descriptors trains on 2560 of them.
+    Restarts are ours, not faiss' nredo: faiss reuses one k-means++ seeding for every
+    redo, so its nredo cannot escape a bad seeding. Each restart gets its own seed (and
+    sample) and the restarts are compared on the same points (up to 100k of them).
     """
     cfg = cfg or ClusterConfig()
-    x = _as_f32(x, "x")
-    n, d = x.shape
     k = int(k)
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     if n == 0:
         raise ValueError(f"no points to cluster into {k} clusters")
-    if not np.isfinite(x).all():
-        raise ValueError("x contains NaN or inf")
     if n < k:
-        return _fewer_points_than_clusters(x, k)
+        return _fewer_points_than_clusters(as_f32(rows(np.arange(n)), "x"), k)
     # 0 = no cap; faiss stores the cap as a C int, so clip to what an int holds
     cap = int(cfg.max_points_per_centroid) if cfg.max_points_per_centroid > 0 else 0
     faiss_cap = cap if cap > 0 else max(1, min(2**31 - 1, -(-n // k)))
@@ -188,30 +176,25 @@ def kmeans(x: np.ndarray, k: int, cfg: ClusterConfig | None = None) -> KMeansRes
     init_method = _init_method(init)
     ngpu = 0
     if cfg.use_gpu:
-        ngpu = _gpu_count()
+        ngpu = gpu_count()
         if ngpu == 0:
             log.warning("kmeans: use_gpu=True but faiss sees no GPU; clustering on CPU")
-    params: dict[str, Any] = dict(
-        niter=int(cfg.niter),
-        nredo=int(cfg.nredo),
-        seed=int(cfg.seed),
-        max_points_per_centroid=faiss_cap,
-        verbose=bool(getattr(cfg, "verbose", False)),
-    )
+    params: dict[str, Any] = dict(niter=int(cfg.niter), nredo=1, max_points_per_centroid=faiss_cap,
+                                  verbose=bool(getattr(cfg, "verbose", False)))
     if init_method is not None:
         params["init_method"] = init_method
-    # Restarts are ours, not faiss' nredo: faiss reuses one k-means++ seeding for every
-    # redo, so its nredo cannot escape a bad seeding. Each restart gets its own seed and
-    # the restarts are compared on the same points (up to _OBJECTIVE_POINTS of them).
-    params["nredo"] = 1
     rng = np.random.default_rng(cfg.seed)
-    probe = x if n <= _OBJECTIVE_POINTS else x[rng.choice(n, _OBJECTIVE_POINTS, replace=False)]
+    everything = as_f32(rows(np.arange(n)), "x") if n <= max(trained_on, _OBJECTIVE_POINTS) else None
+    probe = everything if n <= _OBJECTIVE_POINTS else as_f32(
+        rows(rng.choice(n, _OBJECTIVE_POINTS, replace=False)), "x")
     best = None
     for restart in range(max(1, int(cfg.nredo))):
         params["seed"] = int(cfg.seed) + 7919 * restart
+        sample = everything if n <= trained_on else as_f32(
+            rows(faiss_subsample(n, trained_on, params["seed"])), "x")
         km = faiss.Kmeans(d, k, **params)
-        km.index = _flat_index(d, ngpu > 0)  # GPUs through the cached resources
-        km.train(x)
+        km.index = flat_index(d, ngpu > 0)  # GPUs through the cached resources
+        km.train(sample)
         cand = np.ascontiguousarray(km.centroids, dtype=np.float32).reshape(k, d)
         objective = float(assign(probe, cand, use_gpu=ngpu > 0)[1].sum())
         if best is None or objective < best[0]:
@@ -244,20 +227,6 @@ def _fewer_points_than_clusters(x: np.ndarray, k: int) -> KMeansResult:
     parked = x[:1] + far * (1.0 + np.arange(k - n, dtype=np.float32))[:, None]
     return KMeansResult(centroids=np.ascontiguousarray(np.concatenate([x, parked]), np.float32), trained_on=n,
                         n_points=n, inertia=0.0, on_gpu=False, max_points_per_centroid=0)
-
-
-def assign(x: np.ndarray, centroids: np.ndarray, use_gpu: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest centroid of every row of ``x``: ``(labels (n,) int64, sq_distances (n,) float32)``."""
-    x = _as_f32(x, "x")
-    centroids = _as_f32(centroids, "centroids")
-    if x.shape[1] != centroids.shape[1]:
-        raise ValueError(f"dimension mismatch: x has d={x.shape[1]}, centroids d={centroids.shape[1]}")
-    if x.shape[0] == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.float32)
-    index = _flat_index(centroids.shape[1], use_gpu)
-    index.add(centroids)
-    dist, lab = index.search(x, 1)
-    return lab[:, 0].astype(np.int64), dist[:, 0].astype(np.float32)
 
 
 def assign_flipped(desc_flipped: np.ndarray, centroids: np.ndarray, use_gpu: bool = False) -> np.ndarray:
@@ -321,28 +290,49 @@ def cluster_dedup(
     mask: np.ndarray | None = None,
     fit_also: np.ndarray | None = None,
 ) -> ClusterDedupResult:
-    """K-means to ``k`` on ``desc[mask]``, assign those points, keep one per (image, cluster).
+    """:func:`cluster_points` on plain arrays: ``fit_also`` (n, d) are more descriptors, row
+    for row (the mirrored image's), that the centroids are fitted on but never labelled."""
+    return cluster_points(_array_points(desc, image_ids, fit_also), k, cfg, mask, mirror=fit_also is not None)
+
+
+def _array_points(desc: np.ndarray, image_ids: np.ndarray, fit_also: np.ndarray | None) -> PointSet:
+    desc = as_f32(desc, "desc")
+    image_ids = np.asarray(image_ids, dtype=np.int64).reshape(-1)
+    if image_ids.shape[0] != desc.shape[0]:
+        raise ValueError(f"image_ids has {image_ids.shape[0]} entries for {desc.shape[0]} descriptors")
+    return PointSet.from_arrays(image_ids, desc, None if fit_also is None else as_f32(fit_also, "fit_also"))
+
+
+def _selected_rows(points: PointSet, idx: np.ndarray, mirror: bool) -> tuple[Callable[[np.ndarray], np.ndarray], int]:
+    """The points ``idx`` (and, with ``mirror``, their mirrored descriptors after them) as
+    the rows K-means reads: (read rows by position, number of rows)."""
+    def read(pos: np.ndarray) -> np.ndarray:
+        pos = np.asarray(pos, np.int64)
+        if not mirror:
+            return points.rows(idx[pos])
+        out = np.empty((len(pos), points.dim), np.float32)
+        mirrored = pos >= len(idx)
+        out[~mirrored] = points.rows(idx[pos[~mirrored]])
+        out[mirrored] = points.rows(idx[pos[mirrored] - len(idx)], mirrored=True)
+        return out
+    return read, len(idx) * (2 if mirror else 1)
+
+
+def cluster_points(points: PointSet, k: int, cfg: ClusterConfig | None = None, mask: np.ndarray | None = None,
+                   mirror: bool = False) -> ClusterDedupResult:
+    """K-means to ``k`` on the points in ``mask``, assign those points, keep one per (image, cluster).
 
     Points outside ``mask`` get label -1 and are not kept. This is the Stage-2 "last
-    K-means with K clusters" (Sec. 3.6) and each pass of :func:`two_way_cluster`.
-    ``fit_also`` (n, d): more descriptors, row for row (the mirrored image's), that the
-    centroids are fitted on together with ``desc[mask]`` but that are never labelled.
+    K-means with K clusters" (Sec. 3.6) and each pass of :func:`two_way_points`.
+    ``mirror``: the centroids are fitted on the points' mirrored descriptors too (the
+    paper's code does); only the originals are labelled and deduplicated.
     """
     cfg = cfg or ClusterConfig()
-    desc = _as_f32(desc, "desc")
-    image_ids = np.asarray(image_ids, dtype=np.int64).reshape(-1)
-    n = desc.shape[0]
-    if image_ids.shape[0] != n:
-        raise ValueError(f"image_ids has {image_ids.shape[0]} entries for {n} descriptors")
-    idx = np.arange(n) if mask is None else np.flatnonzero(np.asarray(mask, dtype=bool))
-    sub = desc[idx]
-    res = kmeans(sub if fit_also is None else np.concatenate([sub, _as_f32(fit_also, "fit_also")[idx]]), k, cfg)
-    lab_sub, dist_sub = assign(sub, res.centroids, use_gpu=cfg.use_gpu)
-    labels = np.full(n, -1, dtype=np.int64)
-    distances = np.full(n, np.inf, dtype=np.float32)
-    labels[idx] = lab_sub
-    distances[idx] = dist_sub
-    keep = dedup_per_image(image_ids, labels, distances)
+    idx = np.arange(points.n) if mask is None else np.flatnonzero(np.asarray(mask, dtype=bool))
+    read, n_rows = _selected_rows(points, idx, mirror)
+    res = kmeans_rows(read, n_rows, points.dim, k, cfg)
+    labels, distances = points.assign(res.centroids, mask)
+    keep = dedup_per_image(points.image_ids, labels, distances)
     labels[~keep] = -1
     return ClusterDedupResult(keep=keep, labels=labels, distances=distances, kmeans=res)
 
@@ -355,6 +345,12 @@ def two_way_cluster(
     cfg: ClusterConfig | None = None,
     fit_also: np.ndarray | None = None,
 ) -> TwoWayResult:
+    """:func:`two_way_points` on plain arrays (``fit_also``: see :func:`cluster_dedup`)."""
+    return two_way_points(_array_points(desc, image_ids, fit_also), K, M, cfg, mirror=fit_also is not None)
+
+
+def two_way_points(points: PointSet, K: int | None = None, M: int | None = None, cfg: ClusterConfig | None = None,
+                   mirror: bool = False) -> TwoWayResult:
     """The modified two-way K-means of Sec. 3.3 (Eq. 1).
 
     1. K-means of all points to K clusters; per image keep only the point closest to
@@ -365,20 +361,17 @@ def two_way_cluster(
     Images left with fewer than ``cfg.min_points_per_image`` points (no same-image
     negative pair possible) are reported in ``skipped_images`` and excluded from
     ``usable``; their points stay in ``keep`` so the caller can still see them.
-    ``K`` / ``M`` default to ``cfg.K`` / ``cfg.M``; ``fit_also``: see :func:`cluster_dedup`.
+    ``K`` / ``M`` default to ``cfg.K`` / ``cfg.M``; ``mirror``: see :func:`cluster_points`.
     """
     cfg = cfg or ClusterConfig()
     K = int(cfg.K if K is None else K)
     M = int(cfg.M if M is None else M)
-    desc = _as_f32(desc, "desc")
-    image_ids = np.asarray(image_ids, dtype=np.int64).reshape(-1)
-    n = desc.shape[0]
-    if image_ids.shape[0] != n:
-        raise ValueError(f"image_ids has {image_ids.shape[0]} entries for {n} descriptors")
+    image_ids = points.image_ids
+    n = points.n
 
-    first = cluster_dedup(desc, image_ids, K, cfg, fit_also=fit_also)
+    first = cluster_points(points, K, cfg, mirror=mirror)
     n_first = int(first.keep.sum())
-    second = cluster_dedup(desc, image_ids, M, cfg, mask=first.keep, fit_also=fit_also)
+    second = cluster_points(points, M, cfg, mask=first.keep, mirror=mirror)
 
     keep = first.keep & second.keep
     labels_k = np.where(keep, first.labels, -1)

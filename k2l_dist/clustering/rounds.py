@@ -1,8 +1,9 @@
 """One round of correspondence recovery, from rank extractions to pseudo-labels.
 
-Ranks extract disjoint slices of the dataset. :func:`merge_parts` puts their points in
-one canonical order (image id, then the point's order within its image), so the result
-never depends on the world size or on which rank arrived first. On the merged arrays:
+Ranks extract disjoint slices of the dataset; a :class:`~k2l_dist.clustering.store.PointSet`
+puts their points in one canonical order (image id, then the point's order within its
+image), so the result never depends on the world size or on which rank arrived first.
+On it:
 
 * :func:`pseudo_labels` — a Stage-1 round (Sec. 3.3): the modified two-way K-means,
   M-cluster labels for the usable points and, for the flip correspondence (Sec. 3.7),
@@ -12,26 +13,24 @@ never depends on the world size or on which rank arrived first. On the merged ar
 
 Both return :class:`RoundLabels`, already laid out like a label table (sorted ids, ragged
 offsets), so a rank can use arrays read from Ray's object store without copying them.
-Everything here is numpy + Faiss: it runs inside the torch-free clustering actor.
+Everything here is numpy + Faiss: it runs inside the torch-free clustering actor, in one
+process or over shard holders on several nodes, with the same result.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from k2l_dist.clustering.flip import flip_permutation
-from k2l_dist.clustering.kmeans import assign, cluster_dedup, two_way_cluster
+from k2l_dist.clustering.kmeans import cluster_points, two_way_points
+from k2l_dist.clustering.store import PointSet
 from k2l_dist.config import ClusterConfig
 
 log = logging.getLogger(__name__)
-
-# Per point, plus ``sample_ids``: every image the rank extracted, with or without points.
-PART_KEYS = ("image_ids", "points", "scores", "descriptors", "flipped_descriptors")
 
 
 @dataclass
@@ -67,32 +66,6 @@ class RoundLabels:
 def part_nbytes(part: dict[str, np.ndarray]) -> int:
     """Bytes of a rank's extraction (or any dict of arrays)."""
     return int(sum(np.asarray(a).nbytes for a in part.values()))
-
-
-def merge_parts(parts: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Concatenate rank extractions in canonical order: image id, then point order in the image.
-
-    Each image must come from exactly one part (ranks extract disjoint slices); an image
-    seen in two parts is an error, since its points would count twice.
-    """
-    if not parts:
-        raise ValueError("no extraction to merge")
-    keys = [k for k in PART_KEYS if k in parts[0]]
-    for i, part in enumerate(parts):
-        if sorted(part) != sorted([*keys, "sample_ids"]):
-            raise ValueError(f"extraction part {i} has keys {sorted(part)}, expected {sorted([*keys, 'sample_ids'])}")
-    every = np.concatenate([np.asarray(p["sample_ids"], np.int64) for p in parts])
-    if len(np.unique(every)) != len(every):
-        raise ValueError("an image was extracted by two ranks: rank slices must be disjoint")
-    # Rank slices are usually contiguous id ranges: copy (and reorder) only when needed.
-    merged = {k: np.asarray(parts[0][k]) if len(parts) == 1 else np.concatenate([np.asarray(p[k]) for p in parts])
-              for k in keys}
-    ids = merged["image_ids"]
-    if len(ids) and (np.diff(ids) < 0).any():
-        order = np.argsort(ids, kind="stable")  # stable: keeps in-image order
-        merged = {k: np.ascontiguousarray(v[order]) for k, v in merged.items()}
-    merged["sample_ids"] = np.sort(every)
-    return merged
 
 
 def table_layout(image_ids: np.ndarray, all_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -139,54 +112,54 @@ def cluster_size_stats(labels: np.ndarray, n_clusters: int) -> dict[str, float]:
             "cluster_size_max": int(sizes.max())}
 
 
-def _mirror_fit(merged: dict[str, np.ndarray], cfg: ClusterConfig) -> np.ndarray | None:
-    """The mirrored descriptors, when the centroids are fitted on them too (as the paper's code does)."""
-    return merged.get("flipped_descriptors") if cfg.mirror_together else None
+def _mirror_fit(points: PointSet, cfg: ClusterConfig) -> bool:
+    """Whether the centroids are fitted on the mirrored descriptors too (as the paper's code does)."""
+    return cfg.mirror_together and points.has_flipped
 
 
-def pseudo_labels(merged: dict[str, np.ndarray], cfg: ClusterConfig, all_ids: np.ndarray) -> RoundLabels:
-    """Stage-1 round on canonical arrays: M-cluster labels of the usable points (Eq. 1)."""
-    ids = merged["image_ids"]
-    res = two_way_cluster(merged["descriptors"], ids, cfg.K, cfg.M, cfg, fit_also=_mirror_fit(merged, cfg))
+def pseudo_labels(points: PointSet, cfg: ClusterConfig) -> RoundLabels:
+    """Stage-1 round: M-cluster labels of the usable points (Eq. 1)."""
+    ids = points.image_ids
+    res = two_way_points(points, cfg.K, cfg.M, cfg, mirror=_mirror_fit(points, cfg))
     use = res.usable
     flipped = res.labels_m[use]
-    if "flipped_descriptors" in merged:
-        flipped, _ = assign(merged["flipped_descriptors"][use], res.centroids_m, use_gpu=cfg.use_gpu)
-    table_ids, offsets = table_layout(ids[use], all_ids)
+    if points.has_flipped:
+        flipped = points.assign(res.centroids_m, use, mirrored=True)[0][use]
+    table_ids, offsets = table_layout(ids[use], points.sample_ids)
     stats = res.stats.summary()
     stats.update(cluster_size_stats(res.labels_m[use], cfg.M))
     stats["images_kept_share"] = images_kept_share(offsets)
     stats["points_per_image_extracted"] = len(ids) / max(len(table_ids), 1)
-    return RoundLabels(ids=table_ids, offsets=offsets, points=merged["points"][use].astype(np.float32),
+    return RoundLabels(ids=table_ids, offsets=offsets, points=points.points[use].astype(np.float32),
                        labels=res.labels_m[use], flipped_labels=np.asarray(flipped, np.int64),
                        labels_k=res.labels_k[use], centroids=res.centroids_m, centroids_k=res.centroids_k,
                        flip_permutation=np.arange(cfg.K, dtype=np.int64), stats=stats)
 
 
-def final_labels(merged: dict[str, np.ndarray], cfg: ClusterConfig, all_ids: np.ndarray) -> RoundLabels:
+def final_labels(points: PointSet, cfg: ClusterConfig) -> RoundLabels:
     """Stage-2 labels: K clusters, ≤ 1 point per cluster per image, flip permutation (Sec. 3.6-3.7)."""
-    ids = merged["image_ids"]
-    res = cluster_dedup(merged["descriptors"], ids, cfg.K, cfg, fit_also=_mirror_fit(merged, cfg))
+    ids = points.image_ids
+    res = cluster_points(points, cfg.K, cfg, mirror=_mirror_fit(points, cfg))
     keep = res.keep
     labels = res.labels[keep]
     perm = np.arange(cfg.K, dtype=np.int64)
-    if "flipped_descriptors" in merged:
-        flipped, _ = assign(merged["flipped_descriptors"][keep], res.kmeans.centroids, use_gpu=cfg.use_gpu)
+    if points.has_flipped:
+        flipped = points.assign(res.kmeans.centroids, keep, mirrored=True)[0][keep]
         perm = flip_permutation(labels, flipped, cfg.K)
-    table_ids, offsets = table_layout(ids[keep], all_ids)
+    table_ids, offsets = table_layout(ids[keep], points.sample_ids)
     stats = final_stats(labels, offsets, cfg.K)
-    return RoundLabels(ids=table_ids, offsets=offsets, points=merged["points"][keep].astype(np.float32),
+    return RoundLabels(ids=table_ids, offsets=offsets, points=points.points[keep].astype(np.float32),
                        labels=labels, flipped_labels=perm[labels], labels_k=labels,
                        centroids=res.kmeans.centroids, centroids_k=res.kmeans.centroids, flip_permutation=perm,
                        stats=stats)
 
 
-def recover(kind: str, merged: dict[str, np.ndarray], cfg: ClusterConfig) -> RoundLabels:
-    """``kind`` = ``"round"`` (Stage 1) or ``"final"`` (Stage 2) on :func:`merge_parts` output."""
-    if len(merged["image_ids"]) == 0:
+def recover(kind: str, points: PointSet, cfg: ClusterConfig) -> RoundLabels:
+    """``kind`` = ``"round"`` (Stage 1) or ``"final"`` (Stage 2) on a round's points."""
+    if points.n == 0:
         raise ValueError(f"{kind} clustering: no image has a detection above stage1.detect_threshold")
     if kind == "round":
-        return pseudo_labels(merged, cfg, merged["sample_ids"])
+        return pseudo_labels(points, cfg)
     if kind == "final":
-        return final_labels(merged, cfg, merged["sample_ids"])
+        return final_labels(points, cfg)
     raise ValueError(f"unknown clustering kind {kind!r} (round | final)")

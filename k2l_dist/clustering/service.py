@@ -11,18 +11,23 @@ extracted from its own slice of the dataset; every rank gets the same
   from Ray's object store and clusters them with Faiss (sharded over nodes if asked).
 
 ``cluster.service`` picks one: ``inline``, ``ray``, or ``auto`` (ray when several
-processes train, inline for one).
+processes train on one node or ``RAY_ADDRESS`` names a cluster, else inline).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import time
 from typing import Protocol
 
 import numpy as np
 
-from k2l_dist.clustering.rounds import RoundLabels, merge_parts, part_nbytes, recover
+from k2l_dist.clustering.rounds import RoundLabels, part_nbytes, recover
+from k2l_dist.clustering.store import DescriptorStore, PointSet
 from k2l_dist.config import ClusterConfig
+
+log = logging.getLogger(__name__)
 
 
 class ClusteringService(Protocol):
@@ -70,21 +75,30 @@ class InlineService:
 
 
 def _cluster(parts: list[dict[str, np.ndarray]], kind: str, cfg: ClusterConfig) -> RoundLabels:
-    merged = merge_parts(parts)
-    return recover(kind, merged, cfg)
+    """The parts clustered where they are: their descriptors are never concatenated."""
+    return recover(kind, PointSet.from_parts(parts, DescriptorStore.local(parts, use_gpu=cfg.use_gpu)), cfg)
+
+
+def service_choice(cfg: ClusterConfig, info) -> str:
+    """``inline`` or ``ray`` for this job; a choice that cannot work fails here, before any work."""
+    ray_cluster = bool(os.environ.get("RAY_ADDRESS"))
+    choice = cfg.service
+    if choice == "auto":
+        choice = "ray" if info.world_size > 1 and (info.single_node or ray_cluster) else "inline"
+    if choice == "ray" and not info.single_node and not ray_cluster:
+        raise ValueError("cluster.service=ray across several nodes needs RAY_ADDRESS (a Ray cluster every node has "
+                         "joined, e.g. launch/ray_submit.sh), or cluster.service=inline")
+    if choice == "inline" and cfg.shards > 1:
+        raise ValueError("cluster.shards > 1 needs cluster.service=ray (shard actors on several nodes)")
+    if choice not in ("inline", "ray"):
+        raise ValueError(f"cluster.service={cfg.service!r}: use auto, ray or inline")
+    return choice
 
 
 def make_service(cfg: ClusterConfig, info) -> ClusteringService:
-    """The service ``cfg.service`` names for this job (``info``: the rank's DistInfo)."""
-    choice = cfg.service
-    if choice == "auto":
-        choice = "ray" if info.world_size > 1 else "inline"
-    if choice == "inline":
-        if cfg.shards > 1:
-            raise ValueError("cluster.shards > 1 needs cluster.service=ray (shard actors on several nodes)")
+    """The service :func:`service_choice` picks for this job (``info``: the rank's DistInfo)."""
+    if service_choice(cfg, info) == "inline":
         return InlineService(cfg, info.world_size)
-    if choice == "ray":
-        from k2l_dist.clustering.ray_service import RayService
+    from k2l_dist.clustering.ray_service import RayService
 
-        return RayService(cfg, info)
-    raise ValueError(f"cluster.service={cfg.service!r}: use auto, ray or inline")
+    return RayService(cfg, info)

@@ -29,6 +29,7 @@ shard is never unpickled.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -194,14 +195,33 @@ def write_shard(path: str | Path, samples: list[Sample]) -> None:
     atomic_write_text(path.with_suffix(".idx"), dali_index_text(path))
 
 
+def content_digest(samples_meta: dict[str, np.ndarray], shards: list[dict]) -> str:
+    """SHA-256 of what a dataset holds (samples, paths, boxes, keypoints, landmarks, and the
+    shards' layout), not of when or where it was written: the same inputs prepared on two
+    nodes give the same digest."""
+    digest = hashlib.sha256()
+    for key in sorted(samples_meta):
+        array = np.ascontiguousarray(samples_meta[key])
+        digest.update(f"{key}:{array.dtype.str}:{array.shape}".encode())
+        digest.update(array.tobytes())
+    digest.update(json.dumps([[s["name"], s["count"], s["first_id"], s["last_id"]] for s in shards]).encode())
+    return digest.hexdigest()
+
+
 def write_index(out_dir: str | Path, manifest: dict, samples_meta: dict[str, np.ndarray]) -> None:
     """Write ``samples.npz`` then ``index.json`` (the manifest, last: its presence means complete)."""
     out_dir = Path(out_dir)
     buf = io.BytesIO()
     np.savez(buf, **samples_meta)
     atomic_write_bytes(out_dir / "samples.npz", buf.getvalue())
-    manifest = dict(manifest, version=INDEX_VERSION)
+    manifest = dict(manifest, version=INDEX_VERSION, digest=content_digest(samples_meta, manifest["shards"]))
     atomic_write_text(out_dir / "index.json", json.dumps(manifest, indent=1))
+
+
+def dataset_digest(shard_dir: str | Path) -> str:
+    """The content digest of a prepared dataset (computed for an index written without one)."""
+    manifest = load_manifest(shard_dir)
+    return manifest.get("digest") or content_digest(load_samples_meta(shard_dir), manifest["shards"])
 
 
 # --------------------------------------------------------------------------- reading

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import atexit
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
+import socket
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
@@ -31,6 +31,8 @@ class DistInfo:
     local_world_size: int
     device: torch.device
     threads: int
+    node_rank: int = 0  # torchrun's GROUP_RANK: which node of the job this process runs on
+    host: str = field(default_factory=socket.gethostname)
 
     @property
     def is_main(self) -> bool:
@@ -39,6 +41,11 @@ class DistInfo:
     @property
     def single_node(self) -> bool:
         return self.world_size == self.local_world_size
+
+    @property
+    def where(self) -> str:
+        """This rank's place in words, for messages: ``rank 1 (node 1, host gpu-3)``."""
+        return f"rank {self.rank} (node {self.node_rank}, host {self.host})"
 
 
 def resolve_device(device: str, local_rank: int) -> torch.device:
@@ -56,10 +63,9 @@ def resolve_device(device: str, local_rank: int) -> torch.device:
     return dev
 
 
-def enable(cfg: DistConfig | None = None, device: str = "auto", *,
-           before_group: Callable[[DistInfo], None] | None = None) -> DistInfo:
-    """Pin threads, pick this rank's device, run ``before_group`` (e.g. rank 0 prepares the
-    shards while the others wait outside any collective), then join the process group."""
+def enable(cfg: DistConfig | None = None, device: str = "auto") -> DistInfo:
+    """Pin threads, pick this rank's device, join the process group and start the watchdog
+    (which publishes this rank's liveness and watches the others')."""
     cfg = cfg or DistConfig()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -71,9 +77,8 @@ def enable(cfg: DistConfig | None = None, device: str = "auto", *,
         if not torch.cuda.is_available():
             raise ValueError(f"device={device!r} but CUDA is not available here (use device=cpu or auto)")
         torch.cuda.set_device(dev)
-    info = DistInfo(rank, world_size, local_rank, local_world, dev, threads)
-    if before_group is not None:
-        before_group(info)
+    info = DistInfo(rank, world_size, local_rank, local_world, dev, threads,
+                    node_rank=int(os.environ.get("GROUP_RANK", "0")))
     if world_size > 1 and not dist.is_initialized():
         global _host_group
         # the watchdog (at timeout_s) speaks first and names the silent rank; collectives are the backstop
@@ -83,7 +88,8 @@ def enable(cfg: DistConfig | None = None, device: str = "auto", *,
                                 device_id=dev if dev.type == "cuda" else None, store=_attempt_store(timeout))
         _host_group = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else dist.group.WORLD
         atexit.register(shutdown)
-    watchdog.start(rank, world_size, cfg.timeout_s, _default_store() if world_size > 1 else None)
+    watchdog.start(rank, world_size, cfg.timeout_s, _default_store() if world_size > 1 else None,
+                   where={"node": info.node_rank, "host": info.host})
     return info
 
 
@@ -109,6 +115,18 @@ def _attempt_store(timeout: timedelta):
     base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
                          timeout=timeout)
     return dist.PrefixStore(f"k2l/attempt{restart}", base)
+
+
+_COLLECTIVE_FAILURES = ("gloo", "nccl", "connection closed", "connection reset", "broken pipe", "timed out",
+                        "socket", "peer")
+
+
+def is_collective_error(err: BaseException) -> bool:
+    """Whether ``err`` looks like a collective that failed because another rank went away."""
+    if isinstance(err, getattr(dist, "DistError", ())):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and any(word in text for word in _COLLECTIVE_FAILURES)
 
 
 def host_group():

@@ -140,3 +140,20 @@ def check_replicas(module: torch.nn.Module, where: str) -> float:
         sums = ", ".join(f"rank {r}: {g[0].item():.10g}" for r, g in enumerate(gathered))
         raise RuntimeError(f"replicas diverged {where}: parameter checksums {sums}")
     return float(total[0])
+
+
+def all_gather_json(value: Any) -> list[Any]:
+    """Every rank's JSON-serialisable ``value``, in rank order, on every rank."""
+    if not dist.is_initialized():
+        return [value]
+    data = json.dumps(value).encode()
+    world = dist.get_world_size()
+    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([len(data)], dtype=torch.int64), group=host_group())
+    longest = max(int(s) for s in sizes)
+    mine = torch.zeros(longest, dtype=torch.uint8)
+    if data:
+        mine[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    got = [torch.zeros(longest, dtype=torch.uint8) for _ in range(world)]
+    dist.all_gather(got, mine, group=host_group())
+    return [json.loads(bytes(g[:int(s)].numpy()).decode()) for g, s in zip(got, sizes)]

@@ -9,7 +9,10 @@ such a resume is refused, naming every differing key; schedule and logging chang
 
 from __future__ import annotations
 
+import os
 from typing import Any
+
+from k2l_dist.config import PATH_KEYS
 
 # Dotted keys, or section prefixes ending in ".", that must match the checkpoint's config.
 INCOMPATIBLE = (
@@ -34,6 +37,9 @@ def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def incompatible_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """``"key: saved → current"`` for every incompatible key that differs."""
     old, new = flatten(saved), flatten(current)
+    for key in PATH_KEYS:  # a run saved before paths were stored absolute meant them from here
+        if old.get(key) and not os.path.isabs(old[key]):
+            old[key] = os.path.abspath(old[key])
     out = []
     for key in sorted(set(old) | set(new)):
         if not any(key == k or (k.endswith(".") and key.startswith(k)) for k in INCOMPATIBLE):

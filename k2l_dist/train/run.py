@@ -24,12 +24,12 @@ from k2l_dist import distributed
 from k2l_dist.augment import build_loader
 from k2l_dist.clustering.rounds import degenerate_warnings
 from k2l_dist.clustering.service import ClusteringService, make_service
-from k2l_dist.config import Config, save_config, validate
-from k2l_dist.data.prepare import is_prepared, prepare
-from k2l_dist.data.shards import load_manifest, load_samples_meta
-from k2l_dist.distributed import watchdog
-from k2l_dist.distributed.collectives import check_replicas, max_over_ranks, mean_over_ranks
-from k2l_dist.distributed.watchdog import heartbeat
+from k2l_dist.config import Config, absolute_paths, save_config, validate
+from k2l_dist.data.shards import dataset_digest, load_manifest, load_samples_meta
+from k2l_dist.distributed import DistInfo, watchdog
+from k2l_dist.distributed.collectives import broadcast_json, check_replicas, max_over_ranks, mean_over_ranks
+from k2l_dist.distributed.storage import check_shared
+from k2l_dist.distributed.watchdog import PeerLost, heartbeat
 from k2l_dist.eval.split import split_for_run
 from k2l_dist.models import KeypointNet, LandmarkNet
 from k2l_dist.models.extract import extract, extraction_cap
@@ -38,8 +38,9 @@ from k2l_dist.train.compat import incompatible_changes
 from k2l_dist.train.labels import LabelTable
 from k2l_dist.train.optim import rmsprop
 from k2l_dist.train.schedule import LRSchedule
+from k2l_dist.train.shards import ensure_shards
 from k2l_dist.train.steps import autocast, stage1_losses, stage2_losses
-from k2l_dist.utils.checkpoint import load_latest_checkpoint, save_checkpoint
+from k2l_dist.utils.checkpoint import load_checkpoint, load_latest_checkpoint, save_checkpoint
 from k2l_dist.utils.faults import fault_requested, maybe_hang, maybe_interrupt, maybe_raise
 from k2l_dist.utils.io import atomic_write_text, ensure_writable
 from k2l_dist.utils.memory import peak_rss_bytes
@@ -202,43 +203,42 @@ def _forever(loader) -> Iterator[dict]:
             raise RuntimeError("the training loader yielded no batch")
 
 
-def _ensure_shards(cfg: Config, shard_dir: Path, info) -> None:
-    """Rank 0 prepares the shards; the other ranks wait on the file system, outside any
-    collective, so a long prepare never meets the process group's timeout."""
-    if info.is_main:
-        ensure_writable(cfg.run_dir, "run_dir")  # a read-only folder fails now, not at the first checkpoint
-        if not is_prepared(shard_dir):
-            if cfg.data.shards:  # never prepare into (and wipe) a folder the user named
-                raise ValueError(f"data.shards={cfg.data.shards}: not a prepared shard folder (no index.json); "
-                                 f"run `k2l prepare --out {cfg.data.shards}`, or leave data.shards empty to "
-                                 f"prepare into <run_dir>/shards")
-            print(prepare(cfg, shard_dir).text())
-        return
-    deadline = time.time() + cfg.dist.prepare_timeout_s
-    while not is_prepared(shard_dir):
-        if time.time() > deadline:
-            raise TimeoutError(f"rank {info.rank}: {shard_dir} was not prepared by rank 0 within "
-                               f"dist.prepare_timeout_s={cfg.dist.prepare_timeout_s:.0f} s")
-        time.sleep(1.0)
-
-
 def train(cfg: Config, resume: bool = True) -> dict:
     """Train Φ then Ψ as ``cfg`` says and evaluate; returns the metrics (evaluated on rank 0)."""
-    run_dir = Path(cfg.run_dir)
-    shard_dir = Path(cfg.data.shards or run_dir / "shards")
+    cfg = absolute_paths(cfg)  # every node and the saved config mean the same files
     validate(cfg)  # values that cannot work fail here, not after the warm-up
-    info = distributed.enable(cfg.dist, cfg.device, before_group=lambda i: _ensure_shards(cfg, shard_dir, i))
+    info = distributed.enable(cfg.dist, cfg.device)
     service: ClusteringService | None = None
     finished = False
     try:
+        if info.is_main:
+            ensure_writable(cfg.run_dir, "run_dir")  # a read-only folder fails now, not at the first checkpoint
+        check_shared(cfg.run_dir, "run_dir", info)  # checkpoints are written by rank 0 and read by all
+        shard_dir = ensure_shards(cfg, info)
         service = make_service(cfg.cluster, info)
         metrics = _train(cfg, info, shard_dir, service, resume)
         finished = True
         return metrics
+    except Exception as err:
+        named = _named_failure(err, info)
+        if named is err:
+            raise
+        raise named from err
     finally:
         if service is not None:
             service.close(clean=finished)
         distributed.shutdown()
+
+
+def _named_failure(err: Exception, info: DistInfo) -> Exception:
+    """``err``, or, when a collective failed because another rank died or failed first, a
+    :class:`PeerLost` naming that rank; every other rank is told this one failed."""
+    if info.world_size > 1 and distributed.is_collective_error(err):
+        lost = watchdog.lost_peer()
+        if lost is not None:
+            err = PeerLost(f"{lost}; {info.where} stopped in a collective ({str(err).splitlines()[0][:200]})")
+    watchdog.announce_failure(f"{type(err).__name__}: {err}")
+    return err
 
 
 @dataclasses.dataclass
@@ -276,13 +276,18 @@ def _train(cfg: Config, info, shard_dir: Path, service: ClusteringService, resum
     ckpt_path = run_dir / "checkpoint.pt"
     progress, table, ck = Progress(), initial_table(meta, split.train), None
     stage2_state: dict = {}  # round centroids; Ψ, its optimiser and labels once Stage 2 has started
-    latest = load_latest_checkpoint(ckpt_path) if resume else None
+    digest = dataset_digest(shard_dir)
+    latest = _resume_point(ckpt_path, info) if resume else None
     if latest is not None:
         ck, used = latest
         changes = incompatible_changes(ck["config"], dataclasses.asdict(cfg))
         if changes:
             raise ValueError(f"cannot resume from {used}: the config changed in ways the checkpoint cannot "
                              f"follow ({'; '.join(changes)}); use another run_dir, or --fresh to start over")
+        if ck.get("data_digest", digest) != digest:
+            raise ValueError(f"cannot resume from {used}: {shard_dir} holds other data than the run trained on "
+                             f"(content digest {digest[:12]}, the checkpoint's {ck['data_digest'][:12]}); prepare "
+                             f"the original data again, use another run_dir, or --fresh to start over")
         progress = Progress(**ck["progress"])
         if progress.phase == "done" and progress.rounds_done == s1.rounds and progress.step2 == s2.iterations \
                 and (run_dir / "metrics.json").is_file():
@@ -312,7 +317,8 @@ def _train(cfg: Config, info, shard_dir: Path, service: ClusteringService, resum
             save_checkpoint(ckpt_path, {
                 "phi": phi.state_dict(), "optimizer": opt.state_dict(), "labels": table.state(),
                 "progress": dataclasses.asdict(progress), "step": progress.step, "round": progress.rounds_done,
-                "world_size": info.world_size, "config": dataclasses.asdict(cfg), **stage2_state, **extra},
+                "world_size": info.world_size, "config": dataclasses.asdict(cfg), "data_digest": digest,
+                **stage2_state, **extra},
                 keep_previous=True)
 
     def phase_hooks(phase: str, on_stage2: bool = False):
@@ -376,6 +382,7 @@ def _train(cfg: Config, info, shard_dir: Path, service: ClusteringService, resum
         warm = dataclasses.replace(cfg.loss, correspondence="equivariance")
         step = run(warm, s1.warmup_iters, "warmup",
                    _loader(cfg, shard_dir, split.train, info, train=True, seed=cfg.seed))
+        log.scalars(step, {"phi_checksum": check_replicas(phi, "after the warm-up")}, "replicas/")
         progress = Progress(phase="round", step=step)
         checkpoint()
     extract_loader = _loader(cfg, shard_dir, split.train, info, train=False, seed=cfg.seed)
@@ -464,6 +471,25 @@ def _train(cfg: Config, info, shard_dir: Path, service: ClusteringService, resum
         atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=1))
     log.close()
     return metrics
+
+
+def _resume_point(ckpt_path: Path, info: DistInfo) -> tuple[dict, Path] | None:
+    """The checkpoint every rank resumes from: the one rank 0 finds (its latest loadable),
+    read by every rank from that very file, so no two ranks resume at different phases."""
+    chosen = None
+    if info.is_main:
+        latest = load_latest_checkpoint(ckpt_path)
+        chosen = None if latest is None else str(latest[1])
+    if info.world_size > 1:
+        chosen = broadcast_json(chosen)
+    if chosen is None:
+        return None
+    if info.is_main:
+        return latest
+    try:
+        return load_checkpoint(chosen), Path(chosen)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{info.where} cannot read the checkpoint rank 0 resumes from ({err})") from None
 
 
 def _round_grid(shard_dir: Path, table: LabelTable, ids: np.ndarray, path: Path, log, step: int) -> None:
