@@ -95,7 +95,8 @@ def main() -> int:
     import torch
 
     from k2l_dist.clustering.ray_service import RayService
-    from k2l_dist.clustering.rounds import merge_parts, recover
+    from k2l_dist.clustering.rounds import recover
+    from k2l_dist.clustering.store import PointSet
     from k2l_dist.distributed import DistInfo
     from k2l_dist.distributed.threads import pin_threads
 
@@ -106,12 +107,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as scratch:
         tmp = args.raw_dir or Path(scratch)
         tmp.mkdir(parents=True, exist_ok=True)
-        merged = merge_parts([part])
-        recover("round", merged, cfg)  # warm: imports, first-touch of the arrays
+        recover("round", PointSet.from_parts([part]), cfg)  # warm: imports, first-touch of the arrays
         spy = record(os.getpid(), Path(tmp) / "inline.txt")
         time.sleep(2.0)  # py-spy attaches
         t0 = time.perf_counter()
-        recover("round", merge_parts([part]), cfg)
+        recover("round", PointSet.from_parts([part]), cfg)
         inline_s = time.perf_counter() - t0
         stop(spy)
         out += table("inline (this process)", inline_s, *summarise(Path(tmp) / "inline.txt", args.top)) + [""]

@@ -246,16 +246,20 @@ def main(argv: list[str] | None = None) -> int:
     from k2l_dist.utils.logs import configure_logging
 
     configure_logging(debug=args.debug)
+    from k2l_dist.clustering.placement import Unplaceable
+    from k2l_dist.clustering.ray_service import ClusteringFailed
     from k2l_dist.data.prepare import PrepareError
     from k2l_dist.data.readers import DatasetError
     from k2l_dist.data.shards import ShardError
+    from k2l_dist.distributed.ray_runtime import RayUnavailable
+    from k2l_dist.distributed.watchdog import PeerLost
     from k2l_dist.train.run import NonFiniteLoss
     from k2l_dist.utils.io import StorageError
 
     try:
         return args.func(args)
     except (ConfigError, DatasetError, PrepareError, ShardError, FileNotFoundError, ValueError, NonFiniteLoss,
-            StorageError) as err:
+            StorageError, PeerLost, Unplaceable, ClusteringFailed, RayUnavailable, TimeoutError) as err:
         if args.debug:
             raise
         print(f"error: {err}", file=sys.stderr)

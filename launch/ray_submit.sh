@@ -15,13 +15,17 @@ options:
   --nproc-per-node P   ranks per node (default 1; one per GPU on GPU nodes)
   --gpus-per-node G    GPUs reserved per node (default 0)
   --cpus-per-node C    CPUs reserved per node (default 1)
-  --project-dir DIR    where the project lives on the nodes (default: this checkout's path;
-                       cluster.yaml syncs it to ~/k2l-dist)
+  --project-dir DIR    run on every node from DIR, a folder the nodes have (`~` is the node's
+                       home: quote it, '~/k2l-dist'); CONFIG is then a path there. Default: the
+                       config files named in the arguments are shipped with the job (Ray's
+                       working_dir) and every node starts in that copy.
   --max-restarts K     torchrun restarts of a failed worker group (default 0)
   --no-wait            return once submitted (default: follow the job's log to its end)
   --dry-run            print the `ray job submit` command, submit nothing
   -h, --help           this help
 
+run_dir (and data.shards unless data.local_shards=true) must be on storage every node
+mounts at the same absolute path: the job checks it and stops, naming the node, if not.
 Keep Ray's token authentication on: the client needs RAY_AUTH_MODE=token (set here unless
 already set) and the cluster's token (~/.ray/auth_token or RAY_AUTH_TOKEN).
 EOF2
@@ -29,9 +33,8 @@ EOF2
 
 die() { echo "launch/ray_submit.sh: error: $*" >&2; exit 2; }
 
-here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 address="${RAY_ADDRESS:-http://127.0.0.1:8265}"
-nodes=1 nproc=1 gpus=0 cpus=1 project_dir="$here" max_restarts=0 wait=1 dry_run=0
+nodes=1 nproc=1 gpus=0 cpus=1 project_dir="" max_restarts=0 wait=1 dry_run=0
 train_args=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -54,12 +57,44 @@ done
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
 export RAY_USAGE_STATS_ENABLED="${RAY_USAGE_STATS_ENABLED:-0}"
 
-entry="cd $(printf '%q' "$project_dir") && python -m k2l_dist.distributed.ray_launch --nodes $nodes"
-entry+=" --nproc-per-node $nproc --gpus-per-node $gpus --cpus-per-node $cpus --max-restarts $max_restarts --"
-for a in "${train_args[@]}"; do entry+=" $(printf '%q' "$a")"; done
+# A folder on the nodes, said so that the node's shell expands a leading ~ (printf %q
+# would turn it into a literal \~).
+remote_path() {
+  case "$1" in
+    "~") printf '"$HOME"' ;;
+    "~/"*) printf '"$HOME"/%s' "$(printf '%q' "${1#\~/}")" ;;
+    *) printf '%q' "$1" ;;
+  esac
+}
+
+stage=""
+trap '[[ -z "$stage" ]] || rm -rf "$stage"; [[ -z "${err:-}" ]] || rm -f "$err"' EXIT
+launch_args=()
+if [[ -z "$project_dir" ]]; then
+  # Ship the config files with the job: Ray unpacks the working_dir on every node that runs
+  # a part of the job, and each node's torchrun starts there.
+  stage="$(mktemp -d)"
+  for a in "${train_args[@]}"; do
+    if [[ "$a" != *=* && "$a" != -* && -f "$a" ]]; then
+      [[ ! -e "$stage/$(basename "$a")" ]] || die "two config files named $(basename "$a"); rename one"
+      cp "$a" "$stage/$(basename "$a")"
+      launch_args+=("$(basename "$a")")
+    else
+      launch_args+=("$a")
+    fi
+  done
+  entry="python -m k2l_dist.distributed.ray_launch"
+else
+  launch_args=("${train_args[@]}")
+  entry="cd $(remote_path "$project_dir") && python -m k2l_dist.distributed.ray_launch --cwd $(printf '%q' "$project_dir")"
+fi
+entry+=" --nodes $nodes --nproc-per-node $nproc --gpus-per-node $gpus --cpus-per-node $cpus"
+entry+=" --max-restarts $max_restarts --"
+for a in "${launch_args[@]}"; do entry+=" $(printf '%q' "$a")"; done
 
 submit() {  # $1: the submission id
   local cmd=(ray job submit --address "$address" --submission-id "$1")
+  [[ -z "$stage" ]] || cmd+=(--working-dir "$stage")
   [[ $wait -eq 1 ]] || cmd+=(--no-wait)
   cmd+=(-- bash -c "$entry")
   if [[ $dry_run -eq 1 ]]; then
@@ -75,7 +110,6 @@ id="k2l-$(date +%Y%m%d-%H%M%S)-$$"
 # A head that has just started answers "No available agent" until its job agent is up:
 # nothing was submitted then, so the submission is retried for up to a minute.
 err="$(mktemp)"
-trap 'rm -f "$err"' EXIT
 for attempt in $(seq 1 12); do
   set +e
   submit "$id-$attempt" 2> >(tee "$err" >&2)

@@ -19,11 +19,19 @@ options:
   --run-id ID          rendezvous id shared by the nodes of one job (default k2l;
                        single-node --standalone draws its own)
   --max-restarts K     worker-group restarts before torchrun fails (default 0)
+  --endpoint-wait S    nodes other than 0: seconds to wait for node 0's rendezvous to answer
+                       before giving up with a message (default 120)
   --log-dir DIR        every rank's stdout/stderr files (default <run_dir>/logs when a
                        run_dir=... override is given, else runs/logs); only local rank 0
                        is echoed on the console
   --dry-run            print the environment and the command, run nothing
   -h, --help           this help
+
+Several nodes: every node runs this script with the same arguments but its own
+--node-rank; node 0 (the --endpoint host) serves the rendezvous. The script prints each
+node's command, and the nodes other than 0 first check that the endpoint answers.
+run_dir (and data.shards unless data.local_shards=true) must be on storage every node
+mounts at the same absolute path; `k2l train` checks it and names a node that differs.
 
 Environment set unless already set: OMP_NUM_THREADS=max(1, cores/nproc-per-node),
 MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_=17179869184 (glibc's allocator
@@ -69,6 +77,7 @@ node_rank=""
 endpoint=""
 run_id="k2l"
 max_restarts=0
+endpoint_wait=120
 log_dir=""
 dry_run=0
 train_args=()
@@ -85,8 +94,9 @@ while [[ $# -gt 0 ]]; do
     --endpoint) need_value "$1" $#; endpoint="$2"; shift 2 ;;
     --run-id|--run_id) need_value "$1" $#; run_id="$2"; shift 2 ;;
     --max-restarts|--max_restarts) need_value "$1" $#; max_restarts="$2"; shift 2 ;;
+    --endpoint-wait) need_value "$1" $#; endpoint_wait="$2"; shift 2 ;;
     --log-dir|--log_dir) need_value "$1" $#; log_dir="$2"; shift 2 ;;
-    --nproc-per-node=*|--nnodes=*|--node-rank=*|--endpoint=*|--run-id=*|--max-restarts=*|--log-dir=*)
+    --nproc-per-node=*|--nnodes=*|--node-rank=*|--endpoint=*|--run-id=*|--max-restarts=*|--log-dir=*|--endpoint-wait=*)
       flag="${1%%=*}"; value="${1#*=}"; shift; set -- "$flag" "$value" "$@" ;;
     --dry-run) dry_run=1; shift ;;
     -h|--help) usage; exit 0 ;;
@@ -101,6 +111,7 @@ done
 # ---- checks --------------------------------------------------------------------------
 is_uint "$nnodes" && [[ "$nnodes" -ge 1 ]] || die "--nnodes must be a positive integer, got '$nnodes'"
 is_uint "$max_restarts" || die "--max-restarts must be a non-negative integer, got '$max_restarts'"
+is_uint "$endpoint_wait" || die "--endpoint-wait must be a non-negative integer, got '$endpoint_wait'"
 [[ -n "$run_id" ]] || die "--run-id must not be empty"
 
 if [[ -z "$nproc_per_node" ]]; then
@@ -163,13 +174,24 @@ if [[ "$nnodes" -eq 1 ]]; then
 else
   # torchrun 2.13 assigns group ranks at the c10d rendezvous and logs that --node-rank is
   # ignored for it; it is passed so each node's command line says which node it is.
+  # is_host: node 0 serves the rendezvous store, whatever its host name resolves to.
   cmd+=(--nnodes "$nnodes" --node-rank "$node_rank" --rdzv-backend c10d --rdzv-endpoint "$endpoint"
-        --rdzv-id "$run_id" --nproc-per-node "$nproc_per_node")
+        --rdzv-id "$run_id" --rdzv-conf "is_host=$([[ "$node_rank" -eq 0 ]] && echo 1 || echo 0)"
+        --nproc-per-node "$nproc_per_node")
 fi
 # --tee 3: stdout+stderr of every local rank into <log-dir>/<run id>_*/attempt_<n>/<rank>/
 # {stdout,stderr}.log and to the console; --local-ranks-filter 0: the console shows rank 0 only.
 cmd+=(--max-restarts "$max_restarts" --log-dir "$log_dir" --tee 3 --local-ranks-filter 0
       -m k2l_dist.cli train "${train_args[@]}")
+
+if [[ "$nnodes" -gt 1 ]]; then
+  # What every node runs: the same arguments, its own --node-rank.
+  echo "launch/torchrun.sh: node $node_rank of $nnodes; on each node R = 0..$((nnodes - 1)) run:" >&2
+  for ((r = 0; r < nnodes; r++)); do
+    echo "  [node $r] $(quote_all "$0" --nnodes "$nnodes" --node-rank "$r" --endpoint "$endpoint" --run-id "$run_id" \
+      --nproc-per-node "$nproc_per_node" --max-restarts "$max_restarts" -- "${train_args[@]}")" >&2
+  done
+fi
 
 if [[ "$dry_run" -eq 1 ]]; then
   printf 'export %s\n' "$(quote_all "OMP_NUM_THREADS=$OMP_NUM_THREADS" \
@@ -177,6 +199,25 @@ if [[ "$dry_run" -eq 1 ]]; then
     "RAY_USAGE_STATS_ENABLED=$RAY_USAGE_STATS_ENABLED")"
   printf '%s\n' "$(quote_all "${cmd[@]}")"
   exit 0
+fi
+
+# Nodes other than 0 join node 0's rendezvous: say so plainly when nothing answers there.
+if [[ "$nnodes" -gt 1 && "$node_rank" -gt 0 ]]; then
+  host="${endpoint%:*}" port="${endpoint##*:}"
+  "${PYTHON:-python3}" - "$host" "$port" "$endpoint_wait" <<'EOF_PY' \
+    || die "nothing answers at the rendezvous endpoint $endpoint after ${endpoint_wait} s: start node 0 (whose address it must be) first, and check the address and that port $port is open between the nodes"
+import socket, sys, time
+host, port, wait = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+deadline = time.monotonic() + wait
+while True:
+    try:
+        socket.create_connection((host, port), timeout=2).close()
+        sys.exit(0)
+    except OSError:
+        if time.monotonic() > deadline:
+            sys.exit(1)
+        time.sleep(1)
+EOF_PY
 fi
 
 mkdir -p "$log_dir"

@@ -4,10 +4,7 @@ Slow: each torchrun run of the tiny config takes about half a minute on two core
 """
 
 import json
-import os
 import shutil
-import socket
-import subprocess
 import time
 from pathlib import Path
 
@@ -21,7 +18,7 @@ from k2l_dist.data.prepare import prepare
 from k2l_dist.models import KeypointNet
 from k2l_dist.models.extract import extract
 from k2l_dist.utils.checkpoint import load_checkpoint
-from tests.test_distributed import ROOT, _torchrun, canonical
+from tests.test_distributed import _torchrun, canonical
 from tests.tiny import TINY
 
 
@@ -162,42 +159,3 @@ def test_a_rank_that_fails_or_hangs_ends_the_job_naming_it(shards, tmp_path, fau
         assert text in out, out[-3000:]
     assert time.time() - t0 < 180  # the prepare, the warm-up and one extraction come first
     assert not (tmp_path / "run" / "metrics.json").exists()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ray_agent_log_tail() -> str:
-    log = Path("/tmp/ray/session_latest") / "logs" / "dashboard_agent.log"
-    return f"\n--- {log} ---\n" + log.read_text(errors="replace")[-2000:] if log.exists() else ""
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(400)
-def test_ray_submit_trains_through_a_ray_job_on_a_local_head(shards, tmp_path):
-    """``launch/ray_submit.sh`` against ``ray start --head``: the job's driver reserves a
-    placement group and starts torchrun from a launcher actor. Stops Ray afterwards."""
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    port, dashboard, agent_http, agent_grpc, runtime_env = (_free_port() for _ in range(5))
-    # Every agent port is chosen here: a Ray left by an earlier test may still hold the defaults,
-    # and a head whose agent cannot bind answers "No available agent" for ever.
-    start = subprocess.run(["ray", "start", "--head", f"--port={port}", "--num-cpus=2", "--dashboard-host=127.0.0.1",
-                            f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent_http}",
-                            f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env}",
-                            "--object-store-memory=300000000"], env=env, capture_output=True, text=True, timeout=120)
-    assert start.returncode == 0, start.stderr[-2000:]
-    try:
-        run_dir = tmp_path / "run"
-        res = subprocess.run([str(ROOT / "launch" / "ray_submit.sh"), "--address", f"http://127.0.0.1:{dashboard}",
-                              "--nproc-per-node", "2", "--", "configs/quickstart.yaml", *TINY, f"run_dir={run_dir}",
-                              f"data.shards={shards}", "stage1.rounds=1"],
-                             env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
-        out = res.stdout + res.stderr
-        assert res.returncode == 0, out[-3000:] + _ray_agent_log_tail()
-        assert "--standalone" in out and "node exit codes: [0]" in out
-        assert json.loads((run_dir / "metrics.json").read_text())["world_size"] == 2
-    finally:
-        subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)

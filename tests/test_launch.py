@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shlex
+import socket
 import stat
 import subprocess
 import sys
@@ -44,9 +45,13 @@ def test_cluster_yaml_passes_ray_validation(prepared):
     assert raw["provider"]["type"] == "aws" and raw["provider"]["region"]
     types = cfg["available_node_types"]
     head = cfg["head_node_type"]
-    assert set(types) == {head, "gpu_worker"}
+    assert set(types) == {head, "clustering", "clustering_gpu", "gpu_worker"}
     assert types[head]["max_workers"] == 0
-    assert 0 <= types["gpu_worker"]["min_workers"] <= types["gpu_worker"]["max_workers"] <= cfg["max_workers"]
+    for name in ("clustering", "clustering_gpu", "gpu_worker"):
+        assert 0 <= types[name]["min_workers"] <= types[name]["max_workers"] <= cfg["max_workers"], name
+    # EC2 resolves the image itself (a public SSM parameter): no AMI id left to fill in
+    for name, node_type in types.items():
+        assert node_type["node_config"]["ImageId"].startswith("resolve:ssm:/aws/service/deeplearning/"), name
 
 
 def test_ray_validation_is_not_vacuous(prepared):
@@ -85,23 +90,35 @@ def _ray_start_flags(command: str) -> dict[str, str]:
     return flags
 
 
-def test_head_start_holds_the_clustering_resource_and_store(prepared):
+def test_only_the_clustering_nodes_offer_the_actors_resource(prepared):
     _, cfg = prepared
+    types = cfg["available_node_types"]
+    offer = {name for name, t in types.items() if t.get("resources", {}).get("k2l_cluster")}
+    assert offer == {"clustering", "clustering_gpu"}  # the actor and its holders land there, nowhere else
+    assert types["clustering"]["min_workers"] >= 1  # up before a job asks for it (placement fails fast)
     starts = [c for c in cfg["head_start_ray_commands"] if "ray start" in c]
     assert len(starts) == 1
     flags = _ray_start_flags(starts[0])
-    assert "--head" in flags
-    assert json.loads(flags["--resources"]) == {"k2l_cluster": 1}
+    assert "--head" in flags and "--resources" not in flags
     assert flags["--dashboard-host"] == "127.0.0.1"
-    one_round = 200_000 * 60 * 256 * 4 * 2  # images × points × dim × float32 × mirrored
-    assert one_round <= int(flags["--object-store-memory"]) <= 2 * one_round
-    # the workers join the head and never offer the actor's resource
+    # the workers join the head; their resources come from their node type, not the command
     workers = [c for c in cfg["worker_start_ray_commands"] if "ray start" in c]
     assert len(workers) == 1
     wflags = _ray_start_flags(workers[0])
-    assert wflags["--address"].endswith(":6379") and "--head" not in wflags
-    assert "k2l_cluster" not in workers[0]
-    assert "k2l_cluster" not in json.dumps(cfg["available_node_types"]["gpu_worker"])
+    assert wflags["--address"].endswith(":6379") and "--head" not in wflags and "--resources" not in wflags
+
+
+def _setup_of(cfg: dict, node_type: str) -> list[str]:
+    """The setup commands Ray runs on a worker of ``node_type`` (a node type's own list replaces the rest)."""
+    return cfg["available_node_types"][node_type].get("worker_setup_commands", cfg["worker_setup_commands"])
+
+
+def test_every_node_mounts_the_shared_file_system_before_installing(prepared):
+    _, cfg = prepared
+    for commands in [cfg["head_setup_commands"], *(_setup_of(cfg, t) for t in ("clustering", "clustering_gpu",
+                                                                                "gpu_worker"))]:
+        mount = _index(commands, r"mount -t nfs4 .* /mnt/k2l")
+        assert mount < _index(commands, r"pip install (-U )?-e \.")
 
 
 def _index(commands: list[str], pattern: str) -> int:
@@ -112,20 +129,21 @@ def _index(commands: list[str], pattern: str) -> int:
 
 def test_gpu_setup_swaps_faiss_cpu_for_faiss_gpu(prepared):
     _, cfg = prepared
-    gpu = cfg["worker_setup_commands"]  # setup_commands + worker_setup_commands, as Ray runs them
-    project = _index(gpu, r"pip install (-U )?-e \.")
-    uninstall = _index(gpu, r"pip uninstall -y faiss-cpu\b")
-    install = _index(gpu, r"pip install [^;&|]*\bfaiss-gpu")
-    torch = _index(gpu, r"pip install [^;]*torch==2\.13\.0[^;]*--index-url")
-    assert project < uninstall < install, gpu
-    assert project < torch
-    # never both: nothing after the uninstall brings faiss-cpu back
-    assert not any(re.search(r"pip install [^;&|]*faiss-cpu", c) for c in gpu[uninstall:])
-    assert all("faiss-gpu" not in c for c in gpu[:uninstall])
-    # the CPU head keeps faiss-cpu (from `pip install -e .`) and never gets faiss-gpu
-    head = cfg["head_setup_commands"]
-    _index(head, r"pip install (-U )?-e \.")
-    assert not any("faiss-gpu" in c for c in head)
+    for node_type in ("gpu_worker", "clustering_gpu"):
+        gpu = _setup_of(cfg, node_type)
+        project = _index(gpu, r"pip install (-U )?-e \.")
+        uninstall = _index(gpu, r"pip uninstall -y faiss-cpu\b")
+        install = _index(gpu, r"pip install [^;&|]*\bfaiss-gpu")
+        torch = _index(gpu, r"pip install [^;]*torch==2\.13\.0[^;]*--index-url")
+        assert project < uninstall < install, gpu
+        assert project < torch
+        # never both: nothing after the uninstall brings faiss-cpu back
+        assert not any(re.search(r"pip install [^;&|]*faiss-cpu", c) for c in gpu[uninstall:])
+        assert all("faiss-gpu" not in c for c in gpu[:uninstall])
+    # the CPU head and clustering node keep faiss-cpu (from `pip install -e .`) and never get faiss-gpu
+    for commands in (cfg["head_setup_commands"], _setup_of(cfg, "clustering")):
+        _index(commands, r"pip install (-U )?-e \.")
+        assert not any("faiss-gpu" in c for c in commands)
 
 
 # ---------------------------------------------------------------- launch/torchrun.sh
@@ -251,13 +269,31 @@ def test_dry_run_multi_node_rendezvous(fake_bin):
                           "--max-restarts", "1", "--", "configs/quickstart.yaml", "run_dir=X"], env)
     opts, program = _options(argv)
     assert opts == {"--nnodes": "2", "--node-rank": "1", "--rdzv-backend": "c10d",
-                    "--rdzv-endpoint": "host:29400", "--rdzv-id": "r1", "--nproc-per-node": "1",
-                    "--max-restarts": "1", "--log-dir": "X/logs", "--tee": "3", "--local-ranks-filter": "0"}
+                    "--rdzv-endpoint": "host:29400", "--rdzv-id": "r1", "--rdzv-conf": "is_host=0",
+                    "--nproc-per-node": "1", "--max-restarts": "1", "--log-dir": "X/logs", "--tee": "3",
+                    "--local-ranks-filter": "0"}
     assert "--standalone" not in argv
     assert program == [*TRAIN, "configs/quickstart.yaml", "run_dir=X"]
     args = _torchrun_parse(argv)
     assert (args.nnodes, args.node_rank, args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id,
-            args.max_restarts, args.standalone) == ("2", 1, "c10d", "host:29400", "r1", 1, False)
+            args.max_restarts, args.standalone, args.rdzv_conf) == ("2", 1, "c10d", "host:29400", "r1", 1, False,
+                                                                    "is_host=0")
+    # node 0 serves the rendezvous store whatever its host name resolves to
+    _, argv0 = _dry(["--nnodes", "2", "--node-rank", "0", "--endpoint", "host:29400", "--", "c.yaml"], env)
+    assert _options(argv0)[0]["--rdzv-conf"] == "is_host=1"
+
+
+def test_multi_node_prints_every_nodes_command_and_checks_the_endpoint_answers(fake_bin):
+    env = fake_bin(gpus=None)
+    res = _run(["--dry-run", "--nnodes", "2", "--node-rank", "1", "--endpoint", "h:29400", "--", "c.yaml"], env)
+    for r in (0, 1):
+        assert f"[node {r}] " in res.stderr and f"--node-rank {r} --endpoint h:29400" in res.stderr
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    res = _run(["--nnodes", "2", "--node-rank", "1", "--endpoint", f"127.0.0.1:{port}", "--endpoint-wait", "1",
+                "--", "c.yaml"], env)
+    assert res.returncode == 2 and f"nothing answers at the rendezvous endpoint 127.0.0.1:{port}" in res.stderr
 
 
 @pytest.mark.parametrize("args, message", [
@@ -331,3 +367,24 @@ exit 7
     assert res.stderr.count("is not up yet; retrying in 5 s") == 2
     ids = [line.split("--submission-id ")[1].split()[0] for line in submitted]
     assert len(set(ids)) == 3  # a fresh id for every try
+
+
+# ---------------------------------------------------------------- the Ray job's driver
+
+
+def test_ray_launch_commands_and_the_failure_it_reports():
+    from k2l_dist.distributed.ray_launch import failed_nodes, torchrun_command
+
+    one = torchrun_command(0, 1, 2, "h:1", "r", 0, ["c.yaml", "a=b"])
+    assert "--standalone" in one and not any(a.startswith("--rdzv") for a in one)
+    assert one[one.index("-m", 2):] == ["-m", "k2l_dist.cli", "train", "c.yaml", "a=b"]
+    for node in (0, 1):
+        cmd = torchrun_command(node, 2, 8, "h:29400", "r", 1, ["c.yaml"])
+        args = _torchrun_parse(cmd[2:])  # torch's own parser takes every flag
+        assert (args.nnodes, args.node_rank, args.rdzv_endpoint, args.rdzv_conf) == (
+            "2", node, "h:29400", f"is_host={int(node == 0)}")
+    # every node that failed is named, the first to end first; a clean job names none
+    assert failed_nodes([{"code": 0, "ended": 1.0, "ip": "a"}] * 2) == []
+    lines = failed_nodes([{"code": 1, "ended": 9.0, "ip": "a"}, {"code": -9, "ended": 5.0, "ip": "b"}])
+    assert lines == ["node 1 (b): torchrun killed by signal SIGKILL (first to fail)",
+                     "node 0 (a): torchrun exited with code 1"]

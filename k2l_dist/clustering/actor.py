@@ -23,11 +23,11 @@ import numpy as np
 
 from k2l_dist.clustering.placement import place
 from k2l_dist.clustering.ray_store import remote_store
-from k2l_dist.clustering.rounds import part_nbytes, recover
+from k2l_dist.clustering.rounds import RoundLabels, part_nbytes, recover
 from k2l_dist.clustering.store import INDEX_KEYS, DescriptorStore, PointSet
 from k2l_dist.config import ClusterConfig
 from k2l_dist.utils.faults import fault_requested
-from k2l_dist.utils.memory import peak_rss_bytes
+from k2l_dist.utils.memory import PrivatePeak, peak_rss_bytes, resident_bytes
 
 # A rank's extraction travels as two objects: the index (ids, positions, scores: all
 # the coordinator reads) and the descriptors (read only by whoever assigns those points).
@@ -140,6 +140,25 @@ class ClusteringActor:
                 not ray.get_runtime_context().was_current_actor_reconstructed:
             os._exit(1)  # injected: the actor's process dies mid-round
         t0 = time.perf_counter()
+        with PrivatePeak() as private:
+            labels, part_bytes, holders, held, t1 = self._cluster(key)
+        t2 = time.perf_counter()
+        resident = resident_bytes()
+        stats = dict(labels.stats)
+        stats.update(actor_fetch_seconds=t1 - t0, actor_cluster_seconds=t2 - t1,
+                     object_store_round_bytes=float(part_bytes + labels.nbytes), object_store_used_bytes=held,
+                     actor_peak_rss_bytes=peak_rss_bytes(), actor_private_peak_bytes=private.peak,
+                     actor_shared_resident_bytes=resident.get("shmem", float("nan")),
+                     actor_faiss_threads=float(faiss.omp_get_max_threads()),
+                     actor_malloc_arena_max=float(os.environ.get("MALLOC_ARENA_MAX", "0")),
+                     actor_holders=float(max(1, holders)))
+        return stats, [ray.put(labels.arrays())]
+
+    def _cluster(self, key: str) -> tuple[RoundLabels, int, int, float, float]:
+        """Round ``key``'s labels, its bytes, the holders used, the object store's bytes in use
+        and when the parts were in place."""
+        import ray
+
         ids = ray.get([self._parts[key][r][0] for r in range(self.world_size)])
         payload_refs = [self._parts[key][r][1] for r in range(self.world_size)]
         holders: list = []
@@ -158,15 +177,7 @@ class ClusteringActor:
         finally:
             for holder in holders:
                 ray.kill(holder)
-        t2 = time.perf_counter()
-        part_bytes = sum(part_nbytes(i) for i in ids) + store.nbytes
-        stats = dict(labels.stats)
-        stats.update(actor_fetch_seconds=t1 - t0, actor_cluster_seconds=t2 - t1,
-                     object_store_round_bytes=float(part_bytes + labels.nbytes), object_store_used_bytes=held,
-                     actor_peak_rss_bytes=peak_rss_bytes(), actor_faiss_threads=float(faiss.omp_get_max_threads()),
-                     actor_malloc_arena_max=float(os.environ.get("MALLOC_ARENA_MAX", "0")),
-                     actor_holders=float(max(1, len(holders))))
-        return stats, [ray.put(labels.arrays())]
+        return labels, sum(part_nbytes(i) for i in ids) + store.nbytes, len(holders), held, t1
 
     def where(self) -> dict[str, Any]:
         """The node this actor runs on and the threads its Faiss uses."""

@@ -166,3 +166,4 @@ class RayService:
             except Exception:  # noqa: BLE001 - already dead
                 pass
             ray_runtime.disconnect()
+

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from k2l_dist.config import DistConfig
 from k2l_dist.distributed import watchdog
+from k2l_dist.distributed.lifetime import die_with_parent
 from k2l_dist.distributed.threads import pin_threads
 
 _host_group = None
@@ -67,6 +68,8 @@ def enable(cfg: DistConfig | None = None, device: str = "auto") -> DistInfo:
     """Pin threads, pick this rank's device, join the process group and start the watchdog
     (which publishes this rank's liveness and watches the others')."""
     cfg = cfg or DistConfig()
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker: it must not outlive its agent
+        die_with_parent()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

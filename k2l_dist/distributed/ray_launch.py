@@ -4,8 +4,11 @@ A Ray job's entrypoint runs on the head node only. This driver reserves a placem
 group of one bundle per node (CPUs and GPUs for that node's ranks), starts one launcher
 actor in each bundle, and each launcher runs ``torchrun`` on its node: node rank = the
 bundle index, c10d rendezvous at bundle 0's address. The ranks join the job's Ray
-cluster (``RAY_ADDRESS``) for the clustering actor, which goes to the node offering the
-``k2l_cluster`` resource when one does (cluster.yaml's head).
+cluster (``RAY_ADDRESS``) for the clustering actor, which goes to the nodes offering the
+``k2l_cluster`` resource when some do (cluster.yaml's clustering nodes). Every torchrun
+starts in the job's working directory (where ``launch/ray_submit.sh`` ships the config)
+or in ``--cwd``; the job fails when any node's torchrun does, naming the node that
+failed first.
 
     python -m k2l_dist.distributed.ray_launch --nodes 2 --nproc-per-node 8 --gpus-per-node 8 \\
         -- configs/celeba.yaml run_dir=/shared/runs/celeba
@@ -15,10 +18,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 import uuid
+
+from k2l_dist.distributed.lifetime import die_with_parent
 
 CLUSTER_RESOURCE = "k2l_cluster"
 
@@ -36,9 +43,19 @@ class NodeLauncher:
             s.bind(("", 0))
             return int(s.getsockname()[1])
 
-    def run(self, command: list[str], env: dict[str, str]) -> int:
-        print(f"[{self.address()}] {' '.join(command)}", flush=True)
-        return subprocess.run(command, env={**os.environ, **env}).returncode
+    def run(self, command: list[str], env: dict[str, str], cwd: str = "") -> dict:
+        """torchrun's exit code and when it ended; ``cwd`` (``~`` expanded on this node)
+        defaults to the actor's own directory: the job's working directory, where the
+        config shipped with the job lies."""
+        folder = os.path.expanduser(cwd) if cwd else os.getcwd()
+        print(f"[{self.address()}] in {folder}: {' '.join(command)}", flush=True)
+        try:
+            code = subprocess.run(command, env={**os.environ, **env}, cwd=folder,
+                                  preexec_fn=die_with_parent).returncode  # no torchrun outlives its launcher
+        except OSError as err:  # no such folder on this node, no python: the node's own failure
+            print(f"[{self.address()}] cannot start torchrun in {folder}: {err}", flush=True)
+            code = 2
+        return {"code": code, "ended": time.time(), "ip": self.address()}
 
 
 def torchrun_command(node_rank: int, nodes: int, nproc: int, endpoint: str, run_id: str, max_restarts: int,
@@ -49,8 +66,9 @@ def torchrun_command(node_rank: int, nodes: int, nproc: int, endpoint: str, run_
     if nodes == 1:
         cmd.append("--standalone")
     else:
+        # is_host: node 0 serves the rendezvous store, whatever its host name resolves to
         cmd += [f"--nnodes={nodes}", f"--node-rank={node_rank}", "--rdzv-backend=c10d",
-                f"--rdzv-endpoint={endpoint}", f"--rdzv-id={run_id}"]
+                f"--rdzv-endpoint={endpoint}", f"--rdzv-id={run_id}", f"--rdzv-conf=is_host={int(node_rank == 0)}"]
     return [*cmd, "-m", "k2l_dist.cli", "train", *train_args]
 
 
@@ -64,6 +82,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--max-restarts", type=int, default=0)
     p.add_argument("--run-id", default="")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the placement group")
+    p.add_argument("--cwd", default="", help="folder torchrun starts in on every node (~ expanded there; "
+                                             "default: the job's working directory)")
     p.add_argument("train_args", nargs=argparse.REMAINDER, help="-- CONFIG [key=value ...] for `k2l train`")
     args = p.parse_args(argv)
     args.train_args = [a for a in args.train_args if a != "--"] if args.train_args[:1] == ["--"] else args.train_args
@@ -108,13 +128,27 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RAY_AUTH_MODE"):
             env["RAY_AUTH_MODE"] = os.environ["RAY_AUTH_MODE"]
         run_id = args.run_id or f"k2l-{uuid.uuid4().hex[:8]}"
-        codes = ray.get([launcher.run.remote(
+        results = ray.get([launcher.run.remote(
             torchrun_command(i, args.nodes, args.nproc_per_node, endpoint, run_id, args.max_restarts,
-                             [*args.train_args, *extra]), env) for i, launcher in enumerate(launchers)])
+                             [*args.train_args, *extra]), env, args.cwd) for i, launcher in enumerate(launchers)])
     finally:
         remove_placement_group(pg)
-    print(f"node exit codes: {codes}")
-    return max(codes, default=0)
+    print(f"node exit codes: {[r['code'] for r in results]}")
+    failed = failed_nodes(results)
+    for line in failed:
+        print(f"error: {line}", file=sys.stderr)
+    return 0 if not failed else 1
+
+
+def failed_nodes(results: list[dict]) -> list[str]:
+    """One line per node whose torchrun did not succeed, the first to end first."""
+    bad = sorted((r["ended"], i, r) for i, r in enumerate(results) if r["code"] != 0)
+    lines = []
+    for n, (_, i, r) in enumerate(bad):
+        code = r["code"]
+        how = f"killed by signal {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+        lines.append(f"node {i} ({r['ip']}): torchrun {how}" + (" (first to fail)" if n == 0 and len(bad) > 1 else ""))
+    return lines
 
 
 if __name__ == "__main__":

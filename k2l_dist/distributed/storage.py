@@ -15,10 +15,10 @@ from pathlib import Path
 
 from k2l_dist.distributed import DistInfo, barrier
 from k2l_dist.distributed.collectives import all_gather_json, broadcast_json
-from k2l_dist.utils.io import atomic_write_text
+from k2l_dist.utils.io import StorageError, atomic_write_text
 
 
-class NotShared(OSError):
+class NotShared(StorageError):
     """A folder the job needs on shared storage is not the same folder on every node."""
 
 
@@ -42,13 +42,13 @@ def check_shared(folder: str | Path, key: str, info: DistInfo, settle_s: float =
         if seen or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    views = all_gather_json({"seen": seen, "node": info.node_rank, "host": info.host})
+    views = all_gather_json({"seen": seen, "node": info.node_rank, "host": info.host, "path": str(folder)})
     if info.is_main:
         probe.unlink(missing_ok=True)
     blind = [v for v in views if not v["seen"]]
     if blind:
-        nodes = sorted({(v["node"], v["host"]) for v in blind})
-        names = ", ".join(f"node {n} (host {h})" for n, h in nodes)
-        raise NotShared(f"{key}={folder} is not shared by every node: {names} cannot see the file rank 0 "
-                        f"(node {views[0]['node']}, host {views[0]['host']}) wrote there; put {key} on storage "
-                        f"every node mounts at the same absolute path")
+        nodes = sorted({(v["node"], v["host"], v["path"]) for v in blind})
+        names = ", ".join(f"node {n} (host {h}, {key}={p})" for n, h, p in nodes)
+        raise NotShared(f"{key}={views[0]['path']} is not shared by every node: {names} cannot see the file "
+                        f"rank 0 (node {views[0]['node']}, host {views[0]['host']}) wrote there; put {key} on "
+                        f"storage every node mounts at the same absolute path")

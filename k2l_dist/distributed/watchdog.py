@@ -149,8 +149,8 @@ class Watchdog:
                 continue
             quiet = now - float(b.get("alive", now))
             if quiet > limit:
-                return (f"{_name(r, b)} is gone: no sign of life for {quiet:.0f} s (last in phase {b['phase']}, "
-                        f"step {b['step']}, at {b['where']})")
+                return (f"{_name(r, b)} is gone: no sign of life for {quiet:.0f} s (last heard from in phase "
+                        f"{b['phase']}, step {b['step']}, at {b['where']})")
         return None
 
     def _failure(self) -> dict | None:

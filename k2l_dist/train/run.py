@@ -214,8 +214,8 @@ def train(cfg: Config, resume: bool = True) -> dict:
         if info.is_main:
             ensure_writable(cfg.run_dir, "run_dir")  # a read-only folder fails now, not at the first checkpoint
         check_shared(cfg.run_dir, "run_dir", info)  # checkpoints are written by rank 0 and read by all
+        service = make_service(cfg.cluster, info)  # an actor no node can host fails before a long prepare
         shard_dir = ensure_shards(cfg, info)
-        service = make_service(cfg.cluster, info)
         metrics = _train(cfg, info, shard_dir, service, resume)
         finished = True
         return metrics
