@@ -8,6 +8,7 @@ subcommand's flags ← trailing ``key=value`` overrides.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from pathlib import Path
@@ -241,6 +242,15 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _os_error(err: OSError) -> str:
+    """``err`` in one line: what failed, on which file."""
+    reason = (err.strerror or str(err)).lower()
+    if err.errno == errno.EFBIG:
+        reason += " (the file-size limit, ulimit -f)"
+    files = " → ".join(str(f) for f in (err.filename, err.filename2) if f)
+    return f"{files}: {reason}" if files else reason
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     from k2l_dist.utils.logs import configure_logging
@@ -255,14 +265,20 @@ def main(argv: list[str] | None = None) -> int:
     from k2l_dist.distributed.watchdog import PeerLost
     from k2l_dist.train.run import NonFiniteLoss
     from k2l_dist.utils.io import StorageError
+    from k2l_dist.utils.lock import RunLocked
 
     try:
         return args.func(args)
     except (ConfigError, DatasetError, PrepareError, ShardError, FileNotFoundError, ValueError, NonFiniteLoss,
-            StorageError, PeerLost, Unplaceable, ClusteringFailed, RayUnavailable, TimeoutError) as err:
+            StorageError, PeerLost, Unplaceable, ClusteringFailed, RayUnavailable, TimeoutError, RunLocked) as err:
         if args.debug:
             raise
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # the environment (permissions, a size limit, a device): the file and the reason
+        if args.debug:
+            raise
+        print(f"error: {_os_error(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -244,6 +244,7 @@ class DistConfig:
     """Processes, threads and timeouts of a torchrun job (one process = one rank)."""
 
     timeout_s: float = 1800.0  # a collective that waits longer ends the job
+    join_timeout_s: float = 60.0  # every rank must join the process group within this at the start
     prepare_timeout_s: float = 86400.0  # how long ranks > 0 wait for rank 0 to prepare the shards
     threads: int = 0  # torch / DALI / Faiss threads per process; 0 = cores / local world size
     # Each rank trains on its own batch of augment.batch_size (the paper's unit: positives
@@ -413,6 +414,17 @@ def run_config(saved: dict, path: str | Path | None = None, overrides: list[str]
     return cfg
 
 
+def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as ``{"a.b": value}`` (tuples as lists, as YAML keeps them)."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
 def config_to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
@@ -475,6 +487,8 @@ def validate(cfg: Config) -> None:
         (cfg.augment.batch_size >= 1, "augment.batch_size", f"must be >= 1, got {cfg.augment.batch_size}"),
         (0 <= cfg.keypoints.outlier_fraction < 1, "keypoints.outlier_fraction",
          f"must be in [0, 1), got {cfg.keypoints.outlier_fraction} (1 would drop every keypoint)"),
+        (cfg.data.workers >= 0, "data.workers", f"must be >= 0 (0 or 1: in this process), got {cfg.data.workers}"),
+        (cfg.data.limit >= 0, "data.limit", f"must be >= 0 (0 = every image), got {cfg.data.limit}"),
         (cfg.log_every >= 1, "log_every", f"must be >= 1, got {cfg.log_every}"),
         (cfg.checkpoint_every >= 1, "checkpoint_every", f"must be >= 1, got {cfg.checkpoint_every}"),
         (device_ok, "device", f"{cfg.device!r} is not auto, cpu, cuda or cuda:N"),
@@ -484,6 +498,7 @@ def validate(cfg: Config) -> None:
         (cfg.dist.lr_scaling in ("none", "linear", "sqrt"), "dist.lr_scaling",
          f"{cfg.dist.lr_scaling!r} is not none, linear or sqrt"),
         (cfg.dist.timeout_s > 0, "dist.timeout_s", "must be > 0"),
+        (cfg.dist.join_timeout_s > 0, "dist.join_timeout_s", "must be > 0"),
         *_eval_rules(cfg.eval),
     ]
     problems = [f"{key}: {why}" for ok, key, why in rules if not ok]

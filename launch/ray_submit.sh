@@ -107,6 +107,18 @@ submit() {  # $1: the submission id
 
 id="k2l-$(date +%Y%m%d-%H%M%S)-$$"
 [[ $dry_run -eq 0 ]] || { submit "$id"; exit 0; }
+# A job server that does not answer: one line, not `ray job submit`'s traceback.
+if [[ "$address" == http://* || "$address" == https://* ]]; then
+  "${PYTHON:-python3}" - "$address" <<'EOF_PY' || die "no Ray job server answers at $address: is the head running (ray status), and is this its dashboard address (with cluster.yaml: \`ray dashboard cluster.yaml\` tunnels it to http://127.0.0.1:8265)?"
+import sys, urllib.error, urllib.request
+try:
+    urllib.request.urlopen(sys.argv[1].rstrip("/") + "/api/version", timeout=10)
+except urllib.error.HTTPError:
+    pass  # it answers (perhaps asking for the token): the submission will say more
+except (urllib.error.URLError, OSError):
+    sys.exit(1)
+EOF_PY
+fi
 # A head that has just started answers "No available agent" until its job agent is up:
 # nothing was submitted then, so the submission is retried for up to a minute.
 err="$(mktemp)"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -11,6 +12,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -342,6 +344,29 @@ def test_help_and_executable():
 # ---------------------------------------------------------------- launch/ray_submit.sh
 
 
+@contextlib.contextmanager
+def _job_server():
+    """An HTTP server on 127.0.0.1 that answers every GET, as a Ray head's dashboard does."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Answer(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the http.server API
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+
+
 def test_ray_submit_retries_while_the_heads_job_agent_is_not_up(tmp_path):
     """A just-started head refuses submissions ("No available agent"); nothing was
     submitted, so the script tries again, and passes on the job's own exit code."""
@@ -360,8 +385,9 @@ exit 7
 """)
     ray.chmod(ray.stat().st_mode | stat.S_IEXEC)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
-    res = subprocess.run([str(ROOT / "launch" / "ray_submit.sh"), "--", "configs/quickstart.yaml"], env=env,
-                         capture_output=True, text=True, timeout=60)
+    with _job_server() as address:  # the head's HTTP server answers; its job agent is what is not up
+        res = subprocess.run([str(ROOT / "launch" / "ray_submit.sh"), "--address", address, "--",
+                              "configs/quickstart.yaml"], env=env, capture_output=True, text=True, timeout=60)
     submitted = calls.read_text().splitlines()
     assert len(submitted) == 3 and res.returncode == 7, res.stderr
     assert res.stderr.count("is not up yet; retrying in 5 s") == 2

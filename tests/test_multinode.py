@@ -117,6 +117,16 @@ def test_a_node_without_the_data_ends_both_nodes_within_a_minute_naming_it(tmp_p
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
+def test_a_node_whose_peer_failed_before_joining_ends_within_the_join_timeout(tmp_path):
+    codes, outs, seconds = two_agents(tmp_path, f"run_dir={tmp_path / 'run'}", "dist.join_timeout_s=20",
+                                      env={"K2L_FAULT": "start@rank1"})
+    assert codes[0] != 0 and codes[1] != 0 and seconds < 60, outs
+    lines = [ln for out in outs for ln in _errors(out)]
+    assert any("not every rank of the job joined within dist.join_timeout_s=20 s" in ln for ln in lines), outs
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_a_rank_killed_on_node_1_ends_the_job_within_the_timeout_naming_it(tmp_path):
     timeout_s = 30
     codes, outs, _ = two_agents(tmp_path, f"run_dir={tmp_path / 'run'}", "data.shards=shards",

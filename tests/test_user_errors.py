@@ -65,7 +65,7 @@ def test_a_second_run_on_a_folder_in_use_is_refused_naming_its_owner(tmp_path, c
     """fcntl locks belong to a process: the owner is another process here, as a second run's would be."""
     run_dir = tmp_path / "run"
     owner = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom k2l_dist.utils.lock import RunLock\n"
-                              f"RunLock({str(run_dir)!r}, 'k2l train').acquire(); print('held', flush=True); "
+                              f"lock = RunLock({str(run_dir)!r}, 'k2l train').acquire(); print('held', flush=True); "
                               "time.sleep(120)"], env=ENV, stdout=subprocess.PIPE, text=True)
     try:
         assert owner.stdout.readline().strip() == "held"
@@ -297,3 +297,19 @@ def test_ray_submit_to_a_dead_head_is_one_line(tmp_path):
                          timeout=60)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "no Ray job server answers at http://127.0.0.1:" in res.stderr
+
+
+def test_the_ray_service_across_nodes_without_a_cluster_is_refused_before_any_work(monkeypatch):
+    import torch
+
+    from k2l_dist.clustering.service import service_choice
+    from k2l_dist.config import ClusterConfig
+    from k2l_dist.distributed import DistInfo
+
+    two_nodes = DistInfo(0, 2, 0, 1, torch.device("cpu"), 1)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(ValueError, match="cluster.service=ray across several nodes needs RAY_ADDRESS"):
+        service_choice(ClusterConfig(service="ray"), two_nodes)
+    assert service_choice(ClusterConfig(service="auto"), two_nodes) == "inline"  # auto: what can work
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert service_choice(ClusterConfig(service="auto"), two_nodes) == "ray"

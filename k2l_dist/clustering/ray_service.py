@@ -41,7 +41,7 @@ class ClusteringFailed(RuntimeError):
 
 
 class RayService:
-    def __init__(self, cfg: ClusterConfig, info) -> None:
+    def __init__(self, cfg: ClusterConfig, info, connect_timeout_s: float = 60.0) -> None:
         from k2l_dist.distributed import collectives
 
         self.cfg = cfg
@@ -49,7 +49,8 @@ class RayService:
         self.world_size = info.world_size
         self.timings: dict[str, float] = {}
         self._closed = False
-        ray_runtime.connect(cfg, info.rank, info.single_node)  # imports ray itself: the auth mode must come first
+        # imports ray itself: the auth mode must come first
+        ray_runtime.connect(cfg, info.rank, info.single_node, connect_timeout_s)
         import ray
 
         from k2l_dist.clustering.actor import ClusteringActor

@@ -95,10 +95,11 @@ def service_choice(cfg: ClusterConfig, info) -> str:
     return choice
 
 
-def make_service(cfg: ClusterConfig, info) -> ClusteringService:
-    """The service :func:`service_choice` picks for this job (``info``: the rank's DistInfo)."""
+def make_service(cfg: ClusterConfig, info, connect_timeout_s: float = 60.0) -> ClusteringService:
+    """The service :func:`service_choice` picks for this job (``info``: the rank's DistInfo;
+    ``connect_timeout_s``: the longest wait for a Ray cluster to answer)."""
     if service_choice(cfg, info) == "inline":
         return InlineService(cfg, info.world_size)
     from k2l_dist.clustering.ray_service import RayService
 
-    return RayService(cfg, info)
+    return RayService(cfg, info, connect_timeout_s)

@@ -23,10 +23,11 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from k2l_dist.config import Config, DataConfig, KeypointConfig, save_config
+from k2l_dist.config import Config, DataConfig, KeypointConfig, save_config, validate
 from k2l_dist.data import crop as crops
 from k2l_dist.data.readers import FACE5_NAMES, Skip, SourceItem, read_box_file, read_items
 from k2l_dist.data.shards import SHARD_PATTERN, TEST_IDS, TRAIN_IDS, Sample, write_index, write_shard
+from k2l_dist.utils.images import read_image
 from k2l_dist.utils.io import atomic_write_text
 
 
@@ -128,50 +129,67 @@ def _load(item: SourceItem) -> tuple[np.ndarray, np.ndarray | None, np.ndarray |
     path = Path(data.root) / item.path
     if not path.is_file():
         return Skip(item.path, "missing image file", str(path))
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None or image.size == 0:
-        return Skip(item.path, "unreadable image", str(path))
-    if is_truncated_jpeg(path):
-        return Skip(item.path, "truncated image", f"{path}: the JPEG ends before its end-of-image marker")
+    image = read_image(path)
+    reason = unreadable_reason(path, image is not None)
+    if reason == "truncated image":
+        return Skip(item.path, reason, f"{path}: the JPEG ends before its end-of-image marker")
+    if reason is not None:
+        return Skip(item.path, reason, str(path))
     return image, item.landmarks, item.visible
 
 
 _STANDALONE_MARKERS = frozenset([0x00, 0x01, 0xD8, *range(0xD0, 0xD8)])  # stuffing, TEM, SOI, RSTn: no length
 
 
-def jpeg_is_complete(data: bytes) -> bool:
-    """Whether a JPEG's marker walk reaches its end-of-image marker (FF D9).
+def jpeg_walk(data: bytes) -> str:
+    """How far a JPEG's marker walk gets: ``complete`` (its end-of-image marker, FF D9),
+    ``cut`` (into the image data, FF DA, but not to its end) or ``broken`` (not that far).
 
     Segments are skipped by their length and entropy-coded data up to the next marker, so an
     EOI inside a segment (an EXIF thumbnail) does not count, and bytes after the real EOI
     (a phone's appended video) are allowed.
     """
     if data[:2] != b"\xff\xd8":
-        return False
-    pos = 2
+        return "broken"
+    pos, scanned = 2, False
     while True:
         pos = data.find(b"\xff", pos)
         if pos < 0 or pos + 1 >= len(data):
-            return False
+            return "cut" if scanned else "broken"
         marker = data[pos + 1]
         if marker == 0xD9:
-            return True
+            return "complete"
+        scanned |= marker == 0xDA
         if marker == 0xFF:  # fill byte before a marker
             pos += 1
         elif marker in _STANDALONE_MARKERS:
             pos += 2
         elif pos + 4 > len(data):
-            return False
+            return "cut" if scanned else "broken"
         else:
             pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
 
 
-def is_truncated_jpeg(path: Path) -> bool:
-    """OpenCV fills a truncated JPEG with grey and only prints a warning, so look at the bytes."""
+def jpeg_is_complete(data: bytes) -> bool:
+    """Whether a JPEG's marker walk reaches its end-of-image marker (:func:`jpeg_walk`)."""
+    return jpeg_walk(data) == "complete"
+
+
+def _jpeg_state(path: Path) -> str:
+    """:func:`jpeg_walk` of a file; ``other`` for a file that is not a JPEG, whatever its name."""
     with open(path, "rb") as handle:
-        if handle.read(2) != b"\xff\xd8":  # not a JPEG, whatever its name
-            return False
-        return not jpeg_is_complete(b"\xff\xd8" + handle.read())
+        if handle.read(2) != b"\xff\xd8":
+            return "other"
+        return jpeg_walk(b"\xff\xd8" + handle.read())
+
+
+def unreadable_reason(path: Path, decoded: bool) -> str | None:
+    """Why an image file cannot be used (None when it can): a JPEG cut short is ``truncated
+    image`` whether or not it decodes (it would be grey-filled), other failures ``unreadable image``."""
+    state = _jpeg_state(path)
+    if state == "cut" or (decoded and state == "broken"):
+        return "truncated image"
+    return None if decoded else "unreadable image"
 
 
 def _box(item: SourceItem, width: int, height: int, landmarks: np.ndarray | None):
@@ -278,7 +296,10 @@ def prepare(cfg: Config, out_dir: str | Path, overwrite: bool = False) -> Summar
     """Write the shards of ``cfg.data`` with ``cfg.keypoints`` into ``out_dir``."""
     data, kcfg = cfg.data, cfg.keypoints
     out_dir = Path(out_dir)
+    validate(cfg)  # the values training would refuse, refused before the work
     _check(data)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise PrepareError(f"--out {out_dir} is a file, not a folder: give a folder for the shards")
     if is_prepared(out_dir) and not overwrite:
         raise PrepareError(f"{out_dir} already holds a prepared dataset (index.json); pass --overwrite to replace it")
     start = time.time()

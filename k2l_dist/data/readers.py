@@ -10,15 +10,20 @@ change when some images are skipped. Problems with one line or file become
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+log = logging.getLogger(__name__)
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 FORMATS = ("synthetic", "folder", "mtfl", "lsp", "pts", "mafl", "aflw")
 FACE5_NAMES = ("left_eye", "right_eye", "nose", "left_mouth", "right_mouth")  # MTFL and CelebA order
+LSP_JOINTS = ("right_ankle", "right_knee", "right_hip", "left_hip", "left_knee", "left_ankle", "right_wrist",
+              "right_elbow", "right_shoulder", "left_shoulder", "left_elbow", "left_wrist", "neck", "head_top")
 
 
 class DatasetError(ValueError):
@@ -61,14 +66,22 @@ def _require_file(path: str | Path, what: str) -> Path:
 def read_folder(root: str | Path) -> tuple[list[SourceItem], list[Skip]]:
     """Every image file under ``root`` (recursively, sorted): unlabelled data."""
     root = _require_dir(root)
-    paths = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    paths, skips = [], []
+
+    def unreadable(err: OSError) -> None:  # os.walk would leave the folder out without a word
+        where = Path(err.filename or root)
+        skips.append(Skip(where.relative_to(root).as_posix() if where.is_relative_to(root) else str(where),
+                          "unreadable folder", f"{where}: {err.strerror or err}"))
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):
         dirnames.sort()
         for name in sorted(filenames):
             if name.lower().endswith(IMAGE_EXTENSIONS):
                 paths.append(Path(dirpath, name).relative_to(root).as_posix())
     paths.sort()
-    return [SourceItem(i, p) for i, p in enumerate(paths)], []
+    for s in skips:
+        log.warning("%s: %s, its images are left out", s.detail, s.reason)
+    return [SourceItem(i, p) for i, p in enumerate(paths)], skips
 
 
 def _mtfl_items(ann: Path, first_id: int = 0, split: str = "") -> tuple[list[SourceItem], list[Skip]]:
@@ -215,8 +228,9 @@ def read_lsp(root: str | Path, annotations: str | Path | None = None) -> tuple[l
         joints = scipy.io.loadmat(ann)["joints"]
     except (KeyError, ValueError, OSError) as err:
         raise DatasetError(f"{ann}: not an LSP joints.mat with a 'joints' array ({err})") from None
-    if joints.ndim != 3 or joints.shape[0] != 3:
-        raise DatasetError(f"{ann}: 'joints' has shape {joints.shape}, expected 3×K×N")
+    if joints.ndim != 3 or joints.shape[0] != 3 or joints.shape[1] != len(LSP_JOINTS):
+        raise DatasetError(f"{ann}: 'joints' has shape {joints.shape}, expected (3, {len(LSP_JOINTS)}, N): x, y "
+                           f"and a flag for LSP's {len(LSP_JOINTS)} joints in each of N images")
     items, skips = [], []
     for i in range(joints.shape[2]):
         landmarks = joints[:2, :, i].T.astype(np.float32)

@@ -34,6 +34,7 @@ import io
 import json
 import logging
 import tarfile
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -204,7 +205,7 @@ def content_digest(samples_meta: dict[str, np.ndarray], shards: list[dict]) -> s
         array = np.ascontiguousarray(samples_meta[key])
         digest.update(f"{key}:{array.dtype.str}:{array.shape}".encode())
         digest.update(array.tobytes())
-    digest.update(json.dumps([[s["name"], s["count"], s["first_id"], s["last_id"]] for s in shards]).encode())
+    digest.update(json.dumps(shards, sort_keys=True).encode())
     return digest.hexdigest()
 
 
@@ -248,8 +249,11 @@ def load_samples_meta(shard_dir: str | Path) -> dict[str, np.ndarray]:
     path = Path(shard_dir) / "samples.npz"
     if not path.is_file():
         raise ShardError(f"{path} not found")
-    with np.load(path, allow_pickle=False) as data:
-        return {k: data[k] for k in data.files}
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:  # never unpickled: refused as it is
+        raise ShardError(f"{path}: not a samples file `k2l prepare` wrote ({err}); prepare the folder again") from None
 
 
 def shard_paths(shard_dir: str | Path) -> list[Path]:

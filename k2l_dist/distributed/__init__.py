@@ -15,6 +15,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.distributed.distributed_c10d import _set_pg_timeout
 
 from k2l_dist.config import DistConfig
 from k2l_dist.distributed import watchdog
@@ -87,13 +88,26 @@ def enable(cfg: DistConfig | None = None, device: str = "auto") -> DistInfo:
         # the watchdog (at timeout_s) speaks first and names the silent rank; collectives are the backstop
         timeout = timedelta(seconds=cfg.timeout_s + max(60.0, 0.1 * cfg.timeout_s))
         backend = "nccl" if dev.type == "cuda" else "gloo"
-        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout,
-                                device_id=dev if dev.type == "cuda" else None, store=_attempt_store(timeout))
+        _join(backend, rank, world_size, dev, timedelta(seconds=min(cfg.join_timeout_s, timeout.total_seconds())),
+              _attempt_store(timeout))
+        _set_pg_timeout(timeout)  # joined: from now on the collectives' own timeout
         _host_group = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else dist.group.WORLD
         atexit.register(shutdown)
     watchdog.start(rank, world_size, cfg.timeout_s, _default_store() if world_size > 1 else None,
                    where={"node": info.node_rank, "host": info.host})
     return info
+
+
+def _join(backend: str, rank: int, world_size: int, dev: torch.device, within: timedelta, store) -> None:
+    """The process group, formed within ``within``: a rank that failed at its start on another
+    node must not keep this one waiting for the collectives' long timeout."""
+    try:
+        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=within,
+                                device_id=dev if dev.type == "cuda" else None, store=store)
+    except (RuntimeError, TimeoutError) as err:
+        raise watchdog.PeerLost(f"rank {rank}: not every rank of the job joined within dist.join_timeout_s="
+                                f"{within.total_seconds():.0f} s (a rank on another node may have failed at its "
+                                f"start: see that node's output; {str(err).splitlines()[0][:160]})") from None
 
 
 def _default_store():

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import threading
+import time
 
 from k2l_dist.config import ClusterConfig
 
@@ -25,8 +28,9 @@ def _memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def connect(cfg: ClusterConfig, rank: int, single_node: bool) -> bool:
-    """Join (or, on rank 0 without ``RAY_ADDRESS``, start) Ray; True when this process started it."""
+def connect(cfg: ClusterConfig, rank: int, single_node: bool, timeout_s: float = 60.0) -> bool:
+    """Join (or, on rank 0 without ``RAY_ADDRESS``, start) Ray; True when this process started it.
+    Joining an address that does not answer within ``timeout_s`` fails, naming it."""
     import torch.distributed as dist
 
     from k2l_dist.distributed import collectives
@@ -39,7 +43,7 @@ def connect(cfg: ClusterConfig, rank: int, single_node: bool) -> bool:
         import ray
 
         if address:
-            _join(ray, address)
+            _join(ray, address, timeout_s)
         else:
             if not single_node:
                 raise RayUnavailable("cluster.service=ray across several nodes needs RAY_ADDRESS (a Ray cluster "
@@ -61,15 +65,52 @@ def connect(cfg: ClusterConfig, rank: int, single_node: bool) -> bool:
                 os.environ["RAY_AUTH_MODE"] = sent["auth"]  # read once, when ray is imported
             import ray
 
-            _join(ray, sent["address"])
+            _join(ray, sent["address"], timeout_s)
     return started
 
 
-def _join(ray, address: str) -> None:
-    try:
-        ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, configure_logging=False)
-    except (ConnectionError, RuntimeError, ValueError) as err:
-        raise RayUnavailable(f"cannot join the Ray cluster at {address!r} (RAY_ADDRESS): {err}") from None
+def _join(ray, address: str, timeout_s: float) -> None:
+    """``ray.init(address)``, bounded: Ray itself retries an address that does not answer for ever."""
+    _answers(address, timeout_s)
+    done: list[BaseException | None] = []
+
+    def init() -> None:
+        try:
+            ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, configure_logging=False)
+            done.append(None)
+        except BaseException as err:  # noqa: BLE001 - handed to the caller's thread
+            done.append(err)
+
+    worker = threading.Thread(target=init, name="k2l-ray-join", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if not done:
+        raise RayUnavailable(f"cannot join the Ray cluster at {address!r} (RAY_ADDRESS): no answer within "
+                             f"{timeout_s:.0f} s (dist.timeout_s); is the head running, and its port open?")
+    if isinstance(done[0], (ConnectionError, RuntimeError, ValueError)):
+        raise RayUnavailable(f"cannot join the Ray cluster at {address!r} (RAY_ADDRESS): {done[0]}") from None
+    if done[0] is not None:
+        raise done[0]
+
+
+def _answers(address: str, timeout_s: float) -> None:
+    """A TCP connection to the GCS at ``address`` (host:port), tried for up to ``timeout_s``."""
+    if address == "auto" or "://" in address:  # Ray finds these itself
+        return
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection((host or "127.0.0.1", int(port)), timeout=min(5.0, timeout_s)).close()
+            return
+        except ValueError:
+            raise RayUnavailable(f"RAY_ADDRESS={address!r} is not HOST:PORT") from None
+        except OSError as err:
+            if time.monotonic() > deadline:
+                raise RayUnavailable(f"cannot join the Ray cluster at {address!r} (RAY_ADDRESS): nothing "
+                                     f"answers there ({err.strerror or err}) within {timeout_s:.0f} s "
+                                     f"(dist.timeout_s)") from None
+            time.sleep(1.0)
 
 
 def disconnect() -> None:

@@ -3,6 +3,7 @@ prepared shards."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import json
@@ -17,11 +18,12 @@ from tqdm import tqdm
 
 from k2l_dist.augment import build_loader
 from k2l_dist.data.crop import to_original
-from k2l_dist.data.prepare import is_truncated_jpeg
-from k2l_dist.data.readers import Skip, read_folder
+from k2l_dist.data.prepare import unreadable_reason
+from k2l_dist.data.readers import IMAGE_EXTENSIONS, Skip, read_folder
 from k2l_dist.data.shards import load_manifest, load_samples_meta
 from k2l_dist.eval.detector import Detector, load_detector, read_rgb
 from k2l_dist.eval.evaluate import predict_landmarks
+from k2l_dist.utils.images import read_image, write_image
 from k2l_dist.utils.io import atomic_open
 
 # OpenCV writers by suffix of --draw for a video (both ship with opencv-python-headless)
@@ -58,10 +60,9 @@ def _image_rows(detector: Detector, root: Path, paths: list[str], skipped: list[
         names, pictures = [], []
         for name in paths[start:start + batch_size]:
             picture = read_rgb(root / name)
-            if picture is None:
-                skipped.append(Skip(name, "unreadable image"))
-            elif is_truncated_jpeg(root / name):
-                skipped.append(Skip(name, "truncated image"))
+            reason = unreadable_reason(root / name, picture is not None)
+            if reason is not None:
+                skipped.append(Skip(name, reason))
             else:
                 names.append(name)
                 pictures.append(picture)
@@ -204,6 +205,9 @@ def detect(checkpoint: str | Path, out: str | Path, *, data: str | Path | None =
     if draw is not None and images is not None and Path(draw).resolve() == Path(images).resolve():
         raise ValueError(f"--draw {draw} is the --images folder: drawings would replace the originals; "
                          f"pick another folder")
+    if Path(out).is_dir():
+        raise ValueError(f"--out {out} is a folder; give the file for the JSON lines, e.g. "
+                         f"{Path(out) / 'landmarks.jsonl'}")
     detector = load_detector(checkpoint, device, flip_test, config=config, overrides=overrides)
     if video is not None:
         return DetectResult(_detect_video(detector, Path(video), out, draw, min_confidence), [])
@@ -214,17 +218,22 @@ def detect(checkpoint: str | Path, out: str | Path, *, data: str | Path | None =
             images = Path(images)
             root = images.parent if images.is_file() else images
             paths = [images.name] if images.is_file() else [item.path for item in read_folder(images)[0]]
+            if not paths:
+                raise ValueError(f"--images {images}: no images found (files ending in "
+                                 f"{', '.join(IMAGE_EXTENSIONS)})")
             rows = _image_rows(detector, root, paths, skipped)
         else:
             root = Path(load_manifest(Path(data)).get("root", ""))
             rows = _shard_rows(detector, Path(data), skipped, Path(tmp) / "check")
+        names = drawing_names(paths) if images is not None else {}
         with atomic_open(out, "wb") as handle:
             for path, orig, conf in rows:
                 row = {"image": path, "landmarks": _json_points(orig, conf, min_confidence)}
                 handle.write((json.dumps(row) + "\n").encode())
                 written += 1
                 if draw is not None:
-                    _draw(root / path, orig, conf >= min_confidence, Path(draw) / path)
+                    name = names.get(path) or Path(path).with_suffix(".png").as_posix()
+                    _draw(root / path, orig, conf >= min_confidence, Path(draw) / name)
     for s in skipped:
         log.warning("%s: skipped, %s", root / s.path, s.reason)
     return DetectResult(written, skipped)
@@ -238,11 +247,20 @@ def _drawn(image_bgr: np.ndarray, points: np.ndarray, keep: np.ndarray) -> np.nd
     return draw_landmarks(image_bgr, np.where(keep[:, None], points, np.nan), radius=radius)
 
 
+def drawing_names(paths: list[str]) -> dict[str, str]:
+    """Where each input's drawing goes, relative to the --draw folder: its name with ``.png``
+    for its suffix (``a.jpg`` → ``a.png``), or, when two inputs would share that name
+    (``a.jpg`` and ``a.png``), its whole name with ``.png`` added (``a.jpg.png``)."""
+    plain = {p: Path(p).with_suffix(".png").as_posix() for p in paths}
+    taken = collections.Counter(plain.values())
+    return {p: name if taken[name] == 1 or p == name else f"{p}.png" for p, name in plain.items()}
+
+
 def _draw(src: Path, points: np.ndarray, keep: np.ndarray, dst: Path) -> None:
-    image = cv2.imread(str(src), cv2.IMREAD_COLOR)
+    image = read_image(src)
     if image is None:
         return
-    if dst.with_suffix(".png").resolve() == src.resolve():  # never overwrite an input image
+    if dst.resolve() == src.resolve():  # never overwrite an input image
         raise ValueError(f"--draw would overwrite the input image {src}; pick another folder")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(dst.with_suffix(".png")), _drawn(image, points, keep))
+    write_image(dst, _drawn(image, points, keep))

@@ -18,7 +18,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 from torch import nn
@@ -29,6 +28,7 @@ from k2l_dist.data.crop import crop_image, whole_image_box
 from k2l_dist.models import STRIDE, LandmarkNet
 from k2l_dist.models.points import heatmap_peaks, to_image_coords
 from k2l_dist.utils.checkpoint import load_checkpoint
+from k2l_dist.utils.images import read_image
 
 
 @torch.no_grad()
@@ -181,5 +181,5 @@ def load_detector(path: str | Path, device: str | torch.device = "auto", flip_te
 
 def read_rgb(path: str | Path) -> np.ndarray | None:
     """An image file as HWC RGB uint8 (None when OpenCV cannot read it)."""
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    return None if image is None or image.size == 0 else image[:, :, ::-1].copy()
+    image = read_image(path)
+    return None if image is None else image[:, :, ::-1].copy()

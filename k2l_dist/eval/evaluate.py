@@ -8,6 +8,7 @@ K groups with the same modified K-means, no learning).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from pathlib import Path
 
@@ -18,16 +19,23 @@ from tqdm import tqdm
 
 from k2l_dist.augment import build_loader
 from k2l_dist.augment.geometry import inverse_affine, transform_points
+from k2l_dist.augment.pipeline import resolve_device
 from k2l_dist.clustering import assign, cluster_dedup, dedup_per_image
-from k2l_dist.data.shards import read_dataset
+from k2l_dist.config import flatten, run_config
+from k2l_dist.data.shards import load_manifest, load_samples_meta, read_dataset
 from k2l_dist.eval.completion import column_means, fill_with_means, svt
 from k2l_dist.eval.detector import landmarks_in_views
 from k2l_dist.eval.metrics import mean_shape_baseline, raw_landmark_accuracy
 from k2l_dist.eval.regression import backward_nme, forward_nme, landmark_norm
-from k2l_dist.eval.split import regressor_ids
+from k2l_dist.eval.split import regressor_ids, split_for_run
 from k2l_dist.keypoints import descriptors_to_float
+from k2l_dist.models import KeypointNet, LandmarkNet
 from k2l_dist.models.extract import extract, extraction_cap
 from k2l_dist.models.regions import CropRegions
+from k2l_dist.utils.checkpoint import load_checkpoint
+from k2l_dist.utils.io import atomic_write_text
+from k2l_dist.utils.lock import RunLock
+from k2l_dist.utils.metrics import MetricsLogger
 
 log_ = logging.getLogger(__name__)
 
@@ -211,41 +219,49 @@ def log_landmark_grid(shard_dir: Path, ids: np.ndarray, points: list[np.ndarray]
         log.image(tag, grid[..., ::-1].copy(), step)
 
 
+# What decides which images are held out: a run is evaluated only on its own held-out images
+# (any other split would score images the run trained on).
+SPLIT_KEYS = ("eval.split", "eval.split_file", "eval.test_count", "eval.seed")
+
+
 def evaluate_checkpoint(run_dir: str | Path, device: str = "auto", overrides: list[str] | tuple = (),
                         config: str | Path | None = None) -> dict:
-    """Re-evaluate a finished run from its ``model.pt`` (writes metrics.json again); its
-    saved config ← ``config`` (a YAML file) ← ``overrides``."""
-    import json
-
-    from k2l_dist.config import run_config
-    from k2l_dist.data.shards import load_manifest, load_samples_meta
-    from k2l_dist.eval.split import split_for_run
-    from k2l_dist.models import KeypointNet, LandmarkNet
-    from k2l_dist.utils.checkpoint import load_checkpoint
-    from k2l_dist.utils.io import atomic_write_text
-    from k2l_dist.utils.metrics import MetricsLogger
-
+    """Re-evaluate a finished run from its ``model.pt``; its saved config ← ``config`` (a YAML
+    file) ← ``overrides``, on the run's own held-out split. The new numbers replace the
+    evaluation's in metrics.json; what training wrote there (its time, world size, skipped
+    samples) is kept. Holds the run folder's lock while it works."""
     run_dir = Path(run_dir)
     ck = load_checkpoint(run_dir / "model.pt")
     saved = ck["config"]
     if "split" not in saved.get("eval", {}):  # trained before eval.split existed: it held out the last ids
         saved = {**saved, "eval": {**saved.get("eval", {}), "split": "last"}}
     cfg = dataclasses.replace(run_config(saved, config, tuple(overrides)), run_dir=str(run_dir))
-    shard_dir = Path(cfg.data.shards or run_dir / "shards")
-    manifest, meta = load_manifest(shard_dir), load_samples_meta(shard_dir)
-    if "landmarks" not in meta:
-        raise ValueError(f"{shard_dir}: the dataset has no annotated landmarks to evaluate against")
-    from k2l_dist.augment.pipeline import resolve_device
+    _refuse_another_split(cfg, run_config(saved), run_dir)
+    with RunLock(run_dir, "k2l evaluate"):
+        shard_dir = Path(cfg.data.shards or run_dir / "shards")
+        manifest, meta = load_manifest(shard_dir), load_samples_meta(shard_dir)
+        if "landmarks" not in meta:
+            raise ValueError(f"{shard_dir}: the dataset has no annotated landmarks to evaluate against")
+        dev = resolve_device(device)
+        phi = KeypointNet(cfg.model)
+        phi.load_state_dict(ck["phi"])
+        psi = LandmarkNet(cfg.model, int(ck["num_landmarks"]))
+        psi.load_state_dict(ck["psi"])
+        log = MetricsLogger(run_dir)
+        metrics = evaluate_run(cfg, shard_dir, manifest, meta, split_for_run(cfg.eval, meta, shard_dir),
+                               phi.to(dev), psi.to(dev), ck["centroids"].numpy(), ck["flip_permutation"].numpy(),
+                               log, dev)
+        log.close()
+        path = run_dir / "metrics.json"
+        merged = {**(json.loads(path.read_text()) if path.is_file() else {}), **metrics}
+        atomic_write_text(path, json.dumps(merged, indent=1))
+    return merged
 
-    dev = resolve_device(device)
-    phi = KeypointNet(cfg.model)
-    phi.load_state_dict(ck["phi"])
-    psi = LandmarkNet(cfg.model, int(ck["num_landmarks"]))
-    psi.load_state_dict(ck["psi"])
-    split = split_for_run(cfg.eval, meta, shard_dir)
-    log = MetricsLogger(run_dir)
-    metrics = evaluate_run(cfg, shard_dir, manifest, meta, split, phi.to(dev), psi.to(dev), ck["centroids"].numpy(),
-                           ck["flip_permutation"].numpy(), log, dev)
-    log.close()
-    atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=1))
-    return metrics
+
+def _refuse_another_split(cfg, trained, run_dir: Path) -> None:
+    """A held-out split other than the run's (``SPLIT_KEYS``) is refused, naming each key."""
+    now, before = flatten(dataclasses.asdict(cfg)), flatten(dataclasses.asdict(trained))
+    changed = [f"{k}={now[k]!r} (the run's: {before[k]!r})" for k in SPLIT_KEYS if now.get(k) != before.get(k)]
+    if changed:
+        raise ValueError(f"{'; '.join(changed)}: another held-out split would score images the run trained on; "
+                         f"{run_dir} is evaluated on its own split only (train again to hold out other images)")

@@ -64,6 +64,8 @@ def export(run: str | Path, fmt: str, out: str | Path | None = None, *, config: 
     run = Path(run)
     detector = load_detector(run, device="cpu", config=config, overrides=overrides)
     out = Path(out) if out is not None else (run if run.is_dir() else run.parent) / f"detector{SUFFIX[fmt]}"
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give the file to write, e.g. {out / ('detector' + SUFFIX[fmt])}")
     graph = detector.graph.eval()
     s = detector.crop_size
     seeded = torch.Generator().manual_seed(0)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from k2l_dist.config import PATH_KEYS
+from k2l_dist.config import PATH_KEYS, flatten
 
 # Dotted keys, or section prefixes ending in ".", that must match the checkpoint's config.
 INCOMPATIBLE = (
@@ -22,16 +22,6 @@ INCOMPATIBLE = (
     "keypoints.outlier_fraction", "augment.size", "eval.test_count", "eval.split", "eval.split_file", "eval.seed",
     "data.test_list", "data.train_list", "seed",
 )
-
-
-def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
-    return out
 
 
 def incompatible_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

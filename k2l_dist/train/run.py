@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,7 +26,7 @@ from k2l_dist.augment import build_loader
 from k2l_dist.clustering.rounds import degenerate_warnings
 from k2l_dist.clustering.service import ClusteringService, make_service
 from k2l_dist.config import Config, absolute_paths, save_config, validate
-from k2l_dist.data.shards import dataset_digest, load_manifest, load_samples_meta
+from k2l_dist.data.shards import ShardError, dataset_digest, load_manifest, load_samples_meta
 from k2l_dist.distributed import DistInfo, watchdog
 from k2l_dist.distributed.collectives import broadcast_json, check_replicas, max_over_ranks, mean_over_ranks
 from k2l_dist.distributed.storage import check_shared
@@ -43,6 +44,7 @@ from k2l_dist.train.steps import autocast, stage1_losses, stage2_losses
 from k2l_dist.utils.checkpoint import load_checkpoint, load_latest_checkpoint, save_checkpoint
 from k2l_dist.utils.faults import fault_requested, maybe_hang, maybe_interrupt, maybe_raise
 from k2l_dist.utils.io import atomic_write_text, ensure_writable
+from k2l_dist.utils.lock import RunLock
 from k2l_dist.utils.memory import peak_rss_bytes
 from k2l_dist.utils.metrics import MetricsLogger
 from k2l_dist.utils.seeds import derive_seed
@@ -207,14 +209,18 @@ def train(cfg: Config, resume: bool = True) -> dict:
     """Train Φ then Ψ as ``cfg`` says and evaluate; returns the metrics (evaluated on rank 0)."""
     cfg = absolute_paths(cfg)  # every node and the saved config mean the same files
     validate(cfg)  # values that cannot work fail here, not after the warm-up
+    maybe_raise("start", int(os.environ.get("RANK", "0")))
     info = distributed.enable(cfg.dist, cfg.device)
     service: ClusteringService | None = None
+    lock: RunLock | None = None
     finished = False
     try:
         if info.is_main:
             ensure_writable(cfg.run_dir, "run_dir")  # a read-only folder fails now, not at the first checkpoint
+            lock = RunLock(cfg.run_dir, "k2l train").acquire()  # one run per folder, before anything is written
         check_shared(cfg.run_dir, "run_dir", info)  # checkpoints are written by rank 0 and read by all
-        service = make_service(cfg.cluster, info)  # an actor no node can host fails before a long prepare
+        # an actor no node can host, or a Ray address that does not answer, fails before a long prepare
+        service = make_service(cfg.cluster, info, connect_timeout_s=cfg.dist.timeout_s)
         shard_dir = ensure_shards(cfg, info)
         metrics = _train(cfg, info, shard_dir, service, resume)
         finished = True
@@ -228,6 +234,8 @@ def train(cfg: Config, resume: bool = True) -> dict:
         if service is not None:
             service.close(clean=finished)
         distributed.shutdown()
+        if lock is not None:
+            lock.release()
 
 
 def _named_failure(err: Exception, info: DistInfo) -> Exception:
@@ -257,6 +265,10 @@ def _train(cfg: Config, info, shard_dir: Path, service: ClusteringService, resum
     manifest, meta = load_manifest(shard_dir), load_samples_meta(shard_dir)
     prepared = {"data.size": manifest.get("size"), "keypoints.method": manifest.get("keypoints", {}).get("method")}
     asked = {"data.size": cfg.data.size, "keypoints.method": cfg.keypoints.method}
+    if len(meta["keypoints"]) == 0:  # the warm-up trains on them: nothing to start from
+        raise ShardError(f"{shard_dir} holds no keypoints (prepared with keypoints.method="
+                         f"{prepared['keypoints.method']}); training starts from generic keypoints: prepare with "
+                         f"keypoints.method=orb, sift or superpoint")
     differ = [f"{k}={asked[k]!r} but the shards have {prepared[k]!r}" for k in asked if prepared[k] != asked[k]]
     if differ:
         raise ValueError(f"{shard_dir} was prepared with other settings: {'; '.join(differ)} (set them as the shards "

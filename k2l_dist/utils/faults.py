@@ -1,6 +1,7 @@
 """Fault injection for tests of failure handling: ``K2L_FAULT=where[@rankR][,…]``.
 
-``where`` names a point in the run: ``extract:round1`` (a rank raises while extracting
+``where`` names a point in the run: ``start`` (a rank raises before it joins the job),
+``extract:round1`` (a rank raises while extracting
 for round 1), ``actor:round2`` (the clustering actor's process exits while clustering
 round 2, once: a recreated actor carries on), ``nan:round2`` (the first loss of round 2
 becomes NaN), ``kill:round1:15`` / ``stop:round1:15`` (after step 15 of round 1 the

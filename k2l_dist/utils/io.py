@@ -70,6 +70,10 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[BinaryIO]:
             raise StorageError(err.errno, f"disk full writing {path} ({_free_mb(path.parent)}): the file was "
                                           f"left as it was before, with no partial copy; free space and rerun "
                                           f"(a run resumes from its last checkpoint)") from err
+        if isinstance(err, OSError) and err.errno == errno.EFBIG:
+            raise StorageError(err.errno, f"file too large writing {path}: the file-size limit of this shell "
+                                          f"(ulimit -f) is reached; the file was left as it was before; raise the "
+                                          f"limit (ulimit -f unlimited) and rerun") from err
         raise
 
 
