@@ -117,7 +117,7 @@ def _summary(run_dir: str, metrics: dict) -> str:
 def _cmd_ablate(args) -> int:
     from k2l_dist.train.ablate import ablate
 
-    print(ablate(args.config, args.grid or [], args.overrides, args.out, alone=args.alone))
+    print(ablate(args.config, args.grid or [], args.overrides, args.out, alone=args.alone, seeds=args.seeds))
     return 0
 
 
@@ -215,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alone", action="append", metavar="'KEY=V [KEY=V …]'",
                    help="instead of --grid: the config as it is, then each --alone change on its own "
                         "(one or more overrides that belong together)")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="runs per setting, seeds 0..N-1; the table gives mean ± sd and paired differences")
     p.add_argument("--out", required=True, help="folder for the runs, the shared shards and the table")
     p.set_defaults(func=_cmd_ablate)
     return parser

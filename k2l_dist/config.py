@@ -108,9 +108,14 @@ class ModelConfig:
     blocks: int = 1  # ConvBlocks per hourglass branch and level (FAN: 1)
 
 
+# Radii are given in pixels of a 64×64 heatmap (the paper's: 256-px images, stride 4) and
+# scaled to the heatmap a config trains (a 128-px crop: 32×32, half of them).
+RADIUS_REFERENCE = 64
+
+
 @dataclass
 class LossConfig:
-    """Stage-1/2 losses (paper Sec. 3.4, 3.6, 5.2). Distances are in heatmap (output) pixels."""
+    """Stage-1/2 losses (paper Sec. 3.4, 3.6, 5.2). Radii: pixels of a 64² heatmap (``RADIUS_REFERENCE``)."""
 
     heatmap_sigma: float = 1.0  # Gaussian σ of detector / landmark targets
     margin: float = 1.0  # hinge margin m on squared distances of unit descriptors, in [0, 4]
@@ -118,10 +123,11 @@ class LossConfig:
     negatives: str = "same_image"  # same_image | different_clusters (ablation, Table 3)
     correspondence: str = "clustering"  # clustering | equivariance (ablation, Table 3)
     random_negatives: int = 32  # random-location negatives per view and image (same_image)
-    min_neg_distance: float = 3.0  # random negatives at least this far from every labelled point
-    # two detections of one image closer than this (in the crop, heatmap pixels) are not
-    # pushed apart as negatives: they are likely the same part found twice
-    point_neg_min_distance: float = 1.5
+    # random negatives at least this far from every labelled point (the official code: 5.7)
+    min_neg_distance: float = 5.7
+    # two detections of one image closer than this are not pushed apart as negatives: they
+    # are likely the same part found twice (the official code drops pairs closer than 5.7)
+    point_neg_min_distance: float = 5.7
     # ignore the part of a crop that lies outside its image (repeated border pixels): no
     # detections, random negatives or heatmap loss there
     mask_padding: bool = True
@@ -148,7 +154,7 @@ class Stage1Config:
     # per image (0 = 3 × cluster.K), and a round reports how many images reached it.
     extract_points: int = 0
     detect_threshold: float = 0.05  # detector confidence a peak must exceed
-    nms_radius: int = 1  # heatmap pixels
+    nms_radius: float = 2.0  # pixels of a 64² heatmap (the official ±2 box); at least 1 heatmap pixel
     subpixel: bool = True  # refine peaks to sub-pixel positions (log-quadratic fit)
     flip: bool = True  # flip correspondence (Sec. 3.7): flipped labels for mirrored views
     # Images per extraction batch (inference only, with its mirror pass in the same forward);
@@ -423,6 +429,11 @@ def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
     return out
+
+
+def heatmap_radius(value: float, heatmap_side: int) -> float:
+    """A radius given in pixels of a ``RADIUS_REFERENCE``² heatmap, in pixels of one ``heatmap_side`` wide."""
+    return float(value) * heatmap_side / RADIUS_REFERENCE
 
 
 def config_to_dict(cfg: Config) -> dict:

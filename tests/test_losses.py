@@ -352,3 +352,50 @@ def test_two_detections_closer_than_the_minimum_are_not_negatives() -> None:
     every = contrastive_loss(desc, desc, labels, labels, **base)
     # 6 points (3 slots × 2 views): 12 negative pairs, of which 0–1 across and within views: 4
     assert int(every["num_neg"]) == 12 and int(far["num_neg"]) == 8
+
+
+def test_the_warm_up_draws_same_image_negatives_whatever_loss_negatives_says():
+    """Warm-up points carry no cluster label: with different-cluster negatives they would
+    give no negative pair at all (and the warm-up would collapse)."""
+    from k2l_dist.config import LossConfig
+    from k2l_dist.train.run import warmup_loss
+
+    g = torch.Generator().manual_seed(0)
+    desc_a, desc_b = torch.randn(2, 6, 8, generator=g), torch.randn(2, 6, 8, generator=g)
+    unlabelled = torch.full((2, 6), -1)
+    present = torch.ones(2, 6, dtype=torch.bool)
+
+    def pairs(loss):
+        return contrastive_loss(desc_a, desc_b, unlabelled, unlabelled, valid_a=present, valid_b=present,
+                                negatives=loss.negatives, correspondence=loss.correspondence)["num_neg"]
+
+    asked = LossConfig(negatives="different_clusters")
+    assert pairs(asked) == 0  # what the warm-up trained on before: positives only
+    warm = warmup_loss(asked)
+    assert warm.negatives == "same_image" and warm.correspondence == "equivariance"
+    assert pairs(warm) == 2 * (12 * 11 // 2 - 6)  # every pair of two slots of one image, both views
+
+
+def test_radii_scale_with_the_heatmap_size():
+    from k2l_dist.config import RADIUS_REFERENCE, heatmap_radius
+    from k2l_dist.models.extract import extract
+
+    assert RADIUS_REFERENCE == 64 and heatmap_radius(5.7, 64) == 5.7
+    assert heatmap_radius(5.7, 32) == pytest.approx(2.85) and heatmap_radius(2.0, 16) == 0.5
+
+    class TwoPeaks(torch.nn.Module):
+        """Φ stand-in: two peaks 2 heatmap pixels apart, whatever the input size."""
+
+        def forward(self, images):
+            side = images.shape[-1] // 4
+            heat = torch.zeros(images.shape[0], 1, side, side)
+            heat[:, 0, 10, 10], heat[:, 0, 10, 12] = 0.9, 0.8
+            return heat, torch.ones(images.shape[0], 4, side, side)
+
+    # stage1.nms_radius=2 (the official ±2 box at 64²): both peaks on a 32² map (radius 1), one on a 64² map
+    for side, kept in ((32, 2), (64, 1)):
+        batch = {"view0": torch.zeros(1, 3, 4 * side, 4 * side), "matrix0": torch.eye(3)[:2][None],
+                 "id": torch.tensor([0])}
+        ext = extract(TwoPeaks(), [batch], max_points=4, threshold=0.1, nms_radius=2.0, flip=False, subpixel=False,
+                      show_progress=False)
+        assert len(ext.points) == kept, side

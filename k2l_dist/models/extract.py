@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from k2l_dist.augment.geometry import inverse_affine, transform_points
+from k2l_dist.config import heatmap_radius
 from k2l_dist.models import STRIDE
 from k2l_dist.models.points import nms_peaks, sample_descriptors, to_image_coords
 from k2l_dist.models.regions import pixel_mask, points_inside
@@ -46,12 +47,13 @@ class Extraction:
 
 @torch.inference_mode()
 def extract(model: torch.nn.Module, batches: Iterable[dict], *, max_points: int, threshold: float,
-            nms_radius: int = 1, flip: bool = True, subpixel: bool = True, total: int | None = None,
+            nms_radius: float = 2.0, flip: bool = True, subpixel: bool = True, total: int | None = None,
             show_progress: bool = True, regions=None) -> Extraction:
     """Detect points and descriptors on un-augmented views (``view0``, ``matrix0``, ``id``).
 
-    ``regions`` (:class:`~k2l_dist.models.regions.CropRegions`): detections on a crop's
-    padding (repeated border pixels) are dropped."""
+    ``nms_radius``: in pixels of a 64² heatmap, scaled to the heatmap at hand (at least 1
+    pixel). ``regions`` (:class:`~k2l_dist.models.regions.CropRegions`): detections on a
+    crop's padding (repeated border pixels) are dropped."""
     was_training = model.training
     model.eval()
     ids, pts, scores, descs, fdescs, seen = [], [], [], [], [], []
@@ -69,7 +71,8 @@ def extract(model: torch.nn.Module, batches: Iterable[dict], *, max_points: int,
             rects = regions.lookup(batch["id"], heat.device)
             matrix = batch["matrix0"].to(heat.device)
             heat = heat * pixel_mask(rects, matrix, tuple(heat.shape[-2:]), STRIDE)
-        peaks, score, valid = nms_peaks(heat, max_points, threshold, radius=nms_radius, subpixel=subpixel)
+        radius = max(1, round(heatmap_radius(nms_radius, heat.shape[-1])))
+        peaks, score, valid = nms_peaks(heat, max_points, threshold, radius=radius, subpixel=subpixel)
         capped += int(valid.all(dim=1).sum())
         view_pts = to_image_coords(peaks, STRIDE)
         if regions is not None:

@@ -1,15 +1,22 @@
 """`k2l ablate`: train one config over a grid of settings and tabulate the metrics.
 
-Each setting is a complete run in ``<out>/<setting>`` (rerunning the command resumes the
-unfinished ones and reads the finished ones back). Settings that leave the data and the
-initial keypoints alone share one shard folder, prepared once.
+Each setting is a complete run in ``<out>/<setting>`` (``<out>/<setting>/seed<s>`` with
+``--seeds N``; rerunning the command resumes the unfinished ones and reads the finished
+ones back). Settings that leave the data and the initial keypoints alone share one shard
+folder, prepared once. With several seeds every setting runs with seeds 0..N-1 (``seed``
+and ``cluster.seed``; the held-out split, ``eval.seed``, stays fixed), the table gives
+each metric's mean ± standard deviation and, per setting, the paired difference of its
+forward and backward NME to the first setting (same seed against same seed) with a
+paired t-test: a difference the seeds do not resolve is said to be within noise.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import math
 import re
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,8 +78,9 @@ def alone_settings(changes: list[str]) -> list[Setting]:
 
 
 def ablate(config: str | Path | None, grid_items: list[str], overrides: list[str], out: str | Path,
-           alone: list[str] | None = None) -> str:
-    """Runs every setting (resuming where a previous call stopped); returns the markdown table.
+           alone: list[str] | None = None, seeds: int = 1) -> str:
+    """Runs every setting (resuming where a previous call stopped) with ``seeds`` seeds each;
+    returns the markdown table.
 
     ``grid_items``: every combination of the values; ``alone``: the base config and each
     change on its own (one of the two)."""
@@ -81,38 +89,91 @@ def ablate(config: str | Path | None, grid_items: list[str], overrides: list[str
     out = Path(out)
     if bool(grid_items) == bool(alone):
         raise ConfigError("k2l ablate: give either --grid (every combination) or --alone (each change on its own)")
+    if seeds < 1:
+        raise ConfigError(f"k2l ablate: --seeds must be >= 1, got {seeds}")
     grid = parse_grid(grid_items) if grid_items else []
     runs = settings(grid) if grid else alone_settings(alone)
     for setting in runs:  # every setting must be a valid config before any training starts
         load_config(config, [*overrides, *setting.overrides])
-    rows = []
+    rows: list[tuple[Setting, list[dict]]] = []
     for setting in runs:
         own_shards = any(k.startswith(_PREPARE_KEYS) for k, _ in setting.values)
         shards = out / (f"shards_{setting.name}" if own_shards else "shards")
-        cfg = load_config(config, [*overrides, *setting.overrides, f"run_dir={out / setting.name}",
-                                   f"data.shards={shards}"])
-        if not (shards / "index.json").is_file():
-            from k2l_dist.data.prepare import prepare
+        rows.append((setting, []))
+        for seed in range(seeds):
+            run_dir = out / setting.name / f"seed{seed}" if seeds > 1 else out / setting.name
+            seeded = [f"seed={seed}", f"cluster.seed={seed}"] if seeds > 1 else []
+            cfg = load_config(config, [*overrides, *setting.overrides, *seeded, f"run_dir={run_dir}",
+                                       f"data.shards={shards}"])
+            if not (shards / "index.json").is_file():
+                from k2l_dist.data.prepare import prepare
 
-            print(prepare(cfg, shards).text())
-        rows.append((setting, train(cfg)))
-        atomic_write_text(out / "ablation.md", table(rows, config, grid, overrides, alone))
+                print(prepare(cfg, shards).text())
+            rows[-1][1].append(train(cfg))
+            atomic_write_text(out / "ablation.md", table(rows, config, grid, overrides, alone, seeds))
     atomic_write_text(out / "ablation.json", json.dumps(
-        [{"setting": dict(s.values), "metrics": m} for s, m in rows], indent=1))
-    return table(rows, config, grid, overrides, alone)
+        [{"setting": dict(s.values), "metrics": m if seeds > 1 else m[0]} for s, m in rows], indent=1))
+    return table(rows, config, grid, overrides, alone, seeds)
+
+
+def _mean_sd(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def paired_difference(values: list[float], base: list[float]) -> tuple[float, float, float]:
+    """Mean and standard deviation of ``values[i] - base[i]`` and the two-sided p-value of a
+    paired t-test (NaN with fewer than 2 pairs; 0 when every difference is the same non-zero value)."""
+    diffs = [v - b for v, b in zip(values, base)]
+    mean = statistics.fmean(diffs)
+    if len(diffs) < 2:
+        return mean, float("nan"), float("nan")
+    sd = statistics.stdev(diffs)
+    if sd == 0:
+        return mean, 0.0, 0.0 if mean != 0 else 1.0
+    from scipy.stats import t as student
+
+    t = mean / (sd / math.sqrt(len(diffs)))
+    return mean, sd, float(2 * student.sf(abs(t), len(diffs) - 1))
+
+
+def _verdict(metric: str, values: list[float], base: list[float]) -> str:
+    mean, sd, p = paired_difference(values, base)
+    if math.isnan(p):
+        return f"{mean:+.4f}"
+    word = "lower" if mean < 0 else "higher"
+    said = f"{word} (p = {p:.2f})" if p < 0.05 else f"within noise (p = {p:.2f})"
+    return f"{mean:+.4f} ± {sd:.4f}: {said}"
 
 
 def table(rows: list, config, grid: list[tuple[str, list[str]]], overrides: list[str],
-          alone: list[str] | None = None) -> str:
+          alone: list[str] | None = None, seeds: int = 1) -> str:
+    """The markdown table of ``rows`` = ``[(setting, [metrics of seed 0, 1, …]), …]``."""
     keys = [k for k, _ in grid] or ["change"]
-    head = ["| " + " | ".join([*keys, *(c for _, c in COLUMNS), "train min"]) + " |",
-            "|" + "---|" * (len(keys) + len(COLUMNS) + 1)]
+    paired = seeds > 1
+    extra = ["forward vs the first row", "backward vs the first row"] if paired else []
+    head = ["| " + " | ".join([*keys, *(c for _, c in COLUMNS), *extra, "train min"]) + " |",
+            "|" + "---|" * (len(keys) + len(COLUMNS) + len(extra) + 1)]
     lines = []
-    for setting, metrics in rows:
+    base = rows[0][1] if rows else []
+    for setting, runs in rows:
+        runs = runs if isinstance(runs, list) else [runs]
         cells = [v for _, v in setting.values] if grid else [" ".join(setting.overrides) or "as configured"]
-        cells += [f"{metrics[k]:.4f}" if isinstance(metrics.get(k), float) else "—" for k, _ in COLUMNS]
-        cells.append(f"{metrics.get('train_seconds', 0) / 60:.1f}")
+        for key, _ in COLUMNS:
+            values = [m[key] for m in runs if isinstance(m.get(key), float)]
+            cells.append(_mean_sd(values) if values else "—")
+        if paired:
+            for key in ("forward_nme", "backward_nme"):
+                pairs = [(m[key], b[key]) for m, b in zip(runs, base) if isinstance(m.get(key), float)
+                         and isinstance(b.get(key), float)]
+                cells.append("—" if setting is rows[0][0] or not pairs else
+                             _verdict(key, [v for v, _ in pairs], [b for _, b in pairs]))
+        cells.append(f"{statistics.fmean(m.get('train_seconds', 0) for m in runs) / 60:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     cmd = " ".join(["k2l ablate", str(config or ""), *(f"--grid {k}={','.join(v)}" for k, v in grid),
-                    *(f"--alone '{c}'" for c in alone or []), *overrides])
-    return "\n".join([f"`{cmd}`", "", *head, *lines, ""])
+                    *(f"--alone '{c}'" for c in alone or []), *([f"--seeds {seeds}"] if paired else []), *overrides])
+    note = [f"Seeds 0–{seeds - 1} (`seed` and `cluster.seed`), the same held-out split; mean ± standard deviation "
+            "over the seeds; a difference to the first row is the mean of the per-seed differences ± their standard "
+            "deviation, with a paired t-test.", ""] if paired else []
+    return "\n".join([f"`{cmd}`", "", *note, *head, *lines, ""])

@@ -25,7 +25,7 @@ from k2l_dist import distributed
 from k2l_dist.augment import build_loader
 from k2l_dist.clustering.rounds import degenerate_warnings
 from k2l_dist.clustering.service import ClusteringService, make_service
-from k2l_dist.config import Config, absolute_paths, save_config, validate
+from k2l_dist.config import Config, LossConfig, absolute_paths, save_config, validate
 from k2l_dist.data.shards import ShardError, dataset_digest, load_manifest, load_samples_meta
 from k2l_dist.distributed import DistInfo, watchdog
 from k2l_dist.distributed.collectives import broadcast_json, check_replicas, max_over_ranks, mean_over_ranks
@@ -79,6 +79,13 @@ def _loader(cfg: Config, shard_dir: Path, ids: np.ndarray, info, *, train: bool,
     return build_loader(shard_dir, aug, rank=info.rank, world_size=info.world_size, seed=seed,
                         device=info.device, views=views if train else 1, shuffle=train,
                         padded="mark" if train else "drop", ids=ids)
+
+
+def warmup_loss(loss: LossConfig) -> LossConfig:
+    """The warm-up's loss (Sec. 3.5): known correspondences only, and same-image negatives
+    whatever ``loss.negatives`` says: the warm-up's points carry no cluster label, so
+    different-cluster negatives would leave it with positives alone (and collapse)."""
+    return dataclasses.replace(loss, correspondence="equivariance", negatives="same_image")
 
 
 def seed_phase(cfg: Config, phase: str, rank: int, generator: torch.Generator) -> None:
@@ -391,8 +398,7 @@ def _train(cfg: Config, info, shard_dir: Path, service: ClusteringService, resum
     # ---- Stage 1: warm-up on known correspondences (two augmentations of one image).
     t0 = time.time()
     if progress.phase == "warmup":
-        warm = dataclasses.replace(cfg.loss, correspondence="equivariance")
-        step = run(warm, s1.warmup_iters, "warmup",
+        step = run(warmup_loss(cfg.loss), s1.warmup_iters, "warmup",
                    _loader(cfg, shard_dir, split.train, info, train=True, seed=cfg.seed))
         log.scalars(step, {"phi_checksum": check_replicas(phi, "after the warm-up")}, "replicas/")
         progress = Progress(phase="round", step=step)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from k2l_dist.augment.geometry import inside_view, select_by_flip, transform_points
+from k2l_dist.config import heatmap_radius
 from k2l_dist.loss import contrastive_loss, detector_loss, landmark_loss
 from k2l_dist.models import STRIDE
 from k2l_dist.models.points import sample_descriptors, sample_negative_locations, to_feature_coords, to_image_coords
@@ -47,6 +48,8 @@ def stage1_losses(model: torch.nn.Module, batch: dict, table: LabelTable, *, max
     b = batch["view0"].shape[0]
     heat, dmap = model(torch.cat([batch["view0"], batch["view1"]]))
     size = tuple(heat.shape[-2:])
+    random_apart = heatmap_radius(loss_cfg.min_neg_distance, size[-1])
+    points_apart = heatmap_radius(loss_cfg.point_neg_min_distance, size[-1])
     det, descs, negs, neg_ok, labels, present = [], [], [], [], [], []
     looked_up = table.lookup(batch["id"], max_points)
     rects = regions.lookup(batch["id"], device) if regions is not None else None
@@ -64,7 +67,7 @@ def stage1_losses(model: torch.nn.Module, batch: dict, table: LabelTable, *, max
         det.append(detector_loss(heat[sl], fpts, pres, loss_cfg.heatmap_sigma, images=in_loss, pixels=pixels))
         descs.append(sample_descriptors(dmap[sl].float(), pts, STRIDE))
         locs, ok = sample_negative_locations(fpts, pres, size, loss_cfg.random_negatives,
-                                             loss_cfg.min_neg_distance, generator)
+                                             random_apart, generator)
         neg_pts = to_image_coords(locs, STRIDE)
         if rects is not None:
             ok = ok & points_inside(neg_pts, rects, matrix)
@@ -77,7 +80,7 @@ def stage1_losses(model: torch.nn.Module, batch: dict, table: LabelTable, *, max
                            margin=loss_cfg.margin, neg_weight=loss_cfg.neg_weight,
                            negatives=loss_cfg.negatives, correspondence=loss_cfg.correspondence,
                            points=to_feature_coords(looked_up["points"].to(device), STRIDE),
-                           neg_min_distance=loss_cfg.point_neg_min_distance)
+                           neg_min_distance=points_apart)
     detector = (det[0] + det[1]) / 2
     return {"loss": detector + con["loss"], "detector": detector, "contrastive": con["loss"],
             "positive": con["positive"], "negative": con["negative"],
