@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from k2l_dist.config import ConfigError, apply_values, config_yaml, load_config, nest_values
+from k2l_dist.data.readers import FORMATS
 
 # flag name → dotted config key, for `k2l prepare`
 PREPARE_FLAGS = {
@@ -45,10 +46,10 @@ def _add_prepare(sub) -> None:
                                    "WebDataset shards + index into --out.")
     p.add_argument("--config", help="YAML config whose data/keypoints sections are the defaults")
     p.add_argument("--out", required=True, help="output folder for shards and index")
-    p.add_argument("--format", choices=["synthetic", "folder", "mtfl", "lsp", "pts", "mafl", "aflw"])
+    p.add_argument("--format", choices=list(FORMATS))
     p.add_argument("--root", help="dataset root (annotation paths are relative to it)")
     p.add_argument("--annotations", help="annotation file (mtfl, aflw: MTFL training.txt; "
-                                         "mafl: list_landmarks_align_celeba.txt; lsp: joints.mat)")
+                                         "mafl: list_landmarks_align_celeba.txt; lsp, lspet: joints.mat)")
     p.add_argument("--test-list", help="the dataset's test list, recorded for eval.split=protocol "
                                        "(mafl: MAFL testing.txt; aflw: MTFL testing.txt)")
     p.add_argument("--train-list", help="mafl: MAFL training.txt (the images the regressors are fitted on)")
@@ -102,12 +103,15 @@ def _cmd_train(args) -> int:
 def _summary(run_dir: str, metrics: dict) -> str:
     lines = [f"run folder: {run_dir}  (tensorboard --logdir {Path(run_dir) / 'tensorboard'})"]
     keys = ["forward_nme", "backward_nme", "stage1_forward_nme", "stage1_backward_nme", "keypoint_baseline_nme",
-            "keypoint_baseline_backward_nme", "mean_shape_nme", "raw_accuracy", "train_seconds", "samples_skipped",
-            "eval_images_skipped"]
+            "keypoint_baseline_backward_nme", "mean_shape_nme", "forward_pck", "mean_shape_pck", "raw_accuracy",
+            "train_seconds", "samples_skipped", "eval_images_skipped"]
     for key in keys:
         if key in metrics and metrics[key] is not None:
             value = metrics[key]
             lines.append(f"  {key:31s} {value:.4f}" if isinstance(value, float) else f"  {key:31s} {value}")
+    per_landmark = metrics.get("raw_accuracy_per_landmark") or {}
+    if per_landmark:
+        lines.append("  raw accuracy per landmark:     " + ", ".join(f"{k} {v:.2f}" for k, v in per_landmark.items()))
     if metrics.get("samples_skipped"):
         reasons = ", ".join(f"{n} {r}" for r, n in sorted(metrics["samples_skipped_by_reason"].items()))
         lines.append(f"  unreadable samples left out of training and evaluation: {reasons}")

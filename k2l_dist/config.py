@@ -28,14 +28,15 @@ class ConfigError(ValueError):
 class DataConfig:
     """Where the images come from and how `k2l prepare` turns them into shards."""
 
-    format: str = "synthetic"  # synthetic | folder | mtfl | lsp | pts | mafl | aflw
+    format: str = "synthetic"  # synthetic | folder | mtfl | lsp | lspet | pts | mafl | aflw
     root: str = ""  # dataset root; annotation paths are relative to it
-    # mtfl, aflw: MTFL training.txt; mafl: CelebA list_landmarks_align_celeba.txt; lsp: joints.mat
+    # mtfl, aflw: MTFL training.txt; mafl: CelebA list_landmarks_align_celeba.txt; lsp, lspet: joints.mat
     annotations: str = ""
     # The dataset's own test list, recorded in the shards for eval.split=protocol.
     # mafl: MAFL testing.txt (image names); aflw: MTFL testing.txt (its AFLW/ lines are the test faces)
     test_list: str = ""
     train_list: str = ""  # mafl: MAFL training.txt (the images the regressors are fitted on)
+    partition_file: str = ""  # mafl: CelebA's list_eval_partition.txt: only its training partition trains
     shards: str = ""  # folder of prepared shards; empty = <run_dir>/shards
     # data.shards is a path on each node's own disk: the first process of every node that
     # lacks it prepares it there (the nodes' copies must agree, checked by content digest)
@@ -105,6 +106,10 @@ class ModelConfig:
     stacks: int = 1
     descriptor_dim: int = 256
     groups: int = 32  # GroupNorm groups (capped per layer at gcd(groups, channels))
+    # Ψ's head: conv = a fresh 1×1 convolution on the backbone; descriptor = Φ's descriptor
+    # layer (copied from Φ) then a fresh 1×1 convolution to the K heatmaps, as the paper's
+    # code keeps Φ's descriptor branch and retrains its last layer only
+    psi_head: str = "conv"
     blocks: int = 1  # ConvBlocks per hourglass branch and level (FAN: 1)
 
 
@@ -134,6 +139,10 @@ class LossConfig:
     # an image without pseudo-labels this round is left out of the detector loss; False
     # trains its heatmap towards zero (an ablation of that choice)
     sit_out_unlabelled: bool = True
+    # separate: detector MSE (mean of the views) + mean positive + neg_weight × mean negative;
+    # official: the paper's code's balance: 10 × one mean over all pairs, the negatives'
+    # hinge on the distance (not its square) squared, + the two views' detector MSE summed
+    balance: str = "separate"
 
 
 @dataclass
@@ -174,6 +183,10 @@ class Stage2Config:
     backbone_lr_scale: float = 1.0  # Ψ's backbone trains at lr × this (official code: 0.1)
     flip_train: bool = True  # mirrored training views with the K↔K flip permutation
     flip_test: bool = True  # average with the channel-permuted heatmaps of the mirrored image
+    # Cutout on Ψ's training views (the official code: an 80-px square of a 256-px image,
+    # half the time): the square's side as a share of the view, 0 = off
+    cutout: float = 0.0
+    cutout_prob: float = 0.5
 
 
 @dataclass
@@ -232,7 +245,7 @@ class EvalConfig:
     # Raw-landmark accuracy thresholds in pixels at accuracy_ref_size (paper: 6 px at 128 px)
     accuracy_thresholds: tuple[float, ...] = (6.0,)
     accuracy_ref_size: int = 128
-    ced_max: float = 0.1  # x range of CED plots, in NME units
+    ced_max: float = 0.0  # x range of CED plots, in NME units; 0 = the largest error plotted
     ced_steps: int = 200
     svt_iters: int = 2000  # Stage-1 matrix completion (Sec. 4.2)
     svt_tol: float = 1e-4
@@ -454,7 +467,8 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 # keys that hold a path: resolved against the working directory before a job starts, so
 # every process, node and saved config means the same file whatever its own directory
-PATH_KEYS = ("run_dir", "data.root", "data.annotations", "data.test_list", "data.train_list", "data.shards",
+PATH_KEYS = ("run_dir", "data.root", "data.annotations", "data.test_list", "data.train_list", "data.partition_file",
+             "data.shards",
              "data.box_file", "keypoints.superpoint_weights", "eval.split_file")
 
 
@@ -506,6 +520,11 @@ def validate(cfg: Config) -> None:
         (cfg.precision in ("fp32", "bf16"), "precision", f"{cfg.precision!r} is not fp32 or bf16"),
         (cfg.compile in COMPILE_BACKENDS, "compile",
          f"{cfg.compile!r} is not one of {', '.join(map(repr, COMPILE_BACKENDS))}"),
+        (cfg.model.psi_head in ("conv", "descriptor"), "model.psi_head",
+         f"{cfg.model.psi_head!r} is not conv or descriptor"),
+        (cfg.loss.balance in ("separate", "official"), "loss.balance",
+         f"{cfg.loss.balance!r} is not separate or official"),
+        (0 <= s2.cutout < 1, "stage2.cutout", f"must be in [0, 1) (a share of the view's side), got {s2.cutout}"),
         (cfg.dist.lr_scaling in ("none", "linear", "sqrt"), "dist.lr_scaling",
          f"{cfg.dist.lr_scaling!r} is not none, linear or sqrt"),
         (cfg.dist.timeout_s > 0, "dist.timeout_s", "must be > 0"),

@@ -285,3 +285,34 @@ def test_plots_write_pngs(tmp_path: Path) -> None:
     save_grid([img, img[:40], img], [pts, None, pts[:1]], g, cols=2)
     grid = matplotlib.image.imread(g)
     assert grid.shape[:2] == (2 + 2 * 66, 2 + 2 * 66)
+
+
+def test_pck_counts_landmarks_within_a_share_of_the_torso():
+    from k2l_dist.eval.metrics import pck
+
+    gt = np.zeros((2, 3, 2))
+    gt[:, 1] = [0.0, 10.0]  # the torso: landmarks 0 and 1, 10 px apart
+    norm = np.array([5.0, 5.0])
+    errors_px = np.array([[1.0, 2.0, 3.0], [1.5, np.nan, 2.5]])  # NaN: not scored
+    assert pck(errors_px / norm[:, None], norm, gt, (0, 1), alpha=0.2) == pytest.approx(3 / 5)
+
+
+def test_the_raw_accuracy_matching_is_fitted_on_other_images_when_asked():
+    from k2l_dist.eval.metrics import raw_landmark_accuracy
+
+    gt = np.zeros((4, 1, 2))
+    near_0 = np.stack([np.zeros((4, 2)), np.full((4, 2), 50.0)], axis=1)  # discovered 0 sits on the annotation
+    near_1 = near_0[:, ::-1]  # on these images discovered 1 does
+    own = raw_landmark_accuracy(near_1, gt, np.ones(4), 1.0)
+    assert own["matching"].tolist() == [1] and own["mean_accuracy"] == 1.0
+    fitted = raw_landmark_accuracy(near_1, gt, np.ones(4), 1.0, match_on=(near_0, gt, np.ones(4)))
+    assert fitted["matching"].tolist() == [0] and fitted["mean_accuracy"] == 0.0  # scored, not chosen, here
+
+
+def test_the_ced_range_follows_the_data_unless_set(tmp_path):
+    from k2l_dist.eval.plots import ced_range, save_ced_plot
+
+    curves = {"a": np.array([0.1, 0.2, np.nan]), "b": np.array([0.35, np.inf])}
+    assert ced_range(curves) == 0.35 and ced_range(curves, 0.1) == 0.1
+    aucs = save_ced_plot(curves, tmp_path / "ced.png")
+    assert aucs["a"] > aucs["b"] > 0  # every curve reaches its end inside the plot

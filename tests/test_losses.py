@@ -399,3 +399,30 @@ def test_radii_scale_with_the_heatmap_size():
         ext = extract(TwoPeaks(), [batch], max_points=4, threshold=0.1, nms_radius=2.0, flip=False, subpixel=False,
                       show_progress=False)
         assert len(ext.points) == kept, side
+
+
+def test_the_official_balance_is_one_mean_over_every_pair_with_the_hinge_on_the_distance():
+    g = torch.Generator().manual_seed(3)
+    desc_a, desc_b = torch.randn(1, 3, 4, generator=g), torch.randn(1, 3, 4, generator=g)
+    labels = torch.tensor([[0, 1, 2]])
+    out = contrastive_loss(desc_a, desc_b, labels, labels, margin=0.8, balance="official",
+                           correspondence="equivariance")
+    x = F.normalize(torch.cat([desc_a, desc_b], 1)[0], dim=-1)  # slots 0..2 in A, then in B
+    sq = torch.cdist(x, x).square()
+    pos = [sq[i, i + 3] for i in range(3)]
+    neg = [sq[i, j] for i in range(6) for j in range(i + 1, 6) if i % 3 != j % 3]
+    hinge = [torch.relu(0.8 - (d + 1e-9).sqrt()).square() for d in neg]
+    expected = (sum(pos) + sum(hinge)) / (len(pos) + len(neg))
+    assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert int(out["num_pos"]) == 3 and int(out["num_neg"]) == len(neg) == 12
+
+
+def test_cutout_hides_a_square_inside_the_image_half_the_time_reproducibly():
+    from k2l_dist.train.steps import cut_out
+
+    images = torch.ones(200, 3, 32, 32)
+    out = cut_out(images, 0.25, 0.5, torch.Generator().manual_seed(1))
+    hidden = (out == 0).all(1).sum((1, 2))  # black pixels per image
+    assert set(hidden.tolist()) == {0, 64}  # an 8 × 8 square, whole, or nothing
+    assert 70 < int((hidden > 0).sum()) < 130 and torch.equal(images, torch.ones_like(images))  # the input kept
+    assert torch.equal(out, cut_out(images, 0.25, 0.5, torch.Generator().manual_seed(1)))

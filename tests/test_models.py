@@ -280,3 +280,18 @@ def test_extraction_mirror_pass_shares_the_batch_without_mixing_images():
         pts[:, 0] = 31 - pts[:, 0]  # x ↔ S-1-x
         want.append(sample_descriptors(fdmap[i:i + 1], pts[None], STRIDE)[0])
     np.testing.assert_allclose(shared.flipped_descriptors, torch.cat(want).numpy(), atol=1e-4)
+
+
+def test_psi_can_keep_phis_descriptor_layer_before_its_heatmaps():
+    import dataclasses
+
+    from k2l_dist.config import ModelConfig
+    from k2l_dist.models import KeypointNet, LandmarkNet
+
+    cfg = dataclasses.replace(ModelConfig(width=16, depth=2, descriptor_dim=8, groups=4), psi_head="descriptor")
+    phi = KeypointNet(cfg)
+    psi = LandmarkNet.from_keypoint_net(phi, 5)
+    assert torch.equal(psi.head[0].weight, phi.descriptor.weight) and psi.head[1].out_channels == 5
+    assert psi(torch.rand(2, 3, 32, 32)).shape == (2, 5, 8, 8)
+    plain = LandmarkNet.from_keypoint_net(KeypointNet(dataclasses.replace(cfg, psi_head="conv")), 5)
+    assert isinstance(plain.head, torch.nn.Conv2d)

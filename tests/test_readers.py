@@ -198,3 +198,46 @@ def test_real_lsp_joints_parse():
     assert items[0].landmarks.shape == (14, 2)
     share_visible = np.mean([i.visible.mean() for i in items])
     assert 0.85 < share_visible < 0.99  # flag 0 = visible in the original release
+
+
+def test_lspet_reader_takes_its_own_layout_and_flags(tmp_path):
+    """LSP Extended: joints.mat 14×3×N, flag 1 = visible (LSP's is the opposite), 5-digit names;
+    a joint without annotation is left out, an image with fewer than 2 annotated joints skipped."""
+    from scipy.io import savemat
+
+    from k2l_dist.data.readers import LSP_JOINTS, read_items
+
+    rng = np.random.default_rng(0)
+    joints = np.concatenate([rng.uniform(10, 90, (14, 2, 3)), np.ones((14, 1, 3))], axis=1)
+    joints[0, :, 0] = [0.0, -26.1, 0.0]  # not annotated, placeholder coordinates as in the real file
+    joints[:, 2, 2] = 0
+    joints[5, 2, 2] = 1  # one annotated joint only
+    (tmp_path / "images").mkdir()
+    savemat(tmp_path / "joints.mat", {"joints": joints})
+    items, skips = read_items("lspet", str(tmp_path))
+    assert [i.path for i in items] == ["images/im00001.jpg", "images/im00002.jpg"]
+    assert np.isnan(items[0].landmarks[0]).all() and not items[0].visible[0] and items[0].visible[1:].all()
+    np.testing.assert_allclose(items[1].landmarks, joints[:, :2, 1].astype(np.float32))
+    assert [(s.path, s.reason) for s in skips] == [("images/im00003.jpg", "malformed annotation")]
+    assert len(LSP_JOINTS) == 14 and LSP_JOINTS[9] == "left_shoulder" and LSP_JOINTS[2] == "right_hip"
+    savemat(tmp_path / "joints.mat", {"joints": joints.transpose(1, 0, 2)})  # LSP's layout under the wrong name
+    with pytest.raises(DatasetError, match="LSP's 3×14×N layout: data.format=lsp"):
+        read_items("lspet", str(tmp_path))
+
+
+def test_mafl_with_celebas_partitions_trains_on_the_training_partition_only(tmp_path):
+    lines = ["000001.jpg 69 109 106 113 77 142 73 152 108 154", "000002.jpg 69 110 107 112 81 135 70 151 108 153",
+             "000004.jpg 70 112 108 111 85 135 72 152 104 152", "000005.jpg 68 111 108 112 103 148 71 152 105 151",
+             "000006.jpg 68 111 108 112 103 148 71 152 105 151"]
+    ann, train, test = _celeba_files(tmp_path, lines)
+    (tmp_path / "list_eval_partition.txt").write_text(
+        "000001.jpg 0\n000002.jpg 0\n000004.jpg 2\n000005.jpg 1\n000006.jpg 0\n")
+    items, _ = read_items("mafl", str(tmp_path), str(ann), test_list=str(test), train_list=str(train),
+                          partition=str(tmp_path / "list_eval_partition.txt"))
+    # 000005 (validation partition) leaves; 000004 stays though in partition 2: MAFL holds it out for the test
+    assert [(i.path, i.split) for i in items] == [("000001.jpg", "train"), ("000002.jpg", "train"),
+                                                  ("000004.jpg", "test"), ("000006.jpg", "")]
+    (tmp_path / "list_eval_partition.txt").write_text("000001.jpg train\n")
+    with pytest.raises(DatasetError, match="list_eval_partition.txt line 1"):
+        read_items("mafl", str(tmp_path), str(ann), test_list=str(test), train_list=str(train),
+                   partition=str(tmp_path / "list_eval_partition.txt"))

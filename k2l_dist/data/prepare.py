@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from k2l_dist.config import Config, DataConfig, KeypointConfig, save_config, validate
 from k2l_dist.data import crop as crops
-from k2l_dist.data.readers import FACE5_NAMES, Skip, SourceItem, read_box_file, read_items
+from k2l_dist.data.readers import FACE5_NAMES, LSP_JOINTS, Skip, SourceItem, read_box_file, read_items
 from k2l_dist.data.shards import SHARD_PATTERN, TEST_IDS, TRAIN_IDS, Sample, write_index, write_shard
 from k2l_dist.utils.images import read_image
 from k2l_dist.utils.io import atomic_write_text
@@ -284,6 +284,8 @@ def _check(data: DataConfig) -> None:
     if data.test_list and data.format not in ("mafl", "aflw"):
         raise PrepareError(f"data.test_list: only formats mafl and aflw read one, not '{data.format}' "
                            f"(hold out listed images with eval.split=file)")
+    if data.partition_file and data.format != "mafl":
+        raise PrepareError(f"data.partition_file: only format mafl reads one, not '{data.format}'")
     if data.train_list and data.format != "mafl":
         raise PrepareError(f"data.train_list: only format mafl reads one, not '{data.format}'")
 
@@ -305,7 +307,7 @@ def prepare(cfg: Config, out_dir: str | Path, overwrite: bool = False) -> Summar
     start = time.time()
     summary = Summary()
     items, skips = read_items(data.format, data.root, data.annotations, data.synthetic_count, data.pts_one_based,
-                              test_list=data.test_list, train_list=data.train_list)
+                              test_list=data.test_list, train_list=data.train_list, partition=data.partition_file)
     if data.limit > 0:
         items = items[: data.limit]
     summary.listed = len(items) + len(skips)
@@ -418,6 +420,10 @@ def _manifest(cfg: Config, shards: list[dict], kept: list[Detected], summary: Su
                         flip_permutation=list(synthetic.FLIP_PERMUTATION), norm_indices=list(synthetic.EYE_INDICES))
     elif data.format in ("mtfl", "aflw", "mafl"):
         manifest.update(landmark_names=list(FACE5_NAMES), norm_indices=[0, 1])  # interocular: the eye centres
+    elif data.format in ("lsp", "lspet"):
+        # PCK's torso: left shoulder to right hip
+        manifest.update(landmark_names=list(LSP_JOINTS), torso_indices=[LSP_JOINTS.index("left_shoulder"),
+                                                                        LSP_JOINTS.index("right_hip")])
     return manifest
 
 

@@ -20,7 +20,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-FORMATS = ("synthetic", "folder", "mtfl", "lsp", "pts", "mafl", "aflw")
+FORMATS = ("synthetic", "folder", "mtfl", "lsp", "lspet", "pts", "mafl", "aflw")
 FACE5_NAMES = ("left_eye", "right_eye", "nose", "left_mouth", "right_mouth")  # MTFL and CelebA order
 LSP_JOINTS = ("right_ankle", "right_knee", "right_hip", "left_hip", "left_knee", "left_ankle", "right_wrist",
               "right_elbow", "right_shoulder", "left_shoulder", "left_elbow", "left_wrist", "neck", "head_top")
@@ -180,7 +180,7 @@ def _celeba_landmarks(ann: Path) -> tuple[list[tuple[str, np.ndarray | None]], l
 
 
 def read_mafl(root: str | Path, annotations: str | Path, train_list: str | Path,
-              test_list: str | Path) -> tuple[list[SourceItem], list[Skip]]:
+              test_list: str | Path, partition: str | Path = "") -> tuple[list[SourceItem], list[Skip]]:
     """CelebA images with their 5 landmarks, in MAFL's protocol (Zhang et al. 2016).
 
     ``annotations``: CelebA's ``list_landmarks_align_celeba.txt`` (landmarks of the aligned
@@ -188,6 +188,8 @@ def read_mafl(root: str | Path, annotations: str | Path, train_list: str | Path,
     is listed, id = its position in that file; MAFL's ``testing.txt`` names the held-out
     images ("test": never trained on), its ``training.txt`` the images the regressors are
     fitted on ("train"). The other ~180k CelebA images train the networks only (paper Sec. 4.1).
+    ``partition``: CelebA's ``list_eval_partition.txt``; when given, only its training
+    partition (0) trains the networks, as in the paper, besides MAFL's listed images.
     """
     _require_dir(root)
     entries, skips = _celeba_landmarks(_require_file(annotations, "data.annotations (list_landmarks_align_celeba.txt)"))
@@ -198,6 +200,8 @@ def read_mafl(root: str | Path, annotations: str | Path, train_list: str | Path,
     if both:
         raise DatasetError(f"{train_path} line {train[both[0]]} and {test_path} line {test[both[0]]} both list "
                            f"{both[0]}: an image cannot train the regressor and be held out")
+    training = _celeba_partition(_require_file(partition, "data.partition_file (list_eval_partition.txt)")) \
+        if partition else None
     items: list[SourceItem] = []
     listed: set[str] = set()
     for i, (name, landmarks) in enumerate(entries):
@@ -206,12 +210,28 @@ def read_mafl(root: str | Path, annotations: str | Path, train_list: str | Path,
         if landmarks is None:
             continue
         split = "test" if key in test else "train" if key in train else ""
+        if training is not None and not split and key not in training:
+            continue  # CelebA's validation and test partitions: not the paper's training set
         items.append(SourceItem(i, name, landmarks, np.ones(5, bool), split=split))
     for names, path in ((test, test_path), (train, train_path)):
         for name, number in names.items():
             if name not in listed:
                 skips.append(Skip(name, "listed image without landmarks", f"{path.name} line {number}"))
     return items, skips
+
+
+def _celeba_partition(path: Path) -> set[str]:
+    """The image names of CelebA's training partition (lines ``name 0``) in ``list_eval_partition.txt``."""
+    names = set()
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) != 2 or fields[1] not in ("0", "1", "2"):
+            raise DatasetError(f"{path} line {number}: expected 'image.jpg 0|1|2', got {line!r}")
+        if fields[1] == "0":
+            names.add(fields[0])
+    return names
 
 
 def read_lsp(root: str | Path, annotations: str | Path | None = None) -> tuple[list[SourceItem], list[Skip]]:
@@ -315,9 +335,40 @@ def read_box_file(path: str | Path) -> dict[str, tuple[float, float, float, floa
     return boxes
 
 
+def read_lspet(root: str | Path, annotations: str | Path | None = None) -> tuple[list[SourceItem], list[Skip]]:
+    """LSP Extended (LSPet): ``joints.mat`` (14×3×N: x, y, flag) and ``images/im00001.jpg``…
+
+    The joints are LSP's 14 in LSP's order, but the array is 14×3×N and the flag is 1 for
+    a visible joint (the opposite of LSP's). A joint with flag 0 was not annotated (its
+    coordinates are placeholders, often outside the image): it is left out (NaN).
+    """
+    import scipy.io
+
+    root = _require_dir(root)
+    ann = _require_file(annotations or root / "joints.mat", "annotation file")
+    try:
+        joints = scipy.io.loadmat(ann)["joints"]
+    except (KeyError, ValueError, OSError) as err:
+        raise DatasetError(f"{ann}: not an LSPet joints.mat with a 'joints' array ({err})") from None
+    if joints.ndim != 3 or joints.shape[:2] != (len(LSP_JOINTS), 3):
+        raise DatasetError(f"{ann}: 'joints' has shape {joints.shape}, expected ({len(LSP_JOINTS)}, 3, N): x, y "
+                           f"and a visibility flag for LSP's {len(LSP_JOINTS)} joints in each of N images"
+                           + (" (this is LSP's 3×14×N layout: data.format=lsp)" if joints.shape[:2] == (3, 14) else ""))
+    items, skips = [], []
+    for i in range(joints.shape[2]):
+        visible = joints[:, 2, i] == 1
+        landmarks = np.where(visible[:, None], joints[:, :2, i], np.nan).astype(np.float32)
+        path = f"images/im{i + 1:05d}.jpg"
+        if visible.sum() < 2:  # no box to crop and nothing to score
+            skips.append(Skip(path, "malformed annotation", f"{ann.name} image {i + 1}: fewer than 2 annotated joints"))
+            continue
+        items.append(SourceItem(i, path, landmarks, visible))
+    return items, skips
+
+
 def read_items(fmt: str, root: str, annotations: str = "", synthetic_count: int = 0,
                pts_one_based: bool = True, test_list: str = "",
-               train_list: str = "") -> tuple[list[SourceItem], list[Skip]]:
+               train_list: str = "", partition: str = "") -> tuple[list[SourceItem], list[Skip]]:
     """Dispatch on the dataset format name."""
     if fmt == "synthetic":
         return read_synthetic(synthetic_count)
@@ -327,6 +378,8 @@ def read_items(fmt: str, root: str, annotations: str = "", synthetic_count: int 
         return read_mtfl(root, annotations or Path(root) / "training.txt")
     if fmt == "lsp":
         return read_lsp(root, annotations or None)
+    if fmt == "lspet":
+        return read_lspet(root, annotations or None)
     if fmt == "pts":
         return read_pts(root, pts_one_based)
     if fmt == "aflw":
@@ -336,5 +389,5 @@ def read_items(fmt: str, root: str, annotations: str = "", synthetic_count: int 
                            ("data.test_list", test_list)):
             if not value:
                 raise DatasetError(f"{key}: required for format mafl (CelebA landmarks, MAFL training/testing lists)")
-        return read_mafl(root, annotations, train_list, test_list)
+        return read_mafl(root, annotations, train_list, test_list, partition)
     raise DatasetError(f"data.format: unknown dataset format '{fmt}' (known: {', '.join(FORMATS)})")

@@ -25,7 +25,7 @@ from k2l_dist.config import flatten, run_config
 from k2l_dist.data.shards import load_manifest, load_samples_meta, read_dataset
 from k2l_dist.eval.completion import column_means, fill_with_means, svt
 from k2l_dist.eval.detector import landmarks_in_views
-from k2l_dist.eval.metrics import mean_shape_baseline, raw_landmark_accuracy
+from k2l_dist.eval.metrics import mean_shape_baseline, pck, raw_landmark_accuracy
 from k2l_dist.eval.regression import backward_nme, forward_nme, landmark_norm
 from k2l_dist.eval.split import regressor_ids, split_for_run
 from k2l_dist.keypoints import descriptors_to_float
@@ -168,8 +168,10 @@ def evaluate_run(cfg, shard_dir: Path, manifest: dict, meta: dict, split, phi, p
     mean_shape = mean_shape_baseline(gt[is_reg], gt[is_test], norm_test,
                                      center="none" if ecfg.center == "dataset" else "gt")
     size = manifest["size"]
-    acc = raw_landmark_accuracy(pred[is_test], gt[is_test], np.full(is_test.sum(), size / ecfg.accuracy_ref_size),
-                                ecfg.accuracy_thresholds[0])
+    scale = size / ecfg.accuracy_ref_size  # the paper's pixels at 128 px, at this crop size
+    acc = raw_landmark_accuracy(pred[is_test], gt[is_test], np.full(is_test.sum(), scale),
+                                ecfg.accuracy_thresholds[0],
+                                match_on=(pred[is_reg], gt[is_reg], np.full(is_reg.sum(), scale)))
 
     names = manifest.get("landmark_names") or [f"lm{i}" for i in range(gt.shape[1])]
     curves = {"forward (Ψ)": fwd.per_image, "backward (Ψ)": bwd.per_image, "stage 1 forward": s1_fwd.per_image,
@@ -186,13 +188,31 @@ def evaluate_run(cfg, shard_dir: Path, manifest: dict, meta: dict, split, phi, p
         "normalisation": ecfg_used.norm, "eval_images_skipped": skipped,
         "split": ecfg.split, "stage1_completion": s1_svt, "keypoint_baseline_completion": kp_svt,
     }
+    torso = manifest.get("torso_indices")
+    if torso:  # bodies: PCK@0.2 of the torso, beside NME
+        metrics.update({f"{name}_pck": pck(result.per_landmark, norm_test, gt[is_test], tuple(torso))
+                        for name, result in (("forward", fwd), ("stage1_forward", s1_fwd),
+                                             ("mean_shape", mean_shape))})
     log.scalars(0, {k: v for k, v in metrics.items() if isinstance(v, float)}, "eval/")
+    log.text("eval/metrics", metrics_table(metrics))
     log_landmark_grid(shard_dir, ids[is_test][:16], list(pred[is_test][:16]), run_dir / "landmarks_test.png", log,
                       "landmarks/test")
     ced = cv2.imread(str(run_dir / "ced.png"))
     if ced is not None:
         log.image("eval/ced", ced[..., ::-1].copy(), 0)
     return metrics
+
+
+def metrics_table(metrics: dict) -> str:
+    """The evaluation as one markdown table (TensorBoard's text tab): every number, and each
+    per-landmark figure as its own row."""
+    rows = ["| metric | value |", "|---|---|"]
+    for key, value in metrics.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            rows.append(f"| {key} | {value:.4f} |" if isinstance(value, float) else f"| {key} | {value} |")
+        elif isinstance(value, dict) and all(isinstance(v, (int, float)) for v in value.values()):
+            rows += [f"| {key}: {name} | {v:.4f} |" for name, v in value.items()]
+    return "\n".join(rows)
 
 
 def log_landmark_grid(shard_dir: Path, ids: np.ndarray, points: list[np.ndarray], path: Path, log,

@@ -8,32 +8,10 @@ from scipy.optimize import linear_sum_assignment
 from k2l_dist.eval.regression import NMEResult, as_points, landmark_errors
 
 
-def raw_landmark_accuracy(
-    pred: np.ndarray,
-    gt: np.ndarray,
-    norm: np.ndarray,
-    threshold: float,
-    miss_penalty: float = 1.0,
-) -> dict[str, np.ndarray | float]:
-    """Accuracy of raw discovered landmarks matched one-to-one to annotations (paper Fig. 10, Table 8).
-
-    ``pred`` (n, Kd, 2) with NaN for undetected landmarks; ``gt`` (n, Kg, 2) with NaN for
-    unannotated ones; ``norm`` (n,) divides every distance (pass ``image_side / 128`` and
-    ``threshold=6`` for the paper's "6 px at 128 px", or the inter-ocular distance for
-    NME units). The matching is the Hungarian algorithm on
-    ``cost[g, k]`` = mean over images (with annotation g) of ``||pred_k - gt_g|| / norm``,
-    where an undetected ``pred_k`` costs ``miss_penalty`` (default 1 normaliser unit, far
-    beyond any threshold) so a landmark that is rarely detected cannot win a match on a
-    few lucky images. Accuracy of annotation g = share of its images where the matched
-    landmark is detected within ``threshold``. With Kd < Kg, unmatched annotations get
-    ``matching = -1`` and accuracy 0 (they count against ``mean_accuracy``).
-
-    Returns ``matching`` (Kg,) index into Kd, ``accuracy`` (Kg,), ``mean_accuracy``,
-    ``mean_distance`` (Kg,) over images where the match is detected, ``detection_rate``
-    (Kg,), ``cost`` (Kg, Kd), ``threshold``.
-    """
-    P, G = as_points(pred, "pred"), as_points(gt, "gt")
-    norm = np.asarray(norm, dtype=np.float64).reshape(-1)
+def _match_stats(P: np.ndarray, G: np.ndarray, norm: np.ndarray, threshold: float,
+                 miss_penalty: float) -> tuple[np.ndarray, ...]:
+    """Per (annotation g, discovered k): mean cost, hit rate within ``threshold``, mean
+    distance where detected and detection rate, over the images where g is annotated."""
     n, Kd, Kg = P.shape[0], P.shape[1], G.shape[1]
     if G.shape[0] != n or norm.shape[0] != n:
         raise ValueError(f"pred {P.shape}, gt {G.shape} and norm {norm.shape} disagree on n")
@@ -53,6 +31,44 @@ def raw_landmark_accuracy(
         det_rate[g] = dv.mean(0)
         with np.errstate(invalid="ignore", divide="ignore"):
             mean_d[g] = np.where(dv, d, 0.0).sum(0) / dv.sum(0)
+    return cost, hit, mean_d, det_rate
+
+
+def raw_landmark_accuracy(
+    pred: np.ndarray,
+    gt: np.ndarray,
+    norm: np.ndarray,
+    threshold: float,
+    miss_penalty: float = 1.0,
+    match_on: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+) -> dict[str, np.ndarray | float]:
+    """Accuracy of raw discovered landmarks matched one-to-one to annotations (paper Fig. 10, Table 8).
+
+    ``pred`` (n, Kd, 2) with NaN for undetected landmarks; ``gt`` (n, Kg, 2) with NaN for
+    unannotated ones; ``norm`` (n,) divides every distance (pass ``image_side / 128`` and
+    ``threshold=6`` for the paper's "6 px at 128 px", or the inter-ocular distance for
+    NME units). The matching is the Hungarian algorithm on
+    ``cost[g, k]`` = mean over images (with annotation g) of ``||pred_k - gt_g|| / norm``,
+    where an undetected ``pred_k`` costs ``miss_penalty`` (default 1 normaliser unit, far
+    beyond any threshold) so a landmark that is rarely detected cannot win a match on a
+    few lucky images. ``match_on`` = ``(pred, gt, norm)`` of other images (the regressor's)
+    fits the matching there, so the images scored never choose their own matching.
+    Accuracy of annotation g = share of its images where the matched landmark is detected
+    within ``threshold``. With Kd < Kg, unmatched annotations get ``matching = -1`` and
+    accuracy 0 (they count against ``mean_accuracy``).
+
+    Returns ``matching`` (Kg,) index into Kd, ``accuracy`` (Kg,), ``mean_accuracy``,
+    ``mean_distance`` (Kg,) over images where the match is detected, ``detection_rate``
+    (Kg,), ``cost`` (Kg, Kd) the matching was fitted on, ``threshold``.
+    """
+    P, G = as_points(pred, "pred"), as_points(gt, "gt")
+    norm = np.asarray(norm, dtype=np.float64).reshape(-1)
+    Kg = G.shape[1]
+    cost, hit, mean_d, det_rate = _match_stats(P, G, norm, threshold, miss_penalty)
+    if match_on is not None:
+        mp, mg, mn = match_on
+        cost = _match_stats(as_points(mp, "match pred"), as_points(mg, "match gt"),
+                            np.asarray(mn, np.float64).reshape(-1), threshold, miss_penalty)[0]
     # annotations never seen cannot be matched; give them a cost the solver can carry
     finite = np.isfinite(cost)
     big = (cost[finite].max() + 1.0) * max(Kg, 1) if finite.any() else 1.0
@@ -76,6 +92,20 @@ def raw_landmark_accuracy(
         "cost": cost,
         "threshold": float(threshold),
     }
+
+
+def pck(per_landmark: np.ndarray, norm: np.ndarray, gt: np.ndarray, torso: tuple[int, int],
+        alpha: float = 0.2) -> float:
+    """PCK@``alpha`` of the torso: the share of scored landmarks within ``alpha`` × the
+    distance between annotations ``torso`` (left shoulder and right hip for LSP) of their
+    image. ``per_landmark`` (n, L): errors divided by ``norm`` (n,), as NME results hold them."""
+    dist = np.asarray(per_landmark, np.float64) * np.asarray(norm, np.float64).reshape(-1, 1)
+    G = as_points(gt, "gt")
+    size = np.linalg.norm(G[:, torso[0]] - G[:, torso[1]], axis=-1)
+    ok = np.isfinite(dist) & (np.isfinite(size) & (size > 0))[:, None]
+    if not ok.any():
+        return float("nan")
+    return float((dist <= alpha * size[:, None])[ok].mean())
 
 
 def ced_curve(errors: np.ndarray, max_err: float, steps: int = 200) -> tuple[np.ndarray, np.ndarray]:

@@ -42,16 +42,29 @@ def landmark_color_bgr(k: int) -> tuple[int, int, int]:
     return b, g, r
 
 
+def ced_range(curves: dict[str, np.ndarray], max_err: float = 0.0) -> float:
+    """The x range of a CED plot: ``max_err`` when set (> 0), else the largest finite error
+    of any curve, so that every curve is seen to its end."""
+    if max_err > 0:
+        return float(max_err)
+    finite = [np.asarray(e, np.float64) for e in curves.values()]
+    finite = [e[np.isfinite(e)] for e in finite]
+    largest = max((float(e.max()) for e in finite if e.size), default=0.0)
+    return largest if largest > 0 else 1.0
+
+
 def save_ced_plot(
     curves: dict[str, np.ndarray],
     path: str | Path,
-    max_err: float,
+    max_err: float = 0.0,
     steps: int = 200,
     title: str = "",
     xlabel: str = "NME",
 ) -> dict[str, float]:
-    """CED curve of each named error array in one PNG; returns the AUC (0..max_err, /max_err) per name."""
-    fig = Figure(figsize=(5, 4), dpi=100)
+    """CED curve of each named error array in one PNG; returns the AUC over the plot's x
+    range (:func:`ced_range`; divided by it) per name."""
+    max_err = ced_range(curves, max_err)
+    fig = Figure(figsize=(6.4, 4.4), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     aucs = {}
@@ -61,13 +74,13 @@ def save_ced_plot(
         ax.plot(t, f, label=f"{name} (AUC {aucs[name]:.3f})")
     ax.set_xlim(0, max_err)
     ax.set_ylim(0, 1)
-    ax.set_xlabel(xlabel)
+    ax.set_xlabel(f"{xlabel} (AUC over 0–{max_err:.3g})")
     ax.set_ylabel("fraction of errors ≤ x")
     ax.grid(alpha=0.3)
     if title:
         ax.set_title(title)
-    if curves:
-        ax.legend(loc="lower right", fontsize=8)
+    if curves:  # beside the axes, never over a curve
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

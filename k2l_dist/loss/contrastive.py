@@ -70,6 +70,7 @@ def contrastive_loss(
     correspondence: str = "clustering",
     points: torch.Tensor | None = None,
     neg_min_distance: float = 0.0,
+    balance: str = "separate",
 ) -> dict[str, torch.Tensor]:
     """Contrastive loss over two views of a batch.
 
@@ -93,6 +94,9 @@ def contrastive_loss(
         points: ``(B,P,2)`` position of each slot in one common frame (the crop); with
             ``neg_min_distance > 0``, two points of one image closer than that are not a
             same-image negative (a part detected twice is not two parts).
+        balance: ``"separate"`` (the two terms averaged apart, the hinge on squared
+            distances) or ``"official"`` (the paper's code: one mean over every pair, the
+            negatives' hinge on the distance, squared: ``max(0, m − ‖f − f'‖)²``).
 
     Returns:
         ``{"loss", "positive", "negative"}`` float32 scalars (a term with no pairs is 0,
@@ -101,6 +105,8 @@ def contrastive_loss(
     """
     if negatives not in ("same_image", "different_clusters"):
         raise ValueError(f"negatives must be 'same_image' or 'different_clusters', got {negatives!r}")
+    if balance not in ("separate", "official"):
+        raise ValueError(f"balance must be 'separate' or 'official', got {balance!r}")
     if correspondence not in ("clustering", "equivariance"):
         raise ValueError(f"correspondence must be 'clustering' or 'equivariance', got {correspondence!r}")
     if desc_a.shape != desc_b.shape or labels_a.shape != desc_a.shape[:2] or labels_b.shape != labels_a.shape:
@@ -110,6 +116,12 @@ def contrastive_loss(
         )
     b, p, d = desc_a.shape
     dev = desc_a.device
+
+    def hinge(sq_dist: torch.Tensor) -> torch.Tensor:
+        if balance == "official":
+            return F.relu(margin - (sq_dist + 1e-9).sqrt()).square()
+        return F.relu(margin - sq_dist)
+
     va = labels_a >= 0 if valid_a is None else valid_a.bool()
     vb = labels_b >= 0 if valid_b is None else valid_b.bool()
 
@@ -145,7 +157,7 @@ def contrastive_loss(
                 where = torch.cat([points, points], dim=1).float()  # (B, 2P, 2)
                 apart = (where[:, :, None] - where[:, None, :]).square().sum(-1) >= neg_min_distance**2
                 neg = neg & apart
-            neg_sum = (F.relu(margin - dist) * neg).sum()
+            neg_sum = (hinge(dist) * neg).sum()
             num_neg = neg.sum()
         else:  # every labelled pair of two images with two labels: needs the whole batch's matrix
             flat, lab = x.reshape(b * 2 * p, d), labels.reshape(-1)
@@ -153,7 +165,7 @@ def contrastive_loss(
             image = torch.arange(b, device=dev).repeat_interleave(2 * p)
             across = torch.ones(len(lab), len(lab), dtype=torch.bool, device=dev).triu(1) \
                 & ok[:, None] & ok[None, :] & (image[:, None] != image[None, :]) & (lab[:, None] != lab[None, :])
-            neg_sum = (F.relu(margin - _pair_sq_dist(flat, flat)) * across).sum()
+            neg_sum = (hinge(_pair_sq_dist(flat, flat)) * across).sum()
             num_neg = across.sum()
 
         if negatives == "same_image":
@@ -169,13 +181,14 @@ def contrastive_loss(
                 rv = torch.cat(rand_valid, dim=1)
                 rmask = rv[:, :, None] & valid[:, None, :]  # same image only, by construction
                 rdist = _pair_sq_dist(rn, x)  # (B,R',2P)
-                neg_sum = neg_sum + (F.relu(margin - rdist) * rmask).sum()
+                neg_sum = neg_sum + (hinge(rdist) * rmask).sum()
                 num_neg = num_neg + rmask.sum()
 
         positive = pos_sum / num_pos.clamp_min(1)
         negative = neg_sum / num_neg.clamp_min(1)
+        pooled = (pos_sum + neg_sum) / (num_pos + num_neg).clamp_min(1)
         return {
-            "loss": positive + neg_weight * negative,
+            "loss": positive + neg_weight * negative if balance == "separate" else pooled,
             "positive": positive,
             "negative": negative,
             "num_pos": num_pos,

@@ -181,20 +181,26 @@ class LandmarkNet(nn.Module):
         self.cfg = cfg
         self.num_landmarks = num_landmarks
         self.backbone = Backbone(cfg)
-        self.head = nn.Conv2d(cfg.width, num_landmarks, 1)
-        nn.init.constant_(self.head.bias, HEATMAP_BIAS)
+        out = nn.Conv2d(cfg.descriptor_dim if cfg.psi_head == "descriptor" else cfg.width, num_landmarks, 1)
+        nn.init.constant_(out.bias, HEATMAP_BIAS)
+        # psi_head=descriptor: Φ's descriptor layer before the K heatmaps (filled by from_keypoint_net)
+        self.head = nn.Sequential(nn.Conv2d(cfg.width, cfg.descriptor_dim, 1), out) \
+            if cfg.psi_head == "descriptor" else out
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.head(self.backbone(images)))
 
     @classmethod
     def from_keypoint_net(cls, phi: KeypointNet, num_landmarks: int) -> LandmarkNet:
-        """Ψ initialised from Φ (paper Sec. 4.2): the whole backbone is copied, the
-        K-channel head (the only layer Φ does not have) is freshly initialised."""
+        """Ψ initialised from Φ (paper Sec. 4.2): the whole backbone is copied (with
+        ``model.psi_head=descriptor`` Φ's descriptor layer too); the K-channel output layer,
+        the only one Φ does not have, is freshly initialised."""
         psi = cls(phi.cfg, num_landmarks)
         ref = next(phi.parameters())
         psi.to(device=ref.device, dtype=ref.dtype)
         psi.backbone.load_state_dict(phi.backbone.state_dict())
+        if phi.cfg.psi_head == "descriptor":
+            psi.head[0].load_state_dict(phi.descriptor.state_dict())
         return psi
 
 

@@ -459,7 +459,8 @@ def _train(cfg: Config, info, shard_dir: Path, service: ClusteringService, resum
     before, after = phase_hooks("stage2", on_stage2=True)
     step2 = train_iterations(psi_ddp, opt2, loader2,
                              lambda b: stage2_losses(psi_ddp, b, table2, num_landmarks=cfg.cluster.K,
-                                                     sigma=cfg.loss.heatmap_sigma, regions=regions),
+                                                     sigma=cfg.loss.heatmap_sigma, regions=regions,
+                                                     cutout=s2.cutout, cutout_prob=s2.cutout_prob, generator=gen),
                              s2.iterations, step=progress.step2, log=log, prefix="stage2/", log_every=cfg.log_every,
                              show_progress=show, start=progress.phase_step, before_step=before, after_step=after,
                              precision=cfg.precision, schedule=schedule2)

@@ -80,12 +80,29 @@ def stage1_losses(model: torch.nn.Module, batch: dict, table: LabelTable, *, max
                            margin=loss_cfg.margin, neg_weight=loss_cfg.neg_weight,
                            negatives=loss_cfg.negatives, correspondence=loss_cfg.correspondence,
                            points=to_feature_coords(looked_up["points"].to(device), STRIDE),
-                           neg_min_distance=points_apart)
-    detector = (det[0] + det[1]) / 2
-    return {"loss": detector + con["loss"], "detector": detector, "contrastive": con["loss"],
+                           neg_min_distance=points_apart, balance=loss_cfg.balance)
+    if loss_cfg.balance == "official":  # the paper's code: 10 × the descriptor term, the views' MSE summed
+        detector, total = det[0] + det[1], 10.0 * con["loss"] + det[0] + det[1]
+    else:
+        detector = (det[0] + det[1]) / 2
+        total = detector + con["loss"]
+    return {"loss": total, "detector": detector, "contrastive": con["loss"],
             "positive": con["positive"], "negative": con["negative"],
             "points_per_view": present[0].sum() / max(b, 1),
             "images_sitting_out": 1.0 - in_loss.float().mean()}
+
+
+def cut_out(images: torch.Tensor, share: float, prob: float, generator: torch.Generator | None) -> torch.Tensor:
+    """A copy of ``images`` (B,C,H,W) where, each with probability ``prob``, a black square of
+    side ``share`` × H lies wholly inside the image at a random place."""
+    b, _, h, w = images.shape
+    side = max(1, round(share * h))
+    draw = torch.rand(b, 3, generator=generator)  # (apply?, x, y) per image, on the CPU: reproducible
+    out = images.clone()
+    for i in torch.nonzero(draw[:, 0] < prob).flatten().tolist():
+        x0, y0 = int(draw[i, 1] * (w - side + 1)), int(draw[i, 2] * (h - side + 1))
+        out[i, :, y0:y0 + side, x0:x0 + side] = 0
+    return out
 
 
 def landmark_targets(batch: dict, table: LabelTable, num_landmarks: int,
@@ -108,13 +125,19 @@ def landmark_targets(batch: dict, table: LabelTable, num_landmarks: int,
 
 
 def stage2_losses(model: torch.nn.Module, batch: dict, table: LabelTable, *, num_landmarks: int,
-                  sigma: float, regions: CropRegions | None = None) -> dict[str, torch.Tensor]:
+                  sigma: float, regions: CropRegions | None = None, cutout: float = 0.0, cutout_prob: float = 0.5,
+                  generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """Ψ's heatmap MSE on view0, masked to the channels labelled in each image (Sec. 3.6)
-    and, with ``regions``, to the pixels that show the image."""
+    and, with ``regions``, to the pixels that show the image. ``cutout``: with probability
+    ``cutout_prob`` a black square of that share of the side hides part of each view (the
+    official code's Stage-2 augmentation; the targets are left as they are)."""
     targets, valid = landmark_targets(batch, table, num_landmarks)
     if "valid" in batch:  # padding repeats of the last batch carry no label
         valid = valid & batch["valid"].to(valid.device)[:, None]
-    heat = model(batch["view0"])
+    images = batch["view0"]
+    if cutout > 0:
+        images = cut_out(images, cutout, cutout_prob, generator)
+    heat = model(images)
     pixels = None
     if regions is not None:
         rects = regions.lookup(batch["id"], heat.device)
