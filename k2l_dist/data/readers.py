@@ -234,20 +234,25 @@ def _celeba_partition(path: Path) -> set[str]:
     return names
 
 
+def _joints_mat(root: Path, annotations: str | Path | None, name: str) -> tuple[Path, np.ndarray]:
+    """The ``joints`` array of an LSP-style ``joints.mat`` (``annotations``, else ``root/joints.mat``)."""
+    import scipy.io
+
+    ann = _require_file(annotations or root / "joints.mat", "annotation file")
+    try:
+        return ann, scipy.io.loadmat(ann)["joints"]
+    except (KeyError, ValueError, OSError) as err:
+        raise DatasetError(f"{ann}: not an {name} joints.mat with a 'joints' array ({err})") from None
+
+
 def read_lsp(root: str | Path, annotations: str | Path | None = None) -> tuple[list[SourceItem], list[Skip]]:
     """Leeds Sports Pose: ``joints.mat`` (3×14×N: x, y, flag) and ``images/im0001.jpg``…
 
     In the original LSP release the flag is 0 for a visible joint (92.7% of entries are 0),
     so ``visible = flag == 0``; occluded joints keep their annotated positions.
     """
-    import scipy.io
-
     root = _require_dir(root)
-    ann = _require_file(annotations or root / "joints.mat", "annotation file")
-    try:
-        joints = scipy.io.loadmat(ann)["joints"]
-    except (KeyError, ValueError, OSError) as err:
-        raise DatasetError(f"{ann}: not an LSP joints.mat with a 'joints' array ({err})") from None
+    ann, joints = _joints_mat(root, annotations, "LSP")
     if joints.ndim != 3 or joints.shape[0] != 3 or joints.shape[1] != len(LSP_JOINTS):
         raise DatasetError(f"{ann}: 'joints' has shape {joints.shape}, expected (3, {len(LSP_JOINTS)}, N): x, y "
                            f"and a flag for LSP's {len(LSP_JOINTS)} joints in each of N images")
@@ -342,14 +347,8 @@ def read_lspet(root: str | Path, annotations: str | Path | None = None) -> tuple
     a visible joint (the opposite of LSP's). A joint with flag 0 was not annotated (its
     coordinates are placeholders, often outside the image): it is left out (NaN).
     """
-    import scipy.io
-
     root = _require_dir(root)
-    ann = _require_file(annotations or root / "joints.mat", "annotation file")
-    try:
-        joints = scipy.io.loadmat(ann)["joints"]
-    except (KeyError, ValueError, OSError) as err:
-        raise DatasetError(f"{ann}: not an LSPet joints.mat with a 'joints' array ({err})") from None
+    ann, joints = _joints_mat(root, annotations, "LSPet")
     if joints.ndim != 3 or joints.shape[:2] != (len(LSP_JOINTS), 3):
         raise DatasetError(f"{ann}: 'joints' has shape {joints.shape}, expected ({len(LSP_JOINTS)}, 3, N): x, y "
                            f"and a visibility flag for LSP's {len(LSP_JOINTS)} joints in each of N images"
