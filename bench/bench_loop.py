@@ -10,7 +10,7 @@ For a config's model and its prepared shards (prepared here if missing), per pha
 * **real loop**: ``train.run.train_iterations`` over the loader with the real loss, as
   ``k2l train`` runs it.
 
-Efficiency = limit / real loop (the issue's target: ≥ 0.85). Each is a median over
+Efficiency = limit / real loop (1.0: the loop adds nothing). Each is a median over
 ``--repeats`` × ``--steps`` steps; the phases alternate within a repeat. The warm-up uses
 the initial keypoints as ``k2l train`` does; the round uses a label table with
 ``cluster.K`` points per image (labels drawn at random), about what a round keeps.

@@ -23,3 +23,26 @@ def fixed_pairs(pairs: int, size: int, n_clusters: int, device: torch.device, ra
              "flip0": torch.zeros(pairs, dtype=torch.bool), "flip1": torch.zeros(pairs, dtype=torch.bool),
              "id": torch.from_numpy(ids), "valid": torch.ones(pairs, dtype=torch.bool)}
     return {k: v.to(device) for k, v in batch.items()}, table
+
+
+def stage1_step(cfg, pairs: int, size: int, device: torch.device | None = None):
+    """Φ of ``cfg`` and one real Stage-1 step on fixed pairs (``stage1_losses``, backward,
+    RMSprop): returns ``(phi, batch, step)``; ``step()`` trains once."""
+    from k2l_dist.models import KeypointNet
+    from k2l_dist.train.optim import rmsprop
+    from k2l_dist.train.steps import stage1_losses
+
+    device = device or torch.device("cpu")
+    torch.manual_seed(0)
+    phi = KeypointNet(cfg.model).to(device)
+    opt = rmsprop(phi.parameters(), lr=cfg.stage1.lr)
+    batch, table = fixed_pairs(pairs, size, cfg.cluster.M, device)
+    gen = torch.Generator().manual_seed(0)
+
+    def step() -> None:
+        losses = stage1_losses(phi, batch, table, max_points=cfg.stage1.max_points, loss_cfg=cfg.loss, generator=gen)
+        opt.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        opt.step()
+
+    return phi, batch, step

@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT))
-from fixtures import fixed_pairs  # noqa: E402
+from fixtures import stage1_step  # noqa: E402
 from report import machine, write_section  # noqa: E402
 
 
@@ -41,23 +41,11 @@ def main() -> int:
 
     from k2l_dist.config import load_config
     from k2l_dist.distributed.threads import pin_threads
-    from k2l_dist.models import KeypointNet, count_parameters
-    from k2l_dist.train.optim import rmsprop
-    from k2l_dist.train.steps import stage1_losses
+    from k2l_dist.models import count_parameters
 
     threads = pin_threads()
     cfg = load_config(ROOT / args.config, args.overrides)
-    torch.manual_seed(0)
-    phi = KeypointNet(cfg.model)
-    opt = rmsprop(phi.parameters(), lr=cfg.stage1.lr)
-    batch, table = fixed_pairs(args.pairs, args.size, cfg.cluster.M, torch.device("cpu"))
-    gen = torch.Generator().manual_seed(0)
-
-    def step() -> None:
-        losses = stage1_losses(phi, batch, table, max_points=cfg.stage1.max_points, loss_cfg=cfg.loss, generator=gen)
-        opt.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        opt.step()
+    phi, batch, step = stage1_step(cfg, args.pairs, args.size)
 
     with torch.no_grad(), FlopCounterMode(display=False) as flops:
         phi(batch["view0"][:1])

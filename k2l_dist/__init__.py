@@ -13,6 +13,12 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
+from k2l_dist.utils.allocator import tune_allocator
+
+# before torch allocates: every entry point (k2l, python -m k2l_dist, torchrun ranks, the API)
+# imports the package first, so each runs with the tuned allocator without any export
+tune_allocator()
+
 __version__ = "0.1.0"
 
 _API = {

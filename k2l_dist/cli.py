@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from k2l_dist.config import ConfigError, apply_values, config_yaml, load_config, nest_values
+from k2l_dist.config import ConfigError, apply_values, config_yaml, load_config, nest_values, run_config, validate
 from k2l_dist.data.readers import FORMATS
 
 # flag name → dotted config key, for `k2l prepare`
@@ -45,7 +45,7 @@ def _add_prepare(sub) -> None:
                        description="Crop, resize and detect generic keypoints on a dataset; write "
                                    "WebDataset shards + index into --out.")
     p.add_argument("--config", help="YAML config whose data/keypoints sections are the defaults")
-    p.add_argument("--out", required=True, help="output folder for shards and index")
+    p.add_argument("--out", help="output folder for shards and index")
     p.add_argument("--format", choices=list(FORMATS))
     p.add_argument("--root", help="dataset root (annotation paths are relative to it)")
     p.add_argument("--annotations", help="annotation file (mtfl, aflw: MTFL training.txt; "
@@ -69,6 +69,7 @@ def _add_prepare(sub) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--strict", action="store_true", default=None, help="bad input is an error, not a counted skip")
     p.add_argument("--overwrite", action="store_true", help="replace an existing prepared dataset in --out")
+    _print_config_arg(p)
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
 
 
@@ -81,6 +82,8 @@ def _cmd_prepare(args) -> int:
     cfg = load_config(args.config)
     cfg = apply_values(cfg, nest_values(flags))
     cfg = load_config(None, args.overrides, base=cfg)
+    if args.print_config:
+        return _print_config(cfg)
     summary = prepare(cfg, args.out, overwrite=args.overwrite)
     print(summary.text())
     print(f"shards and index written to {args.out}")
@@ -92,12 +95,26 @@ def _cmd_train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
-        print(config_yaml(cfg), end="")
-        return 0
+        return _print_config(cfg)
     metrics = train(cfg, resume=not args.fresh)
     if int(os.environ.get("RANK", "0")) == 0:  # one summary per job, not per process
         print(_summary(cfg.run_dir, metrics))
     return 0
+
+
+def _print_config(cfg) -> int:
+    """--print-config: the resolved config as YAML, after the checks a run would make."""
+    validate(cfg)
+    print(config_yaml(cfg), end="")
+    return 0
+
+
+def _print_run_config(args) -> int:
+    """--print-config of evaluate, detect and export: the run's saved config as they resolve it."""
+    from k2l_dist.utils.checkpoint import load_checkpoint, model_file
+
+    saved = load_checkpoint(model_file(args.run))["config"]
+    return _print_config(run_config(saved, args.config, tuple(args.overrides)))
 
 
 def _summary(run_dir: str, metrics: dict) -> str:
@@ -121,6 +138,8 @@ def _summary(run_dir: str, metrics: dict) -> str:
 def _cmd_ablate(args) -> int:
     from k2l_dist.train.ablate import ablate
 
+    if args.print_config:
+        return _print_config(load_config(args.config, args.overrides))
     print(ablate(args.config, args.grid or [], args.overrides, args.out, alone=args.alone, seeds=args.seeds))
     return 0
 
@@ -128,6 +147,8 @@ def _cmd_ablate(args) -> int:
 def _cmd_evaluate(args) -> int:
     from k2l_dist.eval.evaluate import evaluate_checkpoint
 
+    if args.print_config:
+        return _print_run_config(args)
     metrics = evaluate_checkpoint(args.run, device=args.device, overrides=args.overrides, config=args.config)
     print(_summary(args.run, metrics))
     return 0
@@ -136,9 +157,13 @@ def _cmd_evaluate(args) -> int:
 def _cmd_detect(args) -> int:
     from k2l_dist.eval.detect import detect
 
-    result = detect(args.checkpoint, args.out, data=args.data, images=args.images, video=args.video, draw=args.draw,
+    if args.print_config:
+        return _print_run_config(args)
+    if not args.out:
+        raise ConfigError("detect: give --out FILE.jsonl for the landmarks")
+    result = detect(args.run, args.out, data=args.data, images=args.images, video=args.video, draw=args.draw,
                     min_confidence=args.min_confidence, device=args.device, config=args.config,
-                    overrides=tuple(args.overrides))
+                    overrides=tuple(args.overrides), named=args.named)
     unit = "frames" if args.video else "images"
     print(f"{result.written} {unit} → {args.out}" + (f", drawings in {args.draw}" if args.draw else ""))
     if result.skipped:
@@ -149,14 +174,48 @@ def _cmd_detect(args) -> int:
 def _cmd_export(args) -> int:
     from k2l_dist.eval.export import export
 
+    if args.print_config:
+        return _print_run_config(args)
+    if not args.format:
+        raise ConfigError("export: give --format torchscript or --format onnx")
     print(f"wrote {export(args.run, args.format, args.out, config=args.config, overrides=tuple(args.overrides))}")
     return 0
 
 
+def _cmd_fit_names(args) -> int:
+    from k2l_dist.eval.detect import fit_names_on_shards
+
+    if args.print_config:
+        return _print_run_config(args)
+    path = fit_names_on_shards(args.run, args.data, device=args.device, config=args.config,
+                               overrides=tuple(args.overrides))
+    print(f"wrote {path}: `k2l detect {args.run} --named …` and load_detector(…, named=True) now use it")
+    return 0
+
+
 def _run_config_args(p: argparse.ArgumentParser) -> None:
-    """--config and overrides for the commands that start from a run's saved config."""
+    """The run, --config and overrides for the commands that start from a run's saved config."""
+    p.add_argument("run", nargs="?", help="the run folder, its model.pt or its checkpoint.pt (or --checkpoint)")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the run's saved config")
+    p.add_argument("--checkpoint", metavar="RUN", help="the same as the positional RUN")
     p.add_argument("--config", help="YAML whose values override the run's saved config")
+    _print_config_arg(p)
+
+
+def _print_config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config as YAML (checked as a run would check it) and exit")
+
+
+class _Backends(argparse.Action):
+    def __init__(self, option_strings, dest, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        from k2l_dist.utils.backends import describe
+
+        print(describe())
+        parser.exit()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="k2l", description="Unsupervised object-landmark discovery (K2L).")
     parser.add_argument("--version", action="version", version=f"k2l-dist {__version__}")
+    parser.add_argument("--backends", action=_Backends, help="print the torch, Faiss and DALI builds found, and exit")
     parser.add_argument("--debug", action="store_true",
                         help="errors with their traceback (default: one line for errors in the input)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -176,24 +236,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     p.add_argument("--config", dest="config_file", metavar="FILE", help="YAML config (the same as the positional)")
     p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    _print_config_arg(p)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("evaluate", help="forward/backward NME and baselines of a finished run")
-    p.add_argument("run", help="run folder (holds model.pt and config.yaml)")
     _run_config_args(p)
     p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("detect", help="landmarks in original image pixels, as JSON lines")
-    p.add_argument("--checkpoint", required=True, help="a run's model.pt (or the run folder)")
     p.add_argument("--data", help="shards from `k2l prepare` (any dataset)")
     p.add_argument("--images", help="an image file or a folder of images (read in memory)")
     p.add_argument("--video", help="a video file (one JSON line per frame)")
-    p.add_argument("--out", required=True, help="output .jsonl")
+    p.add_argument("--out", help="output .jsonl")
     p.add_argument("--draw", help="folder for the images with landmarks drawn (a .avi or .mp4 file for --video)")
     _run_config_args(p)
     p.add_argument("--min-confidence", type=float, default=0.0, help="landmarks below this peak value are null")
+    p.add_argument("--named", action="store_true",
+                   help="the annotated landmarks ({\"left_eye\": [x, y], …}) through the run's names.json")
     p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N")
     p.set_defaults(func=_cmd_detect)
 
@@ -201,11 +261,18 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write Ψ with its input normalisation, flip test and sub-pixel peak decoding "
                                    "as one file: inputs uint8 crops (B,S,S,3) and their boxes (B,3), outputs "
                                    "landmarks (B,K,2) in original pixels and confidence (B,K).")
-    p.add_argument("run", help="run folder (or its model.pt)")
-    p.add_argument("--format", required=True, choices=["torchscript", "onnx"])
+    p.add_argument("--format", choices=["torchscript", "onnx"], help="required, except with --print-config")
     p.add_argument("--out", help="output file (default: RUN/detector.ts or RUN/detector.onnx)")
     _run_config_args(p)
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("fit-names", help="name a run's landmarks after the annotated ones of some shards",
+                       description="Fit the map from the run's K landmarks to the landmarks annotated in --data "
+                                   "(shards prepared at the model's crop size) and save it as the run's names.json.")
+    p.add_argument("--data", required=True, help="annotated shards from `k2l prepare`")
+    _run_config_args(p)
+    p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N")
+    p.set_defaults(func=_cmd_fit_names)
 
     p = sub.add_parser("ablate", help="train a config over a grid of settings; a markdown table of the metrics",
                        description="One run per combination of the --grid values (or the base and each "
@@ -221,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(one or more overrides that belong together)")
     p.add_argument("--seeds", type=int, default=1,
                    help="runs per setting, seeds 0..N-1; the table gives mean ± sd and paired differences")
-    p.add_argument("--out", required=True, help="folder for the runs, the shared shards and the table")
+    p.add_argument("--out", help="folder for the runs, the shared shards and the table")
+    _print_config_arg(p)
     p.set_defaults(func=_cmd_ablate)
     return parser
 
@@ -245,6 +313,18 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         args.config = args.config or args.config_file
         if not args.config:
             parser.error(f"{args.command}: give a config file (positional or --config)")
+    if hasattr(args, "checkpoint"):  # `CMD RUN k=v …` or `CMD --checkpoint RUN k=v …`
+        if args.run is not None and "=" in args.run and not Path(args.run).exists() and hasattr(args, "overrides"):
+            args.overrides, args.run = [args.run, *args.overrides], None
+        if args.run and args.checkpoint:
+            parser.error(f"unrecognized arguments: {args.run} (the run is already given by --checkpoint "
+                         f"{args.checkpoint})")
+        args.run = args.run or args.checkpoint
+        if not args.run:
+            parser.error(f"{args.command}: give the run folder (or its model.pt), positional or --checkpoint")
+    needs_out = {"prepare": "the folder for the shards", "ablate": "the folder for the runs and the table"}
+    if args.command in needs_out and not args.out and not args.print_config:
+        parser.error(f"{args.command}: give --out, {needs_out[args.command]}")
     return args
 
 
@@ -257,11 +337,8 @@ def _os_error(err: OSError) -> str:
     return f"{files}: {reason}" if files else reason
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse(argv)
-    from k2l_dist.utils.logs import configure_logging
-
-    configure_logging(debug=args.debug)
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The errors that are the input's or the environment's: one line, exit code 2."""
     from k2l_dist.clustering.placement import Unplaceable
     from k2l_dist.clustering.ray_service import ClusteringFailed
     from k2l_dist.data.prepare import PrepareError
@@ -270,13 +347,30 @@ def main(argv: list[str] | None = None) -> int:
     from k2l_dist.distributed.ray_runtime import RayUnavailable
     from k2l_dist.distributed.watchdog import PeerLost
     from k2l_dist.train.run import NonFiniteLoss
+    from k2l_dist.utils.backends import MissingBackend
     from k2l_dist.utils.io import StorageError
     from k2l_dist.utils.lock import RunLocked
 
+    return (ConfigError, DatasetError, PrepareError, ShardError, FileNotFoundError, ValueError, NonFiniteLoss,
+            StorageError, PeerLost, Unplaceable, ClusteringFailed, RayUnavailable, TimeoutError, RunLocked,
+            MissingBackend)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    from k2l_dist.utils.logs import configure_logging
+
+    configure_logging(debug=args.debug)
+    from k2l_dist.utils.backends import MissingBackend
+
+    try:
+        user_errors = _user_errors()
+    except MissingBackend as err:  # the modules that name the errors need Faiss
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     try:
         return args.func(args)
-    except (ConfigError, DatasetError, PrepareError, ShardError, FileNotFoundError, ValueError, NonFiniteLoss,
-            StorageError, PeerLost, Unplaceable, ClusteringFailed, RayUnavailable, TimeoutError, RunLocked) as err:
+    except user_errors as err:
         if args.debug:
             raise
         print(f"error: {err}", file=sys.stderr)

@@ -10,7 +10,9 @@ config is written next to every run's outputs (:func:`save_config`).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -308,6 +310,11 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+# a number in decimal or scientific notation (YAML 1.1, which PyYAML follows, only reads
+# exponents with a dot and a sign as floats: 1.0e-3, not 1e-3)
+_DECIMAL = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp``; return it (ints widen to float)."""
     origin = typing.get_origin(tp)
@@ -337,6 +344,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):  # YAML 1.1 reads 1e-3 as a string
+            return float(value)
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -360,14 +369,25 @@ def _merge(obj: Any, values: dict, prefix: str = "") -> Any:
     for name, value in values.items():
         key = f"{prefix}{name}"
         if name not in names:
-            known = ", ".join(sorted(names))
-            raise ConfigError(f"unknown config key '{key}' (known at this level: {known})")
+            raise ConfigError(_unknown_key(key, name, names))
         current = getattr(obj, name)
         if dataclasses.is_dataclass(current):
             changes[name] = _merge(current, value, f"{key}.")
         else:
             changes[name] = _coerce(value, hints[name], key)
     return dataclasses.replace(obj, **changes)
+
+
+def _unknown_key(key: str, name: str, names: set[str]) -> str:
+    """The message for an unknown key: the nearest known names, else every name at its level."""
+    close = difflib.get_close_matches(name, sorted(names), n=3, cutoff=0.6)
+    prefix = key[: len(key) - len(name)]
+    if close:
+        return f"unknown config key '{key}': did you mean {' or '.join(repr(prefix + c) for c in close)}?"
+    elsewhere = sorted(k for k in flatten(config_to_dict(Config())) if k.rsplit(".", 1)[-1] == name)
+    if elsewhere:
+        return f"unknown config key '{key}': did you mean {' or '.join(map(repr, elsewhere))}?"
+    return f"unknown config key '{key}' (known at this level: {', '.join(sorted(names))})"
 
 
 def parse_override(text: str) -> tuple[str, Any]:

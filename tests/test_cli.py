@@ -30,6 +30,7 @@ COMMANDS = {  # each command with its required arguments
     "evaluate": ["evaluate", "runs/q"],
     "detect": ["detect", "--checkpoint", "runs/q", "--images", "imgs", "--out", "o.jsonl"],
     "export": ["export", "runs/q", "--format", "onnx"],
+    "fit-names": ["fit-names", "runs/q", "--data", "shards"],
 }
 
 

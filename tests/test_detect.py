@@ -194,7 +194,9 @@ def test_python_api_reads_pil_and_gray_images(model_pt):
     np.testing.assert_allclose(detector.predict(Image.fromarray(rgb)), detector.predict(rgb), atol=1e-9)
     gray = rgb[:, :, 0]
     np.testing.assert_allclose(detector.predict(gray), detector.predict(np.repeat(gray[:, :, None], 3, 2)), atol=1e-9)
-    with pytest.raises(TypeError, match="numpy, PIL or torch"):
+    with pytest.raises(TypeError, match="give a path, numpy, PIL or torch"):
+        detector.predict(object())
+    with pytest.raises(ValueError, match="not an image: not a readable image file"):
         detector.predict("not an image")
 
 

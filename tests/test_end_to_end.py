@@ -14,7 +14,7 @@ from k2l_dist.train.run import train
 
 
 @pytest.mark.slow
-def test_tiny_synthetic_run_beats_the_mean_shape(tmp_path):
+def test_tiny_synthetic_run_beats_the_mean_shape(tmp_path, capsys):
     cfg = load_config(
         None,
         [
@@ -53,6 +53,16 @@ def test_tiny_synthetic_run_beats_the_mean_shape(tmp_path):
     assert 0 < metrics["keypoint_baseline_backward_nme"] < 10 and 0 < metrics["stage1_backward_nme"] < 10
     for name in ("config.yaml", "model.pt", "checkpoint.pt", "ced.png", "landmarks_test.png"):
         assert (tmp_path / "run" / name).is_file(), name
+    # watching it: the folder and TensorBoard named first, one step axis through both stages
+    out = capsys.readouterr().out
+    assert out.startswith(f"run folder: {tmp_path / 'run'}  (watch it: tensorboard --logdir "), out[:200]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    stage1 = [r["step"] for r in rows if "stage1/loss" in r]
+    stage2 = [r["step"] for r in rows if "stage2/loss" in r]
+    assert stage1 and stage2 and max(stage1) < min(stage2) and max(stage2) <= 150 + 2 * 100 + 200
+    rounds = [r["step"] for r in rows if "round/number" in r]
+    assert rounds == [150, 250]  # each round marked where it starts
+    assert [r["step"] for r in rows if "eval/forward_nme" in r] == [max(stage2)]
 
 
 @pytest.mark.slow

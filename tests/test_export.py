@@ -2,6 +2,8 @@
 
 import dataclasses
 import json
+import shutil
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -100,3 +102,36 @@ def test_export_overrides_apply_and_bad_formats_are_one_line(run, tmp_path, caps
     assert np.abs(without_flip - np.stack([detected[n] for n in names])).max() > 0.1  # the flip test mattered
     assert main(["export", str(run_dir), "--format", "torchscript", "stage2.nonsense=1"]) == 2
     assert "stage2.nonsense" in capsys.readouterr().err
+
+
+def recipe_crop(rgb: np.ndarray, size: int) -> tuple[np.ndarray, list[float]]:
+    """docs/export.md "Outside Python", followed literally: the crop and the box to pass."""
+    h, w = rgb.shape[:2]
+    side = float(max(w, h))
+    x0, y0 = (w - side) / 2, (h - side) / 2  # 1. the box, passed to the model as it is
+    image, bx, by, bside = rgb, x0, y0, side
+    f = int(side // size)
+    if f >= 2:  # 2. shrink by the integer factor f: the mean of each f x f block
+        image = cv2.resize(rgb[: h // f * f, : w // f * f], (w // f, h // f), interpolation=cv2.INTER_AREA)
+        bx, by, bside = x0 / f, y0 / f, side / f
+    s = size / bside  # 3. bilinear warp, border repeated: u = (x + 0.5 - x0) * S / side - 0.5
+    m = np.array([[s, 0.0, (0.5 - bx) * s - 0.5], [0.0, s, (0.5 - by) * s - 0.5]])
+    crop = cv2.warpAffine(image, m, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    return crop, [x0, y0, side]
+
+
+def test_the_documented_crop_recipe_reproduces_k2l_detect(run, tmp_path):
+    run_dir, images, _ = run
+    images = Path(shutil.copytree(images, tmp_path / "images"))
+    big = cv2.GaussianBlur(np.random.default_rng(5).integers(0, 255, (180, 250, 3), dtype=np.uint8), (0, 0), 3)
+    cv2.imwrite(str(images / "big.png"), big)  # 250 px for 32-px crops: f = 7
+    out = tmp_path / "d.jsonl"
+    assert main(["detect", str(run_dir), "--images", str(images), "--out", str(out)]) == 0
+    detected = {r["image"]: np.array(r["landmarks"]) for r in map(json.loads, out.read_text().splitlines())}
+    assert main(["export", str(run_dir), "--format", "torchscript", "--out", str(tmp_path / "d.ts")]) == 0
+    module = torch.jit.load(str(tmp_path / "d.ts"))
+    for name, expected in detected.items():
+        rgb = cv2.imread(str(images / name))[:, :, ::-1].copy()
+        crop, box = recipe_crop(rgb, 32)
+        landmarks, _ = module(torch.from_numpy(crop[None]), torch.tensor([box], dtype=torch.float32))
+        assert np.abs(landmarks[0].numpy() - expected).max() <= 0.5, name

@@ -48,6 +48,7 @@ import torch
 from k2l_dist.augment.validate import CheckedDataset, check_dataset
 from k2l_dist.config import AugmentConfig
 from k2l_dist.distributed.threads import threads_per_process
+from k2l_dist.utils.backends import import_dali
 from k2l_dist.utils.seeds import derive_seed
 
 log = logging.getLogger("k2l_dist.augment")
@@ -155,6 +156,7 @@ def build_pipeline(
     ``build=False`` only defines the graph, which needs no GPU even for ``device="cuda"``
     (the tests check the GPU graph's devices that way).
     """
+    import_dali()  # a missing DALI is one line saying what to install
     from nvidia.dali import fn, pipeline_def, types
 
     augment = bool(cfg.enabled)

@@ -26,6 +26,7 @@ from k2l_dist.clustering.ray_store import remote_store
 from k2l_dist.clustering.rounds import RoundLabels, part_nbytes, recover
 from k2l_dist.clustering.store import INDEX_KEYS, DescriptorStore, PointSet
 from k2l_dist.config import ClusterConfig
+from k2l_dist.utils.allocator import ENV_KEYS, allocator_state
 from k2l_dist.utils.faults import fault_requested
 from k2l_dist.utils.memory import PrivatePeak, peak_rss_bytes, resident_bytes
 
@@ -43,13 +44,15 @@ def actor_runtime_env() -> dict[str, dict[str, str]]:
 
     The actor clusters in a pool thread, and glibc gives each thread its own arena, which
     serves gigabyte arrays by mmap and unmaps them when freed: every round's copies then
-    fault their pages in again (1.7 s per GB on the project's VM). One arena and no
+    fault their pages in again (1.7 s per GB on a 2-core AMD EPYC VM). One arena and no
     mmap/trim threshold keep the freed memory for the next round, as in a training rank.
     """
+    # the environment's values only when the user exported them: the package's own (mallopt's
+    # int limit, 2 GiB) would send a round's larger arrays back to mmap
+    users = allocator_state() == "environment"
     big = "17179869184"
     return {"env_vars": {"MALLOC_ARENA_MAX": os.environ.get("K2L_ACTOR_MALLOC_ARENA_MAX", "1"),
-                         "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", big),
-                         "MALLOC_TRIM_THRESHOLD_": os.environ.get("MALLOC_TRIM_THRESHOLD_", big)}}
+                         **{key: os.environ.get(key, big) if users else big for key in ENV_KEYS}}}
 
 log = logging.getLogger(__name__)
 

@@ -24,12 +24,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import faiss
 import numpy as np
 
 from k2l_dist.clustering.nearest import as_f32, assign, flat_index, gpu_count
 from k2l_dist.clustering.store import PointSet
 from k2l_dist.config import ClusterConfig
+from k2l_dist.utils.backends import import_faiss
+
+faiss = import_faiss()
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,11 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
-import faiss
 import numpy as np
+
+from k2l_dist.utils.backends import import_faiss
+
+faiss = import_faiss()
 
 GPU_TEMP_MEMORY = 1 << 30  # Faiss scratch memory per GPU (its default grows with the card)
 CHUNK = 32768  # rows per search: bounds the float32 copy a strided or gathered read makes

@@ -80,6 +80,8 @@ def _shard_rows(detector: Detector, shard_dir: Path, skipped: list[Skip], cache:
                           cache_dir=cache)
     ids, points, conf = predict_landmarks(detector.psi, loader, detector.flip_permutation if detector.flip_test
                                           else None)
+    if detector.names is not None:  # the names' map works in these crop pixels
+        points, conf = detector.names.apply(points), conf[:, detector.names.sources]
     skipped += _unpredicted(meta, ids)
     for k, row in enumerate(np.searchsorted(meta["ids"], ids)):
         yield str(meta["paths"][row]), to_original(points[k], tuple(meta["boxes"][row]), manifest["size"]), conf[k]
@@ -159,6 +161,7 @@ def _detect_video(detector: Detector, video: Path, out: str | Path, draw: str | 
         if draw.resolve() == video.resolve():
             raise ValueError(f"--draw {draw} is the input video; pick another file")
     frames, fps, count = _video_frames(video)
+    names = detector.landmark_names if detector.names is not None else None
     written = 0
     with (atomic_open(out, "wb") as handle, _video_drawing(draw, fps) as write_frame,
           tqdm(total=count or None, unit="frame", desc="detect", disable=None) as bar):
@@ -166,7 +169,7 @@ def _detect_video(detector: Detector, video: Path, out: str | Path, draw: str | 
             rgb = [frame[:, :, ::-1] for frame in batch]
             points, conf = detector.predict(rgb, batch_size=batch_size, with_confidence=True)
             for frame, pts, c in zip(batch, points, conf):
-                landmarks = _json_points(pts, c, min_confidence)
+                landmarks = _json_points(pts, c, min_confidence, names)
                 row = {"frame": written, "time_s": round(written / fps, 4), "landmarks": landmarks}
                 handle.write((json.dumps(row) + "\n").encode())
                 if draw is not None:
@@ -178,16 +181,18 @@ def _detect_video(detector: Detector, video: Path, out: str | Path, draw: str | 
     return written
 
 
-def _json_points(points: np.ndarray, conf: np.ndarray, min_confidence: float) -> list:
-    """``[x, y]`` rounded to 0.01 px per landmark, ``None`` below ``min_confidence``."""
-    return [None if c < min_confidence else [round(float(x), 2), round(float(y), 2)]
-            for (x, y), c in zip(points, conf)]
+def _json_points(points: np.ndarray, conf: np.ndarray, min_confidence: float,
+                 names: list[str] | None = None) -> list | dict:
+    """``[x, y]`` rounded to 0.01 px per landmark, ``None`` below ``min_confidence``; with
+    ``names``, ``{name: [x, y] | None}``."""
+    xy = [None if c < min_confidence else [round(float(x), 2), round(float(y), 2)] for (x, y), c in zip(points, conf)]
+    return dict(zip(names, xy)) if names is not None else xy
 
 
 def detect(checkpoint: str | Path, out: str | Path, *, data: str | Path | None = None,
            images: str | Path | None = None, video: str | Path | None = None, draw: str | Path | None = None,
            min_confidence: float = 0.0, device: str = "auto", flip_test: bool | None = None,
-           config: str | Path | None = None, overrides: tuple[str, ...] = ()) -> DetectResult:
+           config: str | Path | None = None, overrides: tuple[str, ...] = (), named: bool = False) -> DetectResult:
     """Write one JSON line per image: ``{"image": path, "landmarks": [[x, y] | null, ...]}``
     (per frame for a video: ``{"frame": i, "time_s": t, "landmarks": ...}``).
 
@@ -195,7 +200,8 @@ def detect(checkpoint: str | Path, out: str | Path, *, data: str | Path | None =
     :class:`~k2l_dist.eval.detector.Detector` does); ``video``: a video file OpenCV reads;
     ``data``: prepared shards. Images that get no line are logged, one warning each, and
     returned in ``skipped``. The run's config ← ``config`` ← ``overrides`` (e.g.
-    ``stage2.flip_test=false``).
+    ``stage2.flip_test=false``). ``named``: the annotated landmarks through the run's
+    ``names.json``, as ``{"left_eye": [x, y] | null, …}``.
     """
     if sum(x is not None for x in (data, images, video)) != 1:
         raise ValueError("give exactly one of --data SHARDS, --images FILE_OR_DIR or --video FILE")
@@ -208,7 +214,8 @@ def detect(checkpoint: str | Path, out: str | Path, *, data: str | Path | None =
     if Path(out).is_dir():
         raise ValueError(f"--out {out} is a folder; give the file for the JSON lines, e.g. "
                          f"{Path(out) / 'landmarks.jsonl'}")
-    detector = load_detector(checkpoint, device, flip_test, config=config, overrides=overrides)
+    detector = load_detector(checkpoint, device, flip_test, config=config, overrides=overrides, named=named)
+    point_names = detector.landmark_names if named else None
     if video is not None:
         return DetectResult(_detect_video(detector, Path(video), out, draw, min_confidence), [])
     skipped: list[Skip] = []
@@ -228,7 +235,7 @@ def detect(checkpoint: str | Path, out: str | Path, *, data: str | Path | None =
         names = drawing_names(paths) if images is not None else {}
         with atomic_open(out, "wb") as handle:
             for path, orig, conf in rows:
-                row = {"image": path, "landmarks": _json_points(orig, conf, min_confidence)}
+                row = {"image": path, "landmarks": _json_points(orig, conf, min_confidence, point_names)}
                 handle.write((json.dumps(row) + "\n").encode())
                 written += 1
                 if draw is not None:
@@ -237,6 +244,35 @@ def detect(checkpoint: str | Path, out: str | Path, *, data: str | Path | None =
     for s in skipped:
         log.warning("%s: skipped, %s", root / s.path, s.reason)
     return DetectResult(written, skipped)
+
+
+def fit_names_on_shards(checkpoint: str | Path, data: str | Path, device: str = "auto",
+                        config: str | Path | None = None, overrides: tuple[str, ...] = ()) -> Path:
+    """``k2l fit-names``: the map from the run's K landmarks to the landmarks annotated in
+    ``data`` (shards prepared at the model's crop size), fitted on every annotated sample and
+    saved as the run's ``names.json``; returns its path."""
+    from k2l_dist.eval.names import fit_names, save_names
+    from k2l_dist.utils.checkpoint import model_file
+
+    shard_dir = Path(data)
+    detector = load_detector(checkpoint, device, config=config, overrides=overrides)
+    manifest, meta = load_manifest(shard_dir), load_samples_meta(shard_dir)
+    if "landmarks" not in meta:
+        raise ValueError(f"--data {shard_dir}: no annotated landmarks to name the model's landmarks after")
+    if manifest["size"] != detector.crop_size:
+        raise ValueError(f"--data {shard_dir}: {manifest['size']}-px crops, the model's are {detector.crop_size} px: "
+                         f"prepare the annotated images with --size {detector.crop_size}")
+    with tempfile.TemporaryDirectory(prefix="k2l-names-") as tmp:
+        aug = dataclasses.replace(detector.cfg.augment, enabled=False)
+        loader = build_loader(shard_dir, aug, device=detector.device, views=1, shuffle=False, padded="drop",
+                              cache_dir=Path(tmp))
+        ids, points, _ = predict_landmarks(detector.psi, loader, detector.flip_permutation if detector.flip_test
+                                           else None)
+    annotated = meta["landmarks"].astype(np.float64)[np.searchsorted(meta["ids"], ids)]
+    names = manifest.get("landmark_names") or [f"lm{i}" for i in range(annotated.shape[1])]
+    fitted = fit_names(points, annotated, list(names), detector.crop_size, detector.cfg.eval.ridge_alpha,
+                       detector.cfg.eval.center)
+    return save_names(fitted, model_file(checkpoint).parent)
 
 
 def _drawn(image_bgr: np.ndarray, points: np.ndarray, keep: np.ndarray) -> np.ndarray:

@@ -14,6 +14,7 @@ the face configs: a face filling about half the square).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,9 +26,10 @@ from torch import nn
 from k2l_dist.augment.pipeline import resolve_device
 from k2l_dist.config import Config, run_config
 from k2l_dist.data.crop import crop_image, whole_image_box
+from k2l_dist.eval.names import NAMES_FILE, LandmarkNames, load_names
 from k2l_dist.models import STRIDE, LandmarkNet
 from k2l_dist.models.points import heatmap_peaks, to_image_coords
-from k2l_dist.utils.checkpoint import load_checkpoint
+from k2l_dist.utils.checkpoint import load_checkpoint, model_file
 from k2l_dist.utils.images import read_image
 
 
@@ -78,26 +80,52 @@ class DetectorGraph(nn.Module):
 
 
 def _rgb(image: Any) -> np.ndarray:
-    """An HWC RGB uint8 array from numpy (HWC RGB or HW gray; uint8,
-    or float in [0, 1]), PIL or a torch CHW tensor (uint8, or float in [0, 1])."""
+    """An HWC RGB uint8 array from what :meth:`Detector.predict` accepts (see there)."""
+    if isinstance(image, (str, Path)):
+        rgb = read_rgb(image)
+        if rgb is None:
+            raise ValueError(f"{image}: not a readable image file")
+        return rgb
     if isinstance(image, torch.Tensor):
-        if image.dim() != 3:
-            raise ValueError(f"a tensor image must be CHW, got shape {tuple(image.shape)}")
-        image = image.detach().cpu().permute(1, 2, 0).numpy()
+        shape = tuple(image.shape)
+        if image.dim() == 3 and shape[0] not in (1, 3) and shape[2] in (1, 3, 4):
+            raise ValueError(f"a torch image is CHW, got shape {shape} (HWC?): pass image.permute(2, 0, 1), "
+                             f"or the numpy array")
+        if image.dim() not in (2, 3):
+            raise ValueError(f"a torch image is CHW (or HW), got shape {shape}")
+        image = image.detach().cpu()
+        image = (image.permute(1, 2, 0) if image.dim() == 3 else image).numpy()
     elif not isinstance(image, np.ndarray):
         try:
             image = np.asarray(image.convert("RGB"))  # PIL
         except AttributeError:
-            raise TypeError(f"cannot read an image from {type(image).__name__}: give numpy, PIL or torch") from None
+            raise TypeError(f"cannot read an image from {type(image).__name__}: give a path, numpy, PIL or "
+                            f"torch") from None
+    shape = image.shape
     if image.ndim == 2:
-        image = np.repeat(image[:, :, None], 3, axis=2)
-    if image.ndim != 3 or image.shape[2] not in (1, 3):
-        raise ValueError(f"expected an RGB or gray image, got shape {image.shape}")
-    if image.shape[2] == 1:
-        image = np.repeat(image, 3, axis=2)
-    if image.dtype != np.uint8:  # 8 bits, as every training image was
-        image = np.clip(np.rint(image.astype(np.float32) * 255.0), 0, 255).astype(np.uint8)
-    return np.ascontiguousarray(image)
+        image = image[:, :, None]
+    if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
+        raise ValueError(f"expected an RGB (HWC) or gray (HW) image, got shape {shape}")
+    image = np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image[:, :, :3]  # gray; RGBA's alpha
+    return np.ascontiguousarray(_eight_bits(image))
+
+
+def _eight_bits(image: np.ndarray) -> np.ndarray:
+    """uint8 as every training image was: floats in [0, 1] rounded; anything else refused or
+    warned about with the fix."""
+    if image.dtype == np.uint8:
+        return image
+    if image.dtype in (np.uint16, np.int32, np.uint32, np.int64):
+        raise ValueError(f"a {image.dtype} image (16 bits?): give 8 bits, e.g. (image >> 8).astype(np.uint8) for "
+                         f"16-bit data, or floats in [0, 1]")
+    if not np.issubdtype(image.dtype, np.floating):
+        raise ValueError(f"an image of dtype {image.dtype}: give uint8, or floats in [0, 1]")
+    top = float(np.nanmax(image)) if image.size else 0.0
+    if top > 1.0 + 1e-6:
+        warnings.warn(f"float image with values up to {top:g}: read as 0..255 (pass uint8, or floats in [0, 1], "
+                      f"to say so)", stacklevel=2)
+        image = image / 255.0
+    return np.clip(np.rint(image.astype(np.float32) * 255.0), 0, 255).astype(np.uint8)
 
 
 class Detector:
@@ -115,6 +143,23 @@ class Detector:
         self.view_size = int(cfg.augment.size or cfg.data.size)
         self.graph = DetectorGraph(self.psi, self.flip_permutation if self._flip_test else None, self.crop_size,
                                    self.view_size).to(self.device)
+        self.names: LandmarkNames | None = None  # set: predict returns the annotated landmarks instead
+
+    @property
+    def landmark_names(self) -> list[str]:
+        """What each returned point is: the annotated names when named, else ``landmark_k``."""
+        if self.names is not None:
+            return list(self.names.names)
+        return [f"landmark_{k}" for k in range(self.num_landmarks)]
+
+    def name_landmarks(self, points: np.ndarray, conf: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Discovered landmarks ``(B, K, 2)`` in the pixels of images whose crops are ``boxes``
+        → the named ones ``(B, L, 2)`` there, each with the confidence of the discovered
+        landmark weighing most in it. The names' map works in crop pixels."""
+        xy, side = boxes[:, None, :2].astype(np.float64), boxes[:, None, 2:3].astype(np.float64)
+        scale = self.crop_size / side
+        named = self.names.apply((points + 0.5 - xy) * scale - 0.5)
+        return (named + 0.5) / scale - 0.5 + xy, conf[:, self.names.sources]
 
     @property
     def flip_test(self) -> bool:
@@ -140,7 +185,13 @@ class Detector:
 
     def predict(self, images: Any, *, batch_size: int = 32, with_confidence: bool = False):
         """Landmarks in original pixels: (K, 2) for one image, (N, K, 2) for a list (x, y;
-        0-based pixel centres). ``with_confidence``: also the heatmap peaks' values."""
+        0-based pixel centres). ``with_confidence``: also the heatmap peaks' values.
+
+        An image is a file path, a numpy array (HWC **RGB** or HW gray; uint8, or floats in
+        [0, 1]), a PIL image or a torch CHW tensor (uint8 or [0, 1]); a batch is a list of
+        them or an NCHW tensor. OpenCV reads BGR: pass ``cv2.cvtColor(img, cv2.COLOR_BGR2RGB)``.
+        Floats above 1 are read as 0..255 with a warning; 16-bit images are refused.
+        """
         single = not isinstance(images, (list, tuple)) and not (isinstance(images, torch.Tensor) and images.dim() == 4)
         items: Sequence[Any] = [images] if single else list(images)
         points, conf = [], []
@@ -159,24 +210,40 @@ class Detector:
         """Image-pixel landmarks of ``(B, S, S, 3)`` uint8 crops of the ``(B, 3)`` boxes."""
         pts, conf = self.graph(torch.from_numpy(np.ascontiguousarray(crops)).to(self.device),
                                torch.from_numpy(np.asarray(boxes, np.float32)).to(self.device))
-        return pts.cpu().numpy().astype(np.float64), conf.cpu().numpy()
+        pts, conf = pts.cpu().numpy().astype(np.float64), conf.cpu().numpy()
+        if self.names is not None:
+            pts, conf = self.name_landmarks(pts, conf, np.asarray(boxes, np.float64))
+        return pts, conf
 
 
 def load_detector(path: str | Path, device: str | torch.device = "auto", flip_test: bool | None = None,
-                  config: str | Path | None = None, overrides: Sequence[str] = ()) -> Detector:
-    """The Stage-2 detector of a run: its ``model.pt`` or the run folder; ``device`` auto =
-    the GPU when there is one. The run's saved config ← ``config`` (a YAML file) ←
-    ``overrides`` (``key=value``) decide the flip test and the input sizes."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "model.pt"
+                  config: str | Path | None = None, overrides: Sequence[str] = (), named: bool = False) -> Detector:
+    """The Stage-2 detector of a run: the run folder, its ``model.pt`` or its ``checkpoint.pt``;
+    ``device`` auto = the GPU when there is one. The run's saved config ← ``config`` (a YAML
+    file) ← ``overrides`` (``key=value``) decide the flip test and the input sizes.
+    ``named``: ``predict`` returns the annotated landmarks (``detector.landmark_names``) through
+    the run's ``names.json`` (written by evaluation, or ``k2l fit-names``)."""
+    path = model_file(path)
     ck = load_checkpoint(path)
     if "psi" not in ck:
         raise ValueError(f"{path}: holds no Stage-2 model (expected a run's model.pt)")
     cfg = run_config(ck["config"], config, tuple(overrides))
     psi = LandmarkNet(cfg.model, int(ck["num_landmarks"]))
     psi.load_state_dict(ck["psi"])
-    return Detector(psi, cfg, ck["flip_permutation"].numpy(), device=device, flip_test=flip_test)
+    detector = Detector(psi, cfg, ck["flip_permutation"].numpy(), device=device, flip_test=flip_test)
+    if named:
+        detector.names = _checked_names(load_names(path.parent), detector, path.parent)
+    return detector
+
+
+def _checked_names(names: LandmarkNames, detector: Detector, run_dir: Path) -> LandmarkNames:
+    """``names`` when they fit this detector's landmarks and crops, else a one-line error."""
+    inputs = names.map.W.shape[0] // 2
+    if inputs != detector.num_landmarks or names.crop_size != detector.crop_size:
+        raise ValueError(f"{run_dir / NAMES_FILE} maps {inputs} landmarks of {names.crop_size}-px crops, the model "
+                         f"has {detector.num_landmarks} at {detector.crop_size} px: fit it again with "
+                         f"k2l fit-names {run_dir} --data ANNOTATED_SHARDS")
+    return names
 
 
 def read_rgb(path: str | Path) -> np.ndarray | None:

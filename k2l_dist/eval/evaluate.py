@@ -26,13 +26,14 @@ from k2l_dist.data.shards import load_manifest, load_samples_meta, read_dataset
 from k2l_dist.eval.completion import column_means, fill_with_means, svt
 from k2l_dist.eval.detector import landmarks_in_views
 from k2l_dist.eval.metrics import mean_shape_baseline, pck, raw_landmark_accuracy
+from k2l_dist.eval.names import LandmarkNames, save_names
 from k2l_dist.eval.regression import backward_nme, forward_nme, landmark_norm
 from k2l_dist.eval.split import regressor_ids, split_for_run
 from k2l_dist.keypoints import descriptors_to_float
 from k2l_dist.models import KeypointNet, LandmarkNet
 from k2l_dist.models.extract import extract, extraction_cap
 from k2l_dist.models.regions import CropRegions
-from k2l_dist.utils.checkpoint import load_checkpoint
+from k2l_dist.utils.checkpoint import load_checkpoint, model_file
 from k2l_dist.utils.io import atomic_write_text
 from k2l_dist.utils.lock import RunLock
 from k2l_dist.utils.metrics import MetricsLogger
@@ -174,6 +175,8 @@ def evaluate_run(cfg, shard_dir: Path, manifest: dict, meta: dict, split, phi, p
                                 match_on=(pred[is_reg], gt[is_reg], np.full(is_reg.sum(), scale)))
 
     names = manifest.get("landmark_names") or [f"lm{i}" for i in range(gt.shape[1])]
+    if fwd.map is not None:  # the forward regressor names the detector's landmarks (load_detector(named=True))
+        save_names(LandmarkNames(list(names), fwd.map, int(size), fwd.n_train), run_dir)
     curves = {"forward (Ψ)": fwd.per_image, "backward (Ψ)": bwd.per_image, "stage 1 forward": s1_fwd.per_image,
               "keypoint baseline": kp_fwd.per_image, "mean shape": mean_shape.per_image}
     aucs = save_ced_plot(curves, run_dir / "ced.png", ecfg.ced_max, title=f"CED on {len(test_ids)} held-out images")
@@ -250,8 +253,9 @@ def evaluate_checkpoint(run_dir: str | Path, device: str = "auto", overrides: li
     file) ← ``overrides``, on the run's own held-out split. The new numbers replace the
     evaluation's in metrics.json; what training wrote there (its time, world size, skipped
     samples) is kept. Holds the run folder's lock while it works."""
-    run_dir = Path(run_dir)
-    ck = load_checkpoint(run_dir / "model.pt")
+    model = model_file(run_dir)
+    run_dir = model.parent
+    ck = load_checkpoint(model)
     saved = ck["config"]
     if "split" not in saved.get("eval", {}):  # trained before eval.split existed: it held out the last ids
         saved = {**saved, "eval": {**saved.get("eval", {}), "split": "last"}}

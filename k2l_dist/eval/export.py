@@ -27,6 +27,7 @@ import torch
 
 from k2l_dist import __version__
 from k2l_dist.eval.detector import Detector, load_detector
+from k2l_dist.eval.names import NAMES_FILE
 from k2l_dist.utils.io import atomic_open
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,15 @@ FORMATS = ("torchscript", "onnx")
 SUFFIX = {"torchscript": ".ts", "onnx": ".onnx"}
 INPUTS = ("crops", "boxes")
 OUTPUTS = ("landmarks", "confidence")
+
+
+# k2l_dist.data.crop.crop_image, step by step, for programs outside Python (docs/export.md)
+CROP_RECIPE = (
+    "1. box: side = max(w, h), x0 = (w - side) / 2, y0 = (h - side) / 2 (edge coordinates). "
+    "2. f = floor(side / S); if f >= 2: keep the top-left (h // f * f) x (w // f * f) pixels, average each f x f "
+    "block (OpenCV INTER_AREA at exactly 1/f), and divide x0, y0 and side by f. "
+    "3. crop = bilinear affine warp to S x S, border pixels repeated, with u = (x + 0.5 - x0) * S / side - 0.5 "
+    "(the same for y); the box passed to the model is the one from step 1.")
 
 
 def metadata(detector: Detector) -> dict[str, Any]:
@@ -49,9 +59,10 @@ def metadata(detector: Detector) -> dict[str, Any]:
                    "boxes": "(B, 3) float32 x0, y0, side of each square box, in image pixels (edges)"},
         "outputs": {"landmarks": "(B, K, 2) float32 x, y in image pixels (0-based pixel centres)",
                     "confidence": "(B, K) float32 heatmap peak values"},
-        "crop_policy": "box = square of side max(w, h) centred on the image, border pixels repeated; "
-                       "k2l_dist.data.crop.crop_image",
+        "crop_policy": CROP_RECIPE,
         "landmark_names": [f"landmark_{k}" for k in range(detector.num_landmarks)],
+        # the map to the annotated landmarks (names.json), applied in crop pixels: see docs/export.md
+        "named_landmarks": json.loads(detector.names.to_json()) if detector.names is not None else None,
     }
 
 
@@ -62,7 +73,12 @@ def export(run: str | Path, fmt: str, out: str | Path | None = None, *, config: 
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
     run = Path(run)
-    detector = load_detector(run, device="cpu", config=config, overrides=overrides)
+    try:  # named landmarks travel with the file when the run has them
+        detector = load_detector(run, device="cpu", config=config, overrides=overrides, named=True)
+    except FileNotFoundError as err:
+        if NAMES_FILE not in str(err):
+            raise
+        detector = load_detector(run, device="cpu", config=config, overrides=overrides)
     out = Path(out) if out is not None else (run if run.is_dir() else run.parent) / f"detector{SUFFIX[fmt]}"
     if out.is_dir():
         raise ValueError(f"--out {out} is a folder; give the file to write, e.g. {out / ('detector' + SUFFIX[fmt])}")

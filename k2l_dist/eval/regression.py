@@ -49,6 +49,7 @@ class NMEResult:
     W: np.ndarray | None = field(default=None, repr=False)  # (2 L_in, 2 L_out); None for baselines
     n_train: int = 0  # images the regressor was fitted on
     n_scored: int = 0  # test images with a finite per-image error
+    map: LinearMap | None = field(default=None, repr=False)  # the fitted regressor itself
 
     @property
     def per_landmark_mean(self) -> np.ndarray:
@@ -56,6 +57,34 @@ class NMEResult:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN column -> NaN is intended
             return np.nanmean(self.per_landmark, axis=0)
+
+
+@dataclass
+class LinearMap:
+    """A fitted regressor from landmarks (n, L_in, 2) to landmarks (n, L_out, 2), in the
+    centring of the module docstring: what forward NME scores, and what names a detector's
+    landmarks (``eval.names``)."""
+
+    W: np.ndarray  # (2 L_in, 2 L_out)
+    center: str  # "dataset" | "input" | "none"
+    input_mean: np.ndarray | None = None  # (L_in, 2), center="dataset"
+    target_mean: np.ndarray | None = None  # (L_out, 2), center="dataset"
+
+    @classmethod
+    def fit(cls, X: np.ndarray, Y: np.ndarray, alpha: float, center: str) -> LinearMap:
+        """Fit on complete rows ``X`` (n, L_in, 2) → ``Y`` (n, L_out, 2)."""
+        if center != "dataset":
+            return cls(fit_linear(X, Y, alpha, center), center)
+        # Mean-centred coordinates: subtract the training means of inputs and targets, fit a
+        # no-bias map, add the target mean back. W = 0 is then the mean-shape baseline.
+        mx, my = X.mean(0), Y.mean(0)
+        return cls(fit_linear(X - mx, Y - my, alpha, "none"), center, mx, my)
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        """(n, L_in, 2) → (n, L_out, 2); NaN rows stay NaN."""
+        if self.center != "dataset":
+            return predict_linear(X, self.W, self.center)
+        return predict_linear(as_points(X, "X") - self.input_mean, self.W, "none") + self.target_mean
 
 
 # --------------------------------------------------------------------------- helpers
@@ -179,19 +208,12 @@ def _regress_nme(
     tr_in, tr_out = as_points(train_in, "train input"), as_points(train_out, "train target")
     te_in, te_out = as_points(test_in, "test input"), as_points(test_out, "test target")
     rows = _train_rows(tr_in, tr_out, cfg.regressor_train_count, cfg.seed)
-    if cfg.center == "dataset":
-        # Mean-centred coordinates: subtract the training means of inputs and targets, fit
-        # a no-bias map, add the target mean back. W = 0 is then the mean-shape baseline.
-        mx, my = tr_in[rows].mean(0), tr_out[rows].mean(0)
-        W = fit_linear(tr_in[rows] - mx, tr_out[rows] - my, cfg.ridge_alpha, "none")
-        pred = predict_linear(te_in - mx, W, "none") + my
-    else:
-        W = fit_linear(tr_in[rows], tr_out[rows], cfg.ridge_alpha, cfg.center)
-        pred = predict_linear(te_in, W, cfg.center)
+    fitted = LinearMap.fit(tr_in[rows], tr_out[rows], cfg.ridge_alpha, cfg.center)
+    pred = fitted.predict(te_in)
     per_lm, per_img = landmark_errors(pred, te_out, norm)
     scored = np.isfinite(per_img)
     mean = float(per_img[scored].mean()) if scored.any() else float("nan")
-    return NMEResult(mean, per_img, per_lm, W, int(rows.size), int(scored.sum()))
+    return NMEResult(mean, per_img, per_lm, fitted.W, int(rows.size), int(scored.sum()), fitted)
 
 
 def forward_nme(

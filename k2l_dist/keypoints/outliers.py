@@ -9,11 +9,13 @@ fraction with the largest scores is dropped.
 
 from __future__ import annotations
 
-import faiss
 import numpy as np
 from tqdm import tqdm
 
 from k2l_dist.keypoints.generic import descriptors_to_float
+from k2l_dist.utils.backends import import_faiss
+
+faiss = import_faiss()
 
 _QUERY_BATCH = 16384  # queries per faiss search: bounds the result arrays, paces the progress bar
 

@@ -225,6 +225,8 @@ def train(cfg: Config, resume: bool = True) -> dict:
         if info.is_main:
             ensure_writable(cfg.run_dir, "run_dir")  # a read-only folder fails now, not at the first checkpoint
             lock = RunLock(cfg.run_dir, "k2l train").acquire()  # one run per folder, before anything is written
+            print(f"run folder: {cfg.run_dir}  (watch it: tensorboard --logdir {Path(cfg.run_dir) / 'tensorboard'})",
+                  flush=True)
         check_shared(cfg.run_dir, "run_dir", info)  # checkpoints are written by rank 0 and read by all
         # an actor no node can host, or a Ray address that does not answer, fails before a long prepare
         service = make_service(cfg.cluster, info, connect_timeout_s=cfg.dist.timeout_s)
@@ -415,6 +417,8 @@ def _train(cfg: Config, info, shard_dir: Path, service: ClusteringService, resum
             table = LabelTable.from_round(labels)
             stage2_state["centroids_m"] = torch.from_numpy(np.array(labels.centroids))
             log.scalars(progress.step, {"number": rnd, **labels.stats, **timings}, "round/")
+            log.text("rounds", f"round {rnd} of {s1.rounds} starts at step {progress.step}: "
+                     f"{labels.stats['points_per_image_after']:.1f} points/image kept", progress.step)
             if info.is_main:
                 _round_grid(shard_dir, table, split.train[:16], run_dir / "rounds" / f"round{rnd:03d}.png", log,
                             progress.step)
@@ -431,12 +435,13 @@ def _train(cfg: Config, info, shard_dir: Path, service: ClusteringService, resum
 
     # ---- Stage 2: K clusters → K-heatmap detector Ψ initialised from Φ.
     seed_phase(cfg, "stage2", info.rank, gen)  # Ψ's new head: the same init however the run got here
+    log2 = log.shifted(progress.step)  # Stage 2 counts its own steps: after Stage 1's on TensorBoard's axis
     if progress.phase == "round":
         final, timings = recover("final", "stage2")
         table2 = LabelTable.from_round(final)
         centroids = np.array(final.centroids, np.float32)
         perm = np.array(final.flip_permutation, np.int64)
-        log.scalars(0, {**final.stats, **timings}, "stage2_labels/")
+        log2.scalars(0, {**final.stats, **timings}, "stage2_labels/")
         psi = LandmarkNet.from_keypoint_net(phi, cfg.cluster.K).to(info.device)
         progress = dataclasses.replace(progress, phase="stage2", phase_step=0, step2=0)
     else:  # resumed inside Stage 2
@@ -461,10 +466,10 @@ def _train(cfg: Config, info, shard_dir: Path, service: ClusteringService, resum
                              lambda b: stage2_losses(psi_ddp, b, table2, num_landmarks=cfg.cluster.K,
                                                      sigma=cfg.loss.heatmap_sigma, regions=regions,
                                                      cutout=s2.cutout, cutout_prob=s2.cutout_prob, generator=gen),
-                             s2.iterations, step=progress.step2, log=log, prefix="stage2/", log_every=cfg.log_every,
+                             s2.iterations, step=progress.step2, log=log2, prefix="stage2/", log_every=cfg.log_every,
                              show_progress=show, start=progress.phase_step, before_step=before, after_step=after,
                              precision=cfg.precision, schedule=schedule2)
-    log.scalars(step2, {"psi_checksum": check_replicas(psi, "after Stage 2")}, "replicas/")
+    log2.scalars(step2, {"psi_checksum": check_replicas(psi, "after Stage 2")}, "replicas/")
     if info.is_main:
         save_checkpoint(run_dir / "model.pt", {
             "psi": psi.state_dict(), "phi": phi.state_dict(), "centroids": torch.from_numpy(centroids),
@@ -484,8 +489,8 @@ def _train(cfg: Config, info, shard_dir: Path, service: ClusteringService, resum
     if info.is_main and "landmarks" in meta:
         from k2l_dist.eval.evaluate import evaluate_run
 
-        metrics.update(evaluate_run(cfg, shard_dir, manifest, meta, split, phi, psi, centroids, perm, log,
-                                    device=info.device))
+        metrics.update(evaluate_run(cfg, shard_dir, manifest, meta, split, phi, psi, centroids, perm,
+                                    log2.shifted(step2), device=info.device))
     if info.is_main:
         atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=1))
     log.close()

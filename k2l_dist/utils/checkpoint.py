@@ -114,3 +114,22 @@ def load_latest_checkpoint(path: str | Path) -> tuple[dict[str, Any], Path] | No
     if errors:
         raise ValueError("no loadable checkpoint: " + "; ".join(errors))
     return None
+
+
+MODEL_FILE = "model.pt"  # a finished run's detector (Ψ, Φ, centroids, flip map, config)
+
+
+def model_file(path: str | Path) -> Path:
+    """The finished model a user means by ``path``: a run folder, its ``model.pt``, or its
+    ``checkpoint.pt`` / ``checkpoint.prev.pt`` (the training state: the ``model.pt`` beside it)."""
+    path = Path(path)
+    if path.is_file() and not path.name.startswith("checkpoint"):
+        return path
+    run = path if path.is_dir() else path.parent
+    model = run / MODEL_FILE
+    if model.is_file():
+        return model
+    if (run / "checkpoint.pt").is_file():
+        raise ValueError(f"{run} holds no {MODEL_FILE}: its training has not finished (checkpoint.pt is the "
+                         f"training state, not a detector); run the same `k2l train` again to finish it")
+    raise FileNotFoundError(f"no model at {path}: pass a run folder or its {MODEL_FILE}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from pathlib import Path
@@ -11,7 +12,11 @@ import numpy as np
 
 
 class MetricsLogger:
+    """``step`` is the run's one step axis; :meth:`shifted` gives a phase that counts its own
+    steps from 0 (Stage 2) a place on it after the phases before."""
+
     def __init__(self, run_dir: str | Path, enabled: bool = True) -> None:
+        self.offset = 0
         self.enabled = enabled
         self.run_dir = Path(run_dir)
         self._writer = None
@@ -23,9 +28,16 @@ class MetricsLogger:
             self._writer = SummaryWriter(str(self.run_dir / "tensorboard"))
             self._log = open(self.run_dir / "log.jsonl", "a", buffering=1)
 
+    def shifted(self, offset: int) -> MetricsLogger:
+        """This logger with every step moved ``offset`` further along the run's axis."""
+        view = copy.copy(self)
+        view.offset = self.offset + int(offset)
+        return view
+
     def scalars(self, step: int, values: dict[str, Any], prefix: str = "") -> None:
         if not self.enabled:
             return
+        step += self.offset
         clean = {}
         for key, value in values.items():
             if hasattr(value, "item"):
@@ -37,11 +49,11 @@ class MetricsLogger:
 
     def image(self, tag: str, image_hwc_rgb: np.ndarray, step: int) -> None:
         if self.enabled:
-            self._writer.add_image(tag, image_hwc_rgb, step, dataformats="HWC")
+            self._writer.add_image(tag, image_hwc_rgb, step + self.offset, dataformats="HWC")
 
     def text(self, tag: str, text: str, step: int = 0) -> None:
         if self.enabled:
-            self._writer.add_text(tag, text, step)
+            self._writer.add_text(tag, text, step + self.offset)
 
     def close(self) -> None:
         if self.enabled:
