@@ -3,7 +3,9 @@
 Each setting runs in a fresh process (glibc reads ``MALLOC_*`` at start-up), started
 from a clean environment, one after the other, alternating over ``--repeats``:
 
-* ``package``: no ``MALLOC_*`` exported; ``import k2l_dist`` tunes malloc (the default);
+* ``command``: no ``MALLOC_*`` exported, started as the command line starts (``k2l``,
+  ``python -m k2l_dist``: it restarts itself with the variables set);
+* ``api``: no export, a program that imports ``k2l_dist`` (``mallopt`` at import);
 * ``export``: the user's ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_``=16 GiB;
 * ``untuned``: no export and ``K2L_MALLOC_TUNING=0``: glibc's defaults.
 
@@ -30,7 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import machine, write_section  # noqa: E402
 
 EXPORT = {"MALLOC_MMAP_THRESHOLD_": "17179869184", "MALLOC_TRIM_THRESHOLD_": "17179869184"}
-SETTINGS = {"package": {}, "export": EXPORT, "untuned": {"K2L_MALLOC_TUNING": "0"}}
+# name → (environment, started as the command line is)
+SETTINGS = {"command": ({}, True), "api": ({}, False), "export": (EXPORT, False),
+            "untuned": ({"K2L_MALLOC_TUNING": "0"}, False)}
 
 
 def child(args) -> None:
@@ -57,8 +61,10 @@ def child(args) -> None:
 
 def run_setting(args, name: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "K2L_MALLOC_TUNING"}
-    env.update(SETTINGS[name])
-    cmd = [sys.executable, __file__, "--child", "--config", args.config, "--size", str(args.size),
+    extra, as_command = SETTINGS[name]
+    env.update(extra)
+    cmd = [sys.executable, __file__, "--child", *(["--as-command"] if as_command else []), "--config", args.config,
+           "--size", str(args.size),
            "--pairs", str(args.pairs), "--steps", str(args.steps), "--threads", str(args.threads), *args.overrides]
     out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -73,6 +79,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--as-command", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--no-write", action="store_true", help="print the table only")
     ap.add_argument("--section", default="bench_allocator", help="the section of BENCHMARKS.md to (re)write")
     ap.add_argument("overrides", nargs="*")

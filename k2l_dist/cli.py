@@ -357,6 +357,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the command line itself (not a caller passing arguments): start tuned
+        from k2l_dist.utils.allocator import restart_tuned
+
+        restart_tuned()
     args = parse(argv)
     from k2l_dist.utils.logs import configure_logging
 

@@ -254,9 +254,12 @@ class EvalConfig:
     seed: int = 0  # the random split's held-out ids, and the regressor images when regressor_train_count > 0
     # Held-out test images, never trained on nor used by a regressor (k2l_dist/eval/split.py):
     # random: test_count ids drawn by seed | last: the test_count largest ids | file: the
-    # ids or image paths in split_file | protocol: the dataset's own test list (mafl, aflw)
+    # ids or image paths in split_file | protocol: the dataset's own test list (mafl, aflw) |
+    # pattern: the images whose path matches split_pattern (a subject's folder: no frame of a
+    # held-out subject trains, where a random split would leak near-duplicate frames)
     split: str = "random"
     split_file: str = ""  # one sample id or image path per line, for split=file
+    split_pattern: str = ""  # a regular expression searched in each image's path, for split=pattern
     test_count: int = 1000  # held-out images for split=random | last (at most half the dataset)
 
 
@@ -276,7 +279,7 @@ class DistConfig:
 
 
 COMPILE_BACKENDS = ("", "inductor", "eager", "aot_eager", "cudagraphs")
-SPLITS = ("random", "last", "file", "protocol")  # eval.split; k2l_dist/eval/split.py says what each does
+SPLITS = ("random", "last", "file", "protocol", "pattern")  # eval.split; k2l_dist/eval/split.py says what each does
 
 
 @dataclass
@@ -556,6 +559,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError("; ".join(problems))
 
 
+def _compiles(pattern: str) -> bool:
+    try:
+        re.compile(pattern)
+    except re.error:
+        return False
+    return True
+
+
 def _eval_rules(e: EvalConfig) -> list[tuple[bool, str, str]]:
     uses_file = e.split == "file"
     return [
@@ -566,6 +577,11 @@ def _eval_rules(e: EvalConfig) -> list[tuple[bool, str, str]]:
          f"file not found: {e.split_file}"),
         (not e.split_file or e.split == "file", "eval.split_file",
          f"set, but eval.split is {e.split!r}; set eval.split=file to use it"),
+        (e.split != "pattern" or bool(e.split_pattern), "eval.split_pattern",
+         "required when eval.split is 'pattern' (a regular expression, e.g. '(^|/)S11/' for a subject)"),
+        (not e.split_pattern or e.split == "pattern", "eval.split_pattern",
+         f"set, but eval.split is {e.split!r}; set eval.split=pattern to use it"),
+        (_compiles(e.split_pattern), "eval.split_pattern", f"not a regular expression: {e.split_pattern!r}"),
         (e.test_count >= 0, "eval.test_count", f"must be >= 0, got {e.test_count}"),
         (e.regressor_train_count >= 0, "eval.regressor_train_count",
          f"must be >= 0 (0 = all training images), got {e.regressor_train_count}"),

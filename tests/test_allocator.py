@@ -64,3 +64,12 @@ def test_the_users_export_is_left_alone_and_opting_out_leaves_glibcs_defaults():
     assert exported["mmapped"] == 0
     off = _probe("import", K2L_MALLOC_TUNING="0")
     assert off["state"] == "off" and off["mmapped"] >= 64 << 20 and off["env"] == [None, None]
+
+
+@pytest.mark.parametrize("command", [["-m", "k2l_dist"], ["-m", "k2l_dist.cli"]])
+def test_the_command_line_restarts_itself_with_the_variables_set(command):
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "K2L_MALLOC_TUNING"}
+    run = lambda **env: subprocess.run([sys.executable, *command, "--backends"], cwd=ROOT, capture_output=True,  # noqa: E731
+                                       text=True, check=True, env={**clean, "PYTHONPATH": str(ROOT), **env}).stdout
+    assert "allocator tuned (MALLOC_* set at start)" in run()  # as if the user had exported them
+    assert "allocator: glibc defaults (K2L_MALLOC_TUNING=0)" in run(K2L_MALLOC_TUNING="0")

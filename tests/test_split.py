@@ -84,6 +84,18 @@ def test_protocol_split_reads_the_prepared_lists(tmp_path):
         split_for_run(EvalConfig(split="protocol"), _meta(10), tmp_path / "elsewhere")
 
 
+def test_pattern_split_holds_out_whole_subjects(tmp_path):
+    """Human3.6M's protocol: every frame of subject 11 tested, none trained on (a random split
+    would put near-duplicate frames of one take on both sides)."""
+    subjects = ["S1", "S5", "S11", "S9", "S11", "S1"]
+    meta = {"ids": np.arange(6, dtype=np.int64), "landmarks": np.zeros((6, 5, 2), np.float32),
+            "paths": np.array([f"{s}/Walking.54138969/{i:05d}.jpg" for i, s in enumerate(subjects)])}
+    split = split_for_run(EvalConfig(split="pattern", split_pattern="(^|/)S11/", test_count=0), meta, tmp_path)
+    assert split.test.tolist() == [2, 4] and split.train.tolist() == [0, 1, 3, 5]  # S1 and S11 kept apart
+    with pytest.raises(ValueError, match=r"eval.split_pattern='\(\^\|/\)S7/' matches no image path"):
+        split_for_run(EvalConfig(split="pattern", split_pattern="(^|/)S7/"), meta, tmp_path)
+
+
 def test_without_landmarks_every_sample_trains(tmp_path):
     split = split_for_run(EvalConfig(split="random", test_count=3), _meta(10, landmarks=False), tmp_path)
     assert split.train.tolist() == list(range(10)) and len(split.test) == 0
@@ -104,6 +116,9 @@ def test_regressor_fits_all_training_images_by_default_or_a_seeded_subset():
     (["eval.split=file"], "eval.split_file"),
     (["eval.split=file", "eval.split_file=/no/such/list.txt"], "eval.split_file"),
     (["eval.split_file=/tmp/x.txt"], "eval.split_file"),
+    (["eval.split=pattern"], "eval.split_pattern"),
+    (["eval.split=pattern", "eval.split_pattern=S1["], "eval.split_pattern"),
+    (["eval.split_pattern=S11/"], "eval.split_pattern"),
     (["eval.test_count=-1"], "eval.test_count"),
     (["eval.regressor_train_count=-5"], "eval.regressor_train_count"),
 ])

@@ -244,7 +244,7 @@ def log_landmark_grid(shard_dir: Path, ids: np.ndarray, points: list[np.ndarray]
 
 # What decides which images are held out: a run is evaluated only on its own held-out images
 # (any other split would score images the run trained on).
-SPLIT_KEYS = ("eval.split", "eval.split_file", "eval.test_count", "eval.seed")
+SPLIT_KEYS = ("eval.split", "eval.split_file", "eval.split_pattern", "eval.test_count", "eval.seed")
 
 
 def evaluate_checkpoint(run_dir: str | Path, device: str = "auto", overrides: list[str] | tuple = (),

@@ -22,6 +22,7 @@ others where they were.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,6 +158,8 @@ def split_for_run(ecfg: EvalConfig, meta: dict, shard_dir: str | Path) -> Split:
     elif ecfg.split == "file":
         test = read_id_list(ecfg.split_file, ids, meta.get("paths"))
         split = make_split(ids, 0, "file", test_ids=test)
+    elif ecfg.split == "pattern":
+        split = make_split(ids, 0, "file", test_ids=matching_ids(ids, meta["paths"], ecfg.split_pattern))
     else:
         if protocol.is_file():
             log.warning("eval.split=%s ignores the dataset's own test list in %s; eval.split=protocol uses it",
@@ -165,6 +168,16 @@ def split_for_run(ecfg: EvalConfig, meta: dict, shard_dir: str | Path) -> Split:
     if len(split.train) == 0:
         raise ValueError(f"eval.split={ecfg.split}: every prepared sample is held out; nothing is left to train on")
     return split
+
+
+def matching_ids(ids: np.ndarray, paths: np.ndarray, pattern: str) -> np.ndarray:
+    """The ids whose image path contains a match of the regular expression ``pattern``."""
+    rx = re.compile(pattern)
+    hits = np.array([rx.search(str(p).replace("\\", "/")) is not None for p in paths], bool)
+    if not hits.any():
+        raise ValueError(f"eval.split_pattern={pattern!r} matches no image path (e.g. {paths[0]!s}); every "
+                         f"sample would train and nothing could be evaluated")
+    return ids[hits]
 
 
 def regressor_ids(split: Split, count: int, seed: int) -> np.ndarray:

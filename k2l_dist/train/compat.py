@@ -19,8 +19,8 @@ INCOMPATIBLE = (
     "model.", "cluster.K", "cluster.M", "data.format", "data.root", "data.annotations", "data.shards", "data.size",
     "data.box", "data.box_scale", "data.box_file", "data.limit", "data.synthetic_count", "data.synthetic_seed",
     "data.synthetic_render_size", "data.synthetic_object_scale", "keypoints.method", "keypoints.count",
-    "keypoints.outlier_fraction", "augment.size", "eval.test_count", "eval.split", "eval.split_file", "eval.seed",
-    "data.test_list", "data.train_list", "data.partition_file", "seed",
+    "keypoints.outlier_fraction", "augment.size", "eval.test_count", "eval.split", "eval.split_file",
+    "eval.split_pattern", "eval.seed", "data.test_list", "data.train_list", "data.partition_file", "seed",
 )
 
 

@@ -5,8 +5,11 @@ and is unmapped when freed, so each CPU training step page-faults its activation
 again: about twice the step time (BENCHMARKS.md, ``bench/bench_allocator.py``). Raising
 the mmap and trim thresholds keeps those blocks in the heap for the next step. Users
 used to export ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` before Python
-started; the package now does the same through ``mallopt`` when it is imported, and sets
-the two variables for the processes it starts.
+started. The package now does it for them: the command line (``k2l``, ``python -m
+k2l_dist``, torchrun's ranks) starts itself again with the two variables set, before any
+work, so it runs exactly as an exported shell would; a program importing the package
+gets the same thresholds through ``mallopt`` at import, and the processes it starts get
+the variables.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ M_TRIM_THRESHOLD = -1  # <malloc.h>
 M_MMAP_THRESHOLD = -3
 # mallopt takes a C int: 2 GiB - 1 keeps every step's tensors on the heap
 THRESHOLD_BYTES = 2**31 - 1
+EXPORTED_BYTES = "17179869184"  # what a restarted command gets, as users exported it
 ENV_KEYS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 OPT_OUT = "K2L_MALLOC_TUNING"  # "0": leave glibc's defaults
 
@@ -43,6 +47,18 @@ def tune_allocator() -> AllocatorState:
 def allocator_state() -> AllocatorState | None:
     """What :func:`tune_allocator` did in this process (None before it ran)."""
     return _state
+
+
+def restart_tuned() -> None:
+    """Run this command again, now, with ``MALLOC_*`` exported (glibc reads them only when a
+    process starts), unless the user set them, opted out, or this is not glibc. Returns only
+    when nothing is to be done; call it first thing in a command-line entry point."""
+    if allocator_state() != "mallopt" or not getattr(sys, "orig_argv", None):
+        return
+    env = {**os.environ, **dict.fromkeys(ENV_KEYS, EXPORTED_BYTES)}
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, sys.orig_argv, env)  # the same interpreter, flags and arguments
 
 
 def _apply() -> AllocatorState:

@@ -59,8 +59,15 @@ def dali_build() -> str:
     return f"DALI {dali.__version__} ({', '.join(sorted(set(names))) or 'a build pip does not list'})"
 
 
+ALLOCATOR = {"environment": "allocator tuned (MALLOC_* set at start)", "mallopt": "allocator tuned (mallopt)",
+             "off": "allocator: glibc defaults (K2L_MALLOC_TUNING=0)", "unavailable": "allocator: not glibc",
+             None: "allocator: not tuned"}
+
+
 def describe() -> str:
-    """One line: torch, Faiss and DALI as this environment has them."""
+    """One line: torch, Faiss, DALI and the allocator as this process has them."""
+    from k2l_dist.utils.allocator import allocator_state
+
     try:
         import torch
 
@@ -68,4 +75,4 @@ def describe() -> str:
         torch_line = f"torch {torch.__version__} ({cuda})"
     except ImportError:
         torch_line = "torch: not installed"
-    return f"{torch_line}; {faiss_build()}; {dali_build()}"
+    return f"{torch_line}; {faiss_build()}; {dali_build()}; {ALLOCATOR[allocator_state()]}"
