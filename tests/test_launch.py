@@ -120,7 +120,7 @@ def test_every_node_mounts_the_shared_file_system_before_installing(prepared):
     for commands in [cfg["head_setup_commands"], *(_setup_of(cfg, t) for t in ("clustering", "clustering_gpu",
                                                                                 "gpu_worker"))]:
         mount = _index(commands, r"mount -t nfs4 .* /mnt/k2l")
-        assert mount < _index(commands, r"pip install (-U )?-e \.")
+        assert mount < _index(commands, r"pip install (-U )?-e \"?\.\[")
 
 
 def _index(commands: list[str], pattern: str) -> int:
@@ -129,23 +129,19 @@ def _index(commands: list[str], pattern: str) -> int:
     return hits[0]
 
 
-def test_gpu_setup_swaps_faiss_cpu_for_faiss_gpu(prepared):
+def test_each_node_installs_one_coherent_extra(prepared):
+    """GPU nodes: torch from the CUDA index, then the package's CUDA extra; CPU nodes: the CPU
+    extra. No node ever gets two Faiss builds (they write the same module)."""
     _, cfg = prepared
     for node_type in ("gpu_worker", "clustering_gpu"):
         gpu = _setup_of(cfg, node_type)
-        project = _index(gpu, r"pip install (-U )?-e \.")
-        uninstall = _index(gpu, r"pip uninstall -y faiss-cpu\b")
-        install = _index(gpu, r"pip install [^;&|]*\bfaiss-gpu")
-        torch = _index(gpu, r"pip install [^;]*torch==2\.13\.0[^;]*--index-url")
-        assert project < uninstall < install, gpu
-        assert project < torch
-        # never both: nothing after the uninstall brings faiss-cpu back
-        assert not any(re.search(r"pip install [^;&|]*faiss-cpu", c) for c in gpu[uninstall:])
-        assert all("faiss-gpu" not in c for c in gpu[:uninstall])
-    # the CPU head and clustering node keep faiss-cpu (from `pip install -e .`) and never get faiss-gpu
+        torch = _index(gpu, r"pip install [^;]*torch==2\.13\.0[^;]*--index-url [^;]*/cu130")
+        project = _index(gpu, r'pip install (-U )?-e "\.\[cu13\]"')
+        assert torch < project, gpu
+        assert not any(re.search(r"faiss-cpu|\.\[cpu\]|\.\[cu12\]|pip install (-U )?-e \.( |$)", c) for c in gpu), gpu
     for commands in (cfg["head_setup_commands"], _setup_of(cfg, "clustering")):
-        _index(commands, r"pip install (-U )?-e \.")
-        assert not any("faiss-gpu" in c for c in commands)
+        _index(commands, r'pip install (-U )?-e "\.\[cpu\]"')
+        assert not any(re.search(r"faiss-gpu|\.\[cu1[23]\]", c) for c in commands), commands
 
 
 # ---------------------------------------------------------------- launch/torchrun.sh
