@@ -39,11 +39,15 @@ SETTINGS = {"command": ({}, True), "api": ({}, False), "export": (EXPORT, False)
 
 def child(args) -> None:
     sys.path.insert(0, str(ROOT))
+    import k2l_dist  # noqa: F401  (first, as every entry point: the tuning happens at import)
+    from k2l_dist.utils.allocator import allocator_state, restart_tuned
+
+    if args.as_command:
+        restart_tuned()  # what k2l_dist.cli.main does first: this process starts again, exported
     import torch
     from fixtures import stage1_step
 
     from k2l_dist.config import load_config
-    from k2l_dist.utils.allocator import allocator_state
 
     torch.set_num_threads(args.threads)
     _, _, step = stage1_step(load_config(ROOT / args.config, args.overrides), args.pairs, args.size)

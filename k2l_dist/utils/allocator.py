@@ -2,7 +2,8 @@
 
 With glibc's defaults every block above the (dynamic) mmap threshold is a fresh ``mmap``
 and is unmapped when freed, so each CPU training step page-faults its activations in
-again: about twice the step time (BENCHMARKS.md, ``bench/bench_allocator.py``). Raising
+again: roughly twice the time of a large step (the paper-size model), 1.03–1.16× on the
+small CPU configs (BENCHMARKS.md, ``bench/bench_allocator.py``). Raising
 the mmap and trim thresholds keeps those blocks in the heap for the next step. Users
 used to export ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` before Python
 started. The package now does it for them: the command line (``k2l``, ``python -m
