@@ -2,7 +2,7 @@
 
 With glibc's defaults every block above the (dynamic) mmap threshold is a fresh ``mmap``
 and is unmapped when freed, so each CPU training step page-faults its activations in
-again: roughly twice the time of a large step (the paper-size model), 1.03–1.16× on the
+again: roughly twice the time of a large step (the paper-size model), 1.03–1.24× on the
 small CPU configs (BENCHMARKS.md, ``bench/bench_allocator.py``). Raising
 the mmap and trim thresholds keeps those blocks in the heap for the next step. Users
 used to export ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` before Python
