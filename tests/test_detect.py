@@ -14,19 +14,15 @@ from k2l_dist.cli import main
 from k2l_dist.config import Config, apply_values
 from k2l_dist.eval import detect as detect_module
 from k2l_dist.eval import detector as detector_module
-from k2l_dist.models import LandmarkNet
-from k2l_dist.utils.checkpoint import save_checkpoint
+from tests.tiny import save_tiny_model
 
 K = 3
 
 
 @pytest.fixture
 def model_pt(tmp_path):
-    cfg = apply_values(Config(), {"model": {"width": 16, "depth": 2, "descriptor_dim": 16}, "data": {"size": 32}})
-    psi = LandmarkNet(cfg.model, K)
     path = tmp_path / "model.pt"
-    save_checkpoint(path, {"psi": psi.state_dict(), "num_landmarks": K, "config": dataclasses.asdict(cfg),
-                           "flip_permutation": torch.arange(K)})
+    save_tiny_model(path, K)
     return path
 
 

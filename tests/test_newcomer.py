@@ -3,7 +3,6 @@ they point at, and images as they hold them."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -19,9 +18,9 @@ import torch
 import yaml
 
 from k2l_dist.cli import main
-from k2l_dist.config import Config, ConfigError, apply_values, load_config
-from k2l_dist.models import LandmarkNet
+from k2l_dist.config import ConfigError, load_config
 from k2l_dist.utils.checkpoint import save_checkpoint
+from tests.tiny import save_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 K = 3
@@ -30,12 +29,9 @@ K = 3
 @pytest.fixture
 def run_dir(tmp_path):
     """A finished run's folder as `k2l train` leaves it: model.pt beside checkpoint.pt."""
-    cfg = apply_values(Config(), {"model": {"width": 16, "depth": 2, "descriptor_dim": 16}, "data": {"size": 32}})
-    psi = LandmarkNet(cfg.model, K)
     run = tmp_path / "run"
-    save_checkpoint(run / "model.pt", {"psi": psi.state_dict(), "num_landmarks": K, "config": dataclasses.asdict(cfg),
-                                       "flip_permutation": torch.arange(K)})
-    save_checkpoint(run / "checkpoint.pt", {"phi": {}, "config": dataclasses.asdict(cfg)})
+    saved = save_tiny_model(run / "model.pt", K)
+    save_checkpoint(run / "checkpoint.pt", {"phi": {}, "config": saved})
     return run
 
 

@@ -9,3 +9,21 @@ TINY = [
     # after 10 warm-up steps few peaks clear the default 0.05: take the top peaks so rounds have labels
     "stage1.detect_threshold=0.0",
 ]
+
+
+def save_tiny_model(path, num_landmarks: int) -> dict:
+    """A finished run's ``model.pt`` at ``path``: an untrained Ψ of a tiny model on 32-px
+    crops, as the detector loads it. Returns the config dict saved with it."""
+    import dataclasses
+
+    import torch
+
+    from k2l_dist.config import Config, apply_values
+    from k2l_dist.models import LandmarkNet
+    from k2l_dist.utils.checkpoint import save_checkpoint
+
+    cfg = apply_values(Config(), {"model": {"width": 16, "depth": 2, "descriptor_dim": 16}, "data": {"size": 32}})
+    saved = dataclasses.asdict(cfg)
+    save_checkpoint(path, {"psi": LandmarkNet(cfg.model, num_landmarks).state_dict(), "num_landmarks": num_landmarks,
+                           "config": saved, "flip_permutation": torch.arange(num_landmarks)})
+    return saved

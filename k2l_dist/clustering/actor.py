@@ -26,7 +26,7 @@ from k2l_dist.clustering.ray_store import remote_store
 from k2l_dist.clustering.rounds import RoundLabels, part_nbytes, recover
 from k2l_dist.clustering.store import INDEX_KEYS, DescriptorStore, PointSet
 from k2l_dist.config import ClusterConfig
-from k2l_dist.utils.allocator import ENV_KEYS, allocator_state
+from k2l_dist.utils.allocator import ENV_KEYS, EXPORTED_BYTES, allocator_state
 from k2l_dist.utils.faults import fault_requested
 from k2l_dist.utils.memory import PrivatePeak, peak_rss_bytes, resident_bytes
 
@@ -50,9 +50,8 @@ def actor_runtime_env() -> dict[str, dict[str, str]]:
     # the environment's values only when the user exported them: the package's own (mallopt's
     # int limit, 2 GiB) would send a round's larger arrays back to mmap
     users = allocator_state() == "environment"
-    big = "17179869184"
     return {"env_vars": {"MALLOC_ARENA_MAX": os.environ.get("K2L_ACTOR_MALLOC_ARENA_MAX", "1"),
-                         **{key: os.environ.get(key, big) if users else big for key in ENV_KEYS}}}
+                         **{key: os.environ.get(key, EXPORTED_BYTES) if users else EXPORTED_BYTES for key in ENV_KEYS}}}
 
 log = logging.getLogger(__name__)
 
