@@ -36,8 +36,8 @@ def worker(config: str, steps: int, out: Path) -> None:
     from k2l_dist import distributed
     from k2l_dist.config import load_config
     from k2l_dist.models import KeypointNet
-    from k2l_dist.train.optim import rmsprop
-    from k2l_dist.train.steps import stage1_losses
+    from k2l_dist.training.optim import rmsprop
+    from k2l_dist.training.steps import stage1_losses
 
     cfg = load_config(ROOT / config)
     info = distributed.enable(cfg.dist, "cpu")

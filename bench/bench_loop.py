@@ -7,7 +7,7 @@ For a config's model and its prepared shards (prepared here if missing), per pha
   memory, with a loss that only sums the outputs: the most this model can do here;
 * **step in memory**: the real loss (``stage1_losses`` / ``stage2_losses``) on that batch;
 * **loader alone**: batches drawn from the phase's DALI loader with no compute;
-* **real loop**: ``train.run.train_iterations`` over the loader with the real loss, as
+* **real loop**: ``training.loop.train_iterations`` over the loader with the real loss, as
   ``k2l train`` runs it.
 
 Efficiency = limit / real loop (1.0: the loop adds nothing). Each is a median over
@@ -42,7 +42,7 @@ def round_table(table, K: int, seed: int = 0):
     """The warm-up table cut to K points per image with labels in [0, K): a round's shape."""
     import numpy as np
 
-    from k2l_dist.train.labels import LabelTable
+    from k2l_dist.training.labels import LabelTable
 
     rng = np.random.default_rng(seed)
     counts = np.minimum(table.counts, K)
@@ -58,13 +58,14 @@ def measure(args) -> dict:
 
     from k2l_dist import distributed
     from k2l_dist.config import load_config
-    from k2l_dist.data.prepare import is_prepared, prepare
     from k2l_dist.data.shards import load_manifest, load_samples_meta
     from k2l_dist.models import KeypointNet, LandmarkNet, count_parameters
     from k2l_dist.models.regions import CropRegions
-    from k2l_dist.train.optim import rmsprop
-    from k2l_dist.train.run import _forever, _loader, initial_table, train_iterations
-    from k2l_dist.train.steps import stage1_losses, stage2_losses
+    from k2l_dist.prepare import is_prepared, prepare
+    from k2l_dist.training.loop import forever, train_iterations
+    from k2l_dist.training.optim import rmsprop
+    from k2l_dist.training.phases import initial_table, make_loader
+    from k2l_dist.training.steps import stage1_losses, stage2_losses
     from k2l_dist.utils.metrics import MetricsLogger
 
     cfg = load_config(ROOT / args.config, args.overrides)
@@ -84,9 +85,9 @@ def measure(args) -> dict:
     opt = rmsprop(phi.parameters(), lr=cfg.stage1.lr)
     opt2 = rmsprop(psi.parameters(), lr=cfg.stage2.lr)
     gen = torch.Generator().manual_seed(0)
-    loaders = {"stage1": _loader(cfg, shard_dir, ids, info, train=True, seed=1),
-               "stage2": _loader(cfg, shard_dir, ids, info, train=True, seed=2, views=1)}
-    streams = {k: _forever(v) for k, v in loaders.items()}
+    loaders = {"stage1": make_loader(cfg, shard_dir, ids, info, train=True, seed=1),
+               "stage2": make_loader(cfg, shard_dir, ids, info, train=True, seed=2, views=1)}
+    streams = {k: forever(v) for k, v in loaders.items()}
     held = {k: next(s) for k, s in streams.items()}  # one real batch of each kind, kept in memory
     log = MetricsLogger(tempfile.mkdtemp(prefix="k2l-bench-loop-"), enabled=False)
 
@@ -135,8 +136,8 @@ def measure(args) -> dict:
                                                          for _ in range(n)], args.steps),
                 "loader alone": timed_steps(lambda n: [next(streams[ph["kind"]]) for _ in range(n)], args.steps),
                 "real loop": timed_steps(lambda n: train_iterations(
-                    ph["net"], ph["optim"], loaders[ph["kind"]], ph["fn"], n, step=0, log=log, prefix="bench/",
-                    log_every=10**9, show_progress=False), args.steps),
+                    ph["net"], ph["optim"], loaders[ph["kind"]], ph["fn"], n, info=info, step=0, log=log,
+                    prefix="bench/", log_every=10**9, show_progress=False), args.steps),
             }
             if repeat:
                 for k, v in got.items():
@@ -151,7 +152,7 @@ def measure(args) -> dict:
     from k2l_dist.models.extract import extract, extraction_cap
 
     s1 = cfg.stage1
-    ext_loader = _loader(cfg, shard_dir, ids, info, train=False, seed=0)
+    ext_loader = make_loader(cfg, shard_dir, ids, info, train=False, seed=0)
     t0 = time.perf_counter()
     # threshold 0: this untrained Φ's peaks are weak; every image then fills its cap, the
     # most work a round can be handed

@@ -30,7 +30,7 @@ SCHEDULE = ["stage1.warmup_iters=20", "stage1.rounds=1", "stage1.iters_per_round
 CHILD = """
 import json, resource, sys
 from k2l_dist.config import load_config
-from k2l_dist.train.run import train
+from k2l_dist.training.run import train
 cfg = load_config(sys.argv[1], sys.argv[2:])
 train(cfg)
 print(json.dumps({"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))

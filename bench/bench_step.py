@@ -60,8 +60,8 @@ def measure(args) -> dict:
     from k2l_dist.distributed.collectives import broadcast_arrays, check_replicas
     from k2l_dist.models import KeypointNet, LandmarkNet, count_parameters
     from k2l_dist.models.extract import extract
-    from k2l_dist.train.optim import rmsprop
-    from k2l_dist.train.steps import autocast, stage1_losses, stage2_losses
+    from k2l_dist.training.optim import rmsprop
+    from k2l_dist.training.steps import autocast, stage1_losses, stage2_losses
 
     cfg = load_config(ROOT / args.config, args.overrides)
     info = distributed.enable(cfg.dist, args.device)
@@ -163,7 +163,7 @@ def nccl_check(args) -> dict:
 
     from k2l_dist.config import load_config
     from k2l_dist.models import KeypointNet
-    from k2l_dist.train.steps import stage1_losses
+    from k2l_dist.training.steps import stage1_losses
 
     cfg = load_config(ROOT / args.config, args.overrides)
     dev = torch.device("cuda", 0)

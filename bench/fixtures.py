@@ -10,7 +10,7 @@ def fixed_pairs(pairs: int, size: int, n_clusters: int, device: torch.device, ra
                 per_image: int = 8):
     """A batch of ``pairs`` image pairs (identity warps, no flip) and a label table with
     ``per_image`` pseudo-labels per image, about what a round keeps."""
-    from k2l_dist.train.labels import LabelTable
+    from k2l_dist.training.labels import LabelTable
 
     rng = np.random.default_rng(rank)
     ids = np.arange(pairs) + rank * pairs
@@ -29,8 +29,8 @@ def stage1_step(cfg, pairs: int, size: int, device: torch.device | None = None):
     """Φ of ``cfg`` and one real Stage-1 step on fixed pairs (``stage1_losses``, backward,
     RMSprop): returns ``(phi, batch, step)``; ``step()`` trains once."""
     from k2l_dist.models import KeypointNet
-    from k2l_dist.train.optim import rmsprop
-    from k2l_dist.train.steps import stage1_losses
+    from k2l_dist.training.optim import rmsprop
+    from k2l_dist.training.steps import stage1_losses
 
     device = device or torch.device("cpu")
     torch.manual_seed(0)

@@ -14,32 +14,23 @@ from importlib import import_module
 from typing import Any
 
 from k2l_dist.utils.allocator import tune_allocator
+from k2l_dist.utils.version import package_version
 
 # before torch allocates: every entry point (k2l, python -m k2l_dist, torchrun ranks, the API)
 # imports the package first, so each runs with the tuned allocator without any export
 tune_allocator()
 
-__version__ = "0.1.0"
+__version__ = package_version()
 
 _API = {
     "Config": "k2l_dist.config",
     "load_config": "k2l_dist.config",
+    # `k2l train` on a resolved Config: Stage 1, Stage 2 and evaluation; returns the metrics
+    "train": "k2l_dist.training.run",
     "Detector": "k2l_dist.eval.detector",
     "load_detector": "k2l_dist.eval.detector",
 }
-__all__ = ["__version__", "train", *_API]
-
-# The subpackage `k2l_dist.train` (light: no torch) is loaded before the function of the same
-# name is defined, so that importing its modules later never rebinds `k2l_dist.train`.
-import k2l_dist.train  # noqa: E402, F401
-
-
-def train(cfg: Any, resume: bool = True) -> dict:  # noqa: F811
-    """`k2l train` on a resolved :class:`Config`: Stage 1, Stage 2 and evaluation; returns the
-    metrics (also in ``<run_dir>/metrics.json``). Resumes from ``<run_dir>`` unless ``resume=False``."""
-    from k2l_dist.train.run import train as run
-
-    return run(cfg, resume=resume)
+__all__ = ["__version__", *_API]
 
 
 def __getattr__(name: str) -> Any:

@@ -12,9 +12,20 @@ import errno
 import os
 import sys
 from pathlib import Path
+from typing import get_args
 
-from k2l_dist.config import ConfigError, apply_values, config_yaml, load_config, nest_values, run_config, validate
-from k2l_dist.data.readers import FORMATS
+from k2l_dist.config import (
+    ConfigError,
+    CropBox,
+    DataFormat,
+    KeypointMethod,
+    apply_values,
+    config_yaml,
+    load_config,
+    nest_values,
+    run_config,
+    validate,
+)
 
 # flag name → dotted config key, for `k2l prepare`
 PREPARE_FLAGS = {
@@ -46,7 +57,7 @@ def _add_prepare(sub) -> None:
                                    "WebDataset shards + index into --out.")
     p.add_argument("--config", help="YAML config whose data/keypoints sections are the defaults")
     p.add_argument("--out", help="output folder for shards and index")
-    p.add_argument("--format", choices=list(FORMATS))
+    p.add_argument("--format", choices=get_args(DataFormat))
     p.add_argument("--root", help="dataset root (annotation paths are relative to it)")
     p.add_argument("--annotations", help="annotation file (mtfl, aflw: MTFL training.txt; "
                                          "mafl: list_landmarks_align_celeba.txt; lsp, lspet: joints.mat)")
@@ -54,7 +65,7 @@ def _add_prepare(sub) -> None:
                                        "(mafl: MAFL testing.txt; aflw: MTFL testing.txt)")
     p.add_argument("--train-list", help="mafl: MAFL training.txt (the images the regressors are fitted on)")
     p.add_argument("--size", type=int, help="side of the square crops, pixels (e.g. 128 or 256)")
-    p.add_argument("--box", choices=["whole", "landmarks", "file"], help="crop box")
+    p.add_argument("--box", choices=get_args(CropBox), help="crop box")
     p.add_argument("--box-scale", type=float, help="box side / longer side of the landmark (or file) box")
     p.add_argument("--box-file", help="lines 'relative/path x y w h' for --box file")
     p.add_argument("--samples-per-shard", type=int)
@@ -62,7 +73,7 @@ def _add_prepare(sub) -> None:
     p.add_argument("--workers", type=int, help="worker processes")
     p.add_argument("--synthetic-count", type=int, help="images drawn for --format synthetic")
     p.add_argument("--synthetic-seed", type=int)
-    p.add_argument("--keypoints", choices=["orb", "sift", "superpoint", "none"], help="generic keypoint method")
+    p.add_argument("--keypoints", choices=get_args(KeypointMethod), help="generic keypoint method")
     p.add_argument("--count", type=int, help="keypoints kept per image by ANMS")
     p.add_argument("--superpoint-weights", help="SuperPoint state dict (none ship with k2l-dist)")
     p.add_argument("--outlier-fraction", type=float)
@@ -74,7 +85,7 @@ def _add_prepare(sub) -> None:
 
 
 def _cmd_prepare(args) -> int:
-    from k2l_dist.data.prepare import prepare
+    from k2l_dist.prepare import prepare
 
     flags = {key: getattr(args, name) for name, key in PREPARE_FLAGS.items() if getattr(args, name) is not None}
     if args.strict:
@@ -91,7 +102,7 @@ def _cmd_prepare(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    from k2l_dist.train.run import train
+    from k2l_dist.training.run import train
 
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
@@ -136,7 +147,7 @@ def _summary(run_dir: str, metrics: dict) -> str:
 
 
 def _cmd_ablate(args) -> int:
-    from k2l_dist.train.ablate import ablate
+    from k2l_dist.training.ablate import ablate
 
     if args.print_config:
         return _print_config(load_config(args.config, args.overrides))
@@ -219,10 +230,10 @@ class _Backends(argparse.Action):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from k2l_dist import __version__
+    from k2l_dist.utils.version import package_version
 
     parser = argparse.ArgumentParser(prog="k2l", description="Unsupervised object-landmark discovery (K2L).")
-    parser.add_argument("--version", action="version", version=f"k2l-dist {__version__}")
+    parser.add_argument("--version", action="version", version=f"k2l-dist {package_version()}")
     parser.add_argument("--backends", action=_Backends, help="print the torch, Faiss and DALI builds found, and exit")
     parser.add_argument("--debug", action="store_true",
                         help="errors with their traceback (default: one line for errors in the input)")
@@ -341,12 +352,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """The errors that are the input's or the environment's: one line, exit code 2."""
     from k2l_dist.clustering.placement import Unplaceable
     from k2l_dist.clustering.ray_service import ClusteringFailed
-    from k2l_dist.data.prepare import PrepareError
     from k2l_dist.data.readers import DatasetError
     from k2l_dist.data.shards import ShardError
     from k2l_dist.distributed.ray_runtime import RayUnavailable
     from k2l_dist.distributed.watchdog import PeerLost
-    from k2l_dist.train.run import NonFiniteLoss
+    from k2l_dist.prepare import PrepareError
+    from k2l_dist.training.loop import NonFiniteLoss
     from k2l_dist.utils.backends import MissingBackend
     from k2l_dist.utils.io import StorageError
     from k2l_dist.utils.lock import RunLocked

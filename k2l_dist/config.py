@@ -17,7 +17,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -26,11 +26,31 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the schema; the message names the key."""
 
 
+# The choices of every string setting that has a fixed set, written once: the loader refuses
+# other values (naming the key and the choices), and the code that branches on them reads
+# them from here (typing.get_args).
+DataFormat = Literal["synthetic", "folder", "mtfl", "lsp", "lspet", "pts", "mafl", "aflw"]
+CropBox = Literal["whole", "landmarks", "file"]
+KeypointMethod = Literal["orb", "sift", "superpoint", "none"]
+PsiHead = Literal["conv", "descriptor"]
+Negatives = Literal["same_image", "different_clusters"]
+Correspondence = Literal["clustering", "equivariance"]
+LossBalance = Literal["separate", "official"]
+KMeansInit = Literal["kmeans++", "random", "afkmc2"]
+ServiceChoice = Literal["auto", "ray", "inline"]
+NormChoice = Literal["auto", "interocular", "box"]
+CenterChoice = Literal["dataset", "input", "none"]
+SplitChoice = Literal["random", "last", "file", "protocol", "pattern"]  # k2l_dist/eval/split.py says what each does
+LrScaling = Literal["none", "linear", "sqrt"]
+Precision = Literal["fp32", "bf16"]
+CompileBackend = Literal["", "inductor", "eager", "aot_eager", "cudagraphs"]
+
+
 @dataclass
 class DataConfig:
     """Where the images come from and how `k2l prepare` turns them into shards."""
 
-    format: str = "synthetic"  # synthetic | folder | mtfl | lsp | lspet | pts | mafl | aflw
+    format: DataFormat = "synthetic"
     root: str = ""  # dataset root; annotation paths are relative to it
     # mtfl, aflw: MTFL training.txt; mafl: CelebA list_landmarks_align_celeba.txt; lsp, lspet: joints.mat
     annotations: str = ""
@@ -44,7 +64,7 @@ class DataConfig:
     # lacks it prepares it there (the nodes' copies must agree, checked by content digest)
     local_shards: bool = False
     size: int = 128  # side of the square crop written to the shards, pixels
-    box: str = "whole"  # whole | landmarks | file
+    box: CropBox = "whole"
     box_scale: float = 2.2  # side of a landmark/file box relative to its longer side
     box_file: str = ""  # lines "relative/path x y w h" (original pixels) for box=file
     samples_per_shard: int = 1000
@@ -63,7 +83,7 @@ class DataConfig:
 class KeypointConfig:
     """Generic keypoints that bootstrap Stage 1 (paper Sec. 3.1, 5.1)."""
 
-    method: str = "orb"  # orb | sift | superpoint | none (inference-only shards)
+    method: KeypointMethod = "orb"  # none: inference-only shards
     count: int = 50  # keypoints kept per image by ANMS
     candidates: int = 1000  # raw detections handed to ANMS
     superpoint_weights: str = ""  # path to a SuperPoint state dict (none ship)
@@ -111,7 +131,7 @@ class ModelConfig:
     # Ψ's head: conv = a fresh 1×1 convolution on the backbone; descriptor = Φ's descriptor
     # layer (copied from Φ) then a fresh 1×1 convolution to the K heatmaps, as the paper's
     # code keeps Φ's descriptor branch and retrains its last layer only
-    psi_head: str = "conv"
+    psi_head: PsiHead = "conv"
     blocks: int = 1  # ConvBlocks per hourglass branch and level (FAN: 1)
 
 
@@ -127,8 +147,8 @@ class LossConfig:
     heatmap_sigma: float = 1.0  # Gaussian σ of detector / landmark targets
     margin: float = 1.0  # hinge margin m on squared distances of unit descriptors, in [0, 4]
     neg_weight: float = 1.0  # weight of the mean negative term vs the mean positive term
-    negatives: str = "same_image"  # same_image | different_clusters (ablation, Table 3)
-    correspondence: str = "clustering"  # clustering | equivariance (ablation, Table 3)
+    negatives: Negatives = "same_image"  # different_clusters: an ablation (Table 3)
+    correspondence: Correspondence = "clustering"  # equivariance: an ablation (Table 3)
     random_negatives: int = 32  # random-location negatives per view and image (same_image)
     # random negatives at least this far from every labelled point (the official code: 5.7)
     min_neg_distance: float = 5.7
@@ -144,7 +164,7 @@ class LossConfig:
     # separate: detector MSE (mean of the views) + mean positive + neg_weight × mean negative;
     # official: the paper's code's balance: 10 × one mean over all pairs, the negatives'
     # hinge on the distance (not its square) squared, + the two views' detector MSE summed
-    balance: str = "separate"
+    balance: LossBalance = "separate"
 
 
 @dataclass
@@ -206,7 +226,7 @@ class ClusterConfig:
     # landmark clusters, random seeding often puts two centroids in one cluster, which
     # Lloyd iterations cannot undo (two landmarks merge, a centroid sits on background
     # points). faiss < 1.12-ish has only random: we warn and fall back.
-    init: str = "kmeans++"
+    init: KMeansInit = "kmeans++"
     # faiss trains on a random subsample of k * max_points_per_centroid points when n is
     # larger (faiss default 256). 0 = no cap: train on every point.
     max_points_per_centroid: int = 256
@@ -217,7 +237,7 @@ class ClusterConfig:
     # Where a round's clustering runs. ray: a Ray actor fed through the object store
     # (joins RAY_ADDRESS, else starts a local Ray); inline: gathered to rank 0 over the
     # process group; auto: ray when several processes train, inline for one.
-    service: str = "auto"  # auto | ray | inline
+    service: ServiceChoice = "auto"
     shards: int = 1  # descriptor shard actors (ray); > 1 spreads one round's descriptors over nodes
     actor_restarts: int = 1  # times a dead clustering actor is recreated and its round redone
     # A custom Ray resource only the clustering nodes offer (cluster.yaml: k2l_cluster): the
@@ -241,9 +261,9 @@ class EvalConfig:
     # training list); 0 = all of them (paper: all for Fig. 9's table, 300 for its curves)
     regressor_train_count: int = 0
     # auto: interocular with the dataset's eye indices (MTFL, synthetic), else box
-    norm: str = "auto"  # auto | interocular (distance of eye_indices) | box (sqrt GT box area)
+    norm: NormChoice = "auto"  # interocular: distance of eye_indices | box: sqrt GT box area
     eye_indices: tuple[int, int] = (0, 1)  # MTFL eye centres; shoulders for BBCPose / Human3.6M
-    center: str = "dataset"  # dataset: training-mean-centred coordinates | input: per-image input centroid | none
+    center: CenterChoice = "dataset"  # dataset: training-mean-centred coordinates | input: per-image input centroid
     # Raw-landmark accuracy thresholds in pixels at accuracy_ref_size (paper: 6 px at 128 px)
     accuracy_thresholds: tuple[float, ...] = (6.0,)
     accuracy_ref_size: int = 128
@@ -257,7 +277,7 @@ class EvalConfig:
     # ids or image paths in split_file | protocol: the dataset's own test list (mafl, aflw) |
     # pattern: the images whose path matches split_pattern (a subject's folder: no frame of a
     # held-out subject trains, where a random split would leak near-duplicate frames)
-    split: str = "random"
+    split: SplitChoice = "random"
     split_file: str = ""  # one sample id or image path per line, for split=file
     split_pattern: str = ""  # a regular expression searched in each image's path, for split=pattern
     test_count: int = 1000  # held-out images for split=random | last (at most half the dataset)
@@ -275,11 +295,7 @@ class DistConfig:
     # across images come from the local batch); gradients are averaged over ranks, so the
     # global batch is world_size × batch_size. The learning rate used is
     # lr × world_size (linear), lr × √world_size (sqrt) or lr (none).
-    lr_scaling: str = "none"  # none | linear | sqrt
-
-
-COMPILE_BACKENDS = ("", "inductor", "eager", "aot_eager", "cudagraphs")
-SPLITS = ("random", "last", "file", "protocol", "pattern")  # eval.split; k2l_dist/eval/split.py says what each does
+    lr_scaling: LrScaling = "none"
 
 
 @dataclass
@@ -287,10 +303,10 @@ class Config:
     run_dir: str = "runs/default"
     seed: int = 0
     device: str = "auto"  # auto (CUDA when available) | cpu | cuda
-    precision: str = "fp32"  # fp32 | bf16: autocast of the networks' forward passes (losses stay fp32)
+    precision: Precision = "fp32"  # bf16: autocast of the networks' forward passes (losses stay fp32)
     # torch.compile of the training networks: "" off, or a backend: inductor (fused kernels,
     # minutes of compiling first: for long GPU runs), eager (tracing only, a quick check)
-    compile: str = ""
+    compile: CompileBackend = ""
     log_every: int = 25  # iterations between logged losses
     checkpoint_every: int = 1000  # iterations between checkpoints inside a phase (also at every phase end)
     progress: bool = True  # progress bars on rank 0
@@ -318,9 +334,22 @@ def _type_name(tp: Any) -> str:
 _DECIMAL = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
+def _choice_problem(value: Any, tp: Any) -> str | None:
+    """Why ``value`` is not one of the ``Literal`` ``tp``'s choices (None: it is)."""
+    choices = typing.get_args(tp)
+    if isinstance(value, str) and value in choices:
+        return None
+    return f"{value!r} is not one of {', '.join(map(repr, choices))}"
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp``; return it (ints widen to float)."""
     origin = typing.get_origin(tp)
+    if origin is Literal:
+        problem = _choice_problem(value, tp)
+        if problem:
+            raise ConfigError(f"{key}: {problem}")
+        return value
     if origin in (Union, types.UnionType):
         errors = []
         for arg in typing.get_args(tp):
@@ -519,7 +548,6 @@ def validate(cfg: Config) -> None:
         (c.K >= 1, "cluster.K", f"must be >= 1, got {c.K}"),
         (c.M >= c.K, "cluster.M", f"must be >= cluster.K ({c.K}), got {c.M}"),
         (c.min_points_per_image >= 0, "cluster.min_points_per_image", "must be >= 0"),
-        (c.service in ("auto", "ray", "inline"), "cluster.service", f"{c.service!r} is not auto, ray or inline"),
         (c.shards >= 1, "cluster.shards", f"must be >= 1, got {c.shards}"),
         (c.actor_restarts >= 0, "cluster.actor_restarts", "must be >= 0"),
         (c.actor_cpus >= 0, "cluster.actor_cpus", f"must be >= 0 (0 = a node's free CPUs), got {c.actor_cpus}"),
@@ -540,23 +568,29 @@ def validate(cfg: Config) -> None:
         (cfg.log_every >= 1, "log_every", f"must be >= 1, got {cfg.log_every}"),
         (cfg.checkpoint_every >= 1, "checkpoint_every", f"must be >= 1, got {cfg.checkpoint_every}"),
         (device_ok, "device", f"{cfg.device!r} is not auto, cpu, cuda or cuda:N"),
-        (cfg.precision in ("fp32", "bf16"), "precision", f"{cfg.precision!r} is not fp32 or bf16"),
-        (cfg.compile in COMPILE_BACKENDS, "compile",
-         f"{cfg.compile!r} is not one of {', '.join(map(repr, COMPILE_BACKENDS))}"),
-        (cfg.model.psi_head in ("conv", "descriptor"), "model.psi_head",
-         f"{cfg.model.psi_head!r} is not conv or descriptor"),
-        (cfg.loss.balance in ("separate", "official"), "loss.balance",
-         f"{cfg.loss.balance!r} is not separate or official"),
         (0 <= s2.cutout < 1, "stage2.cutout", f"must be in [0, 1) (a share of the view's side), got {s2.cutout}"),
-        (cfg.dist.lr_scaling in ("none", "linear", "sqrt"), "dist.lr_scaling",
-         f"{cfg.dist.lr_scaling!r} is not none, linear or sqrt"),
         (cfg.dist.timeout_s > 0, "dist.timeout_s", "must be > 0"),
         (cfg.dist.join_timeout_s > 0, "dist.join_timeout_s", "must be > 0"),
         *_eval_rules(cfg.eval),
+        *_choice_rules(cfg),
     ]
     problems = [f"{key}: {why}" for ok, key, why in rules if not ok]
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+def _choice_rules(obj: Any, prefix: str = "") -> list[tuple[bool, str, str]]:
+    """Every ``Literal`` setting of ``obj`` (a config built in Python skips the loader's check)."""
+    rules = []
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            rules += _choice_rules(value, f"{prefix}{f.name}.")
+        elif typing.get_origin(hints[f.name]) is Literal:
+            problem = _choice_problem(value, hints[f.name])
+            rules.append((problem is None, f"{prefix}{f.name}", problem or ""))
+    return rules
 
 
 def _compiles(pattern: str) -> bool:
@@ -570,7 +604,6 @@ def _compiles(pattern: str) -> bool:
 def _eval_rules(e: EvalConfig) -> list[tuple[bool, str, str]]:
     uses_file = e.split == "file"
     return [
-        (e.split in SPLITS, "eval.split", f"{e.split!r} is not one of {', '.join(SPLITS)}"),
         (not uses_file or bool(e.split_file), "eval.split_file",
          "required when eval.split is 'file' (one sample id or image path per line)"),
         (not uses_file or not e.split_file or Path(e.split_file).is_file(), "eval.split_file",

@@ -3,7 +3,7 @@
 import pytest
 
 from k2l_dist.config import ConfigError
-from k2l_dist.train.ablate import ablate, alone_settings, parse_grid, settings, table
+from k2l_dist.training.ablate import ablate, alone_settings, parse_grid, settings, table
 
 
 def test_alone_runs_the_base_then_each_change_on_its_own():
@@ -45,7 +45,7 @@ def test_seeds_run_every_setting_per_seed_and_the_table_pairs_them(tmp_path, mon
     """A fake training whose forward NME is a known function of the setting and the seed."""
     import statistics
 
-    from k2l_dist.train import run as run_module
+    from k2l_dist.training import run as run_module
 
     shards = tmp_path / "out" / "shards"
     shards.mkdir(parents=True)
@@ -76,7 +76,7 @@ def test_seeds_run_every_setting_per_seed_and_the_table_pairs_them(tmp_path, mon
 
 
 def test_paired_difference_says_when_seeds_do_not_resolve_a_change():
-    from k2l_dist.train.ablate import paired_difference
+    from k2l_dist.training.ablate import paired_difference
 
     mean, sd, p = paired_difference([0.11, 0.09, 0.12], [0.10, 0.10, 0.10])
     assert mean == pytest.approx(0.02 / 3) and sd == pytest.approx(0.01527525, rel=1e-5) and p > 0.05

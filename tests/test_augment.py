@@ -13,16 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from k2l_dist.augment import (
-    build_loader,
-    compose_affine,
-    inside_view,
-    inverse_affine,
-    relative_affine,
-    resolve_device,
-    select_by_flip,
-    transform_points,
-)
+from k2l_dist.augment import build_loader
 from k2l_dist.config import AugmentConfig
 from k2l_dist.data.shards import (
     SHARD_PATTERN,
@@ -32,6 +23,15 @@ from k2l_dist.data.shards import (
     encode_sample,
     write_index,
     write_shard,
+)
+from k2l_dist.utils.devices import resolve_device
+from k2l_dist.utils.geometry import (
+    compose_affine,
+    inside_view,
+    inverse_affine,
+    relative_affine,
+    select_by_flip,
+    transform_points,
 )
 
 pytest.importorskip("nvidia.dali")

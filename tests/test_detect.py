@@ -28,7 +28,7 @@ def model_pt(tmp_path):
 
 def prepare_folder(cfg: Config, images, out) -> None:
     """Shards of an image folder at the config's size (no keypoints), as a user would prepare them."""
-    from k2l_dist.data.prepare import prepare
+    from k2l_dist.prepare import prepare
 
     data = dataclasses.replace(cfg.data, format="folder", root=str(images), annotations="", box="whole")
     prepare(dataclasses.replace(cfg, data=data, keypoints=dataclasses.replace(cfg.keypoints, method="none")), out,

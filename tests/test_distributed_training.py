@@ -14,9 +14,9 @@ import torch
 
 from k2l_dist.augment import build_loader
 from k2l_dist.config import AugmentConfig, load_config
-from k2l_dist.data.prepare import prepare
 from k2l_dist.models import KeypointNet
 from k2l_dist.models.extract import extract
+from k2l_dist.prepare import prepare
 from k2l_dist.utils.checkpoint import load_checkpoint
 from tests.test_distributed import _torchrun, canonical
 from tests.tiny import TINY

@@ -10,7 +10,7 @@ import json
 import pytest
 
 from k2l_dist.config import load_config
-from k2l_dist.train.run import train
+from k2l_dist.training.run import train
 
 
 @pytest.mark.slow

@@ -358,7 +358,7 @@ def test_the_warm_up_draws_same_image_negatives_whatever_loss_negatives_says():
     """Warm-up points carry no cluster label: with different-cluster negatives they would
     give no negative pair at all (and the warm-up would collapse)."""
     from k2l_dist.config import LossConfig
-    from k2l_dist.train.run import warmup_loss
+    from k2l_dist.training.phases import warmup_loss
 
     g = torch.Generator().manual_seed(0)
     desc_a, desc_b = torch.randn(2, 6, 8, generator=g), torch.randn(2, 6, 8, generator=g)
@@ -418,7 +418,7 @@ def test_the_official_balance_is_one_mean_over_every_pair_with_the_hinge_on_the_
 
 
 def test_cutout_hides_a_square_inside_the_image_half_the_time_reproducibly():
-    from k2l_dist.train.steps import cut_out
+    from k2l_dist.training.steps import cut_out
 
     images = torch.ones(200, 3, 32, 32)
     out = cut_out(images, 0.25, 0.5, torch.Generator().manual_seed(1))

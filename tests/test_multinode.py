@@ -103,7 +103,7 @@ def test_a_node_without_the_data_ends_both_nodes_within_a_minute_naming_it(tmp_p
     shards = tmp_path / "node0" / "shards"
     shards.parent.mkdir()
     from k2l_dist.config import load_config
-    from k2l_dist.data.prepare import prepare
+    from k2l_dist.prepare import prepare
 
     prepare(load_config(CONFIG, TINY), shards)  # node 0 has data.shards, node 1 does not
     codes, outs, seconds = two_agents(tmp_path, f"run_dir={tmp_path / 'run'}", "data.shards=shards",

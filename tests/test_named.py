@@ -40,7 +40,7 @@ def mtfl_style(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, mtfl_style):
-    from k2l_dist.train.run import train
+    from k2l_dist.training.run import train
 
     run_dir = tmp_path_factory.mktemp("named") / "run"
     cfg = load_config(None, [*TINY, f"run_dir={run_dir}", "data.format=mtfl", f"data.root={mtfl_style}",
@@ -106,7 +106,7 @@ def test_fit_names_from_other_annotated_shards_and_mismatches_named(run, tmp_pat
     refit = json.loads((run_dir / "names.json").read_text())
     assert refit["names"] == list(FACE5_NAMES) and refit["fitted_on"] > json.loads(before)["fitted_on"]
     wrong = Path(tmp_path / "other")
-    from k2l_dist.data.prepare import prepare
+    from k2l_dist.prepare import prepare
 
     prepare(load_config(None, [*TINY, "data.size=32"]), wrong)
     assert main(["fit-names", str(run_dir), "--data", str(wrong)]) == 2

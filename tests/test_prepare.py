@@ -9,8 +9,8 @@ import pytest
 from k2l_dist.cli import main
 from k2l_dist.config import load_config
 from k2l_dist.data.crop import to_original
-from k2l_dist.data.prepare import PrepareError, jpeg_is_complete, prepare
 from k2l_dist.data.shards import load_manifest, load_samples_meta, read_dataset
+from k2l_dist.prepare import PrepareError, jpeg_is_complete, prepare
 
 SHARED = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -10,13 +10,14 @@ import pytest
 import torch
 import yaml
 
+from k2l_dist import prepare as prepare_module
 from k2l_dist.clustering.rounds import degenerate_warnings, recover
 from k2l_dist.clustering.store import PointSet
 from k2l_dist.config import ClusterConfig, ConfigError, load_config, validate
-from k2l_dist.data import prepare as prepare_module
-from k2l_dist.data.prepare import is_prepared, prepare
 from k2l_dist.distributed.watchdog import Watchdog
-from k2l_dist.train.run import NonFiniteLoss, train
+from k2l_dist.prepare import is_prepared, prepare
+from k2l_dist.training.loop import NonFiniteLoss
+from k2l_dist.training.run import train
 from k2l_dist.utils import io as io_module
 from k2l_dist.utils.checkpoint import load_checkpoint, load_latest_checkpoint, previous, save_checkpoint
 from k2l_dist.utils.io import StorageError

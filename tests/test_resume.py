@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from k2l_dist.config import load_config
-from k2l_dist.data.prepare import prepare
-from k2l_dist.train.run import train
+from k2l_dist.prepare import prepare
+from k2l_dist.training.run import train
 from k2l_dist.utils.checkpoint import load_checkpoint
 from tests.tiny import TINY
 

@@ -10,9 +10,10 @@ from k2l_dist.clustering.rounds import recover
 from k2l_dist.clustering.store import PointSet
 from k2l_dist.config import Config, apply_values
 from k2l_dist.models.extract import Extraction
-from k2l_dist.train.labels import LabelTable
-from k2l_dist.train.run import initial_table, lr_for_world
-from k2l_dist.train.steps import landmark_targets
+from k2l_dist.training.labels import LabelTable
+from k2l_dist.training.phases import initial_table
+from k2l_dist.training.state import lr_for_world
+from k2l_dist.training.steps import landmark_targets
 from k2l_dist.utils.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
 
@@ -152,7 +153,7 @@ def test_bf16_autocasts_the_network_and_keeps_the_losses_in_fp32():
 
     from k2l_dist.config import LossConfig, ModelConfig
     from k2l_dist.models import KeypointNet
-    from k2l_dist.train.steps import autocast, stage1_losses
+    from k2l_dist.training.steps import autocast, stage1_losses
 
     torch.manual_seed(0)
     phi = KeypointNet(ModelConfig(width=16, depth=2, descriptor_dim=16))
@@ -171,7 +172,7 @@ def test_bf16_autocasts_the_network_and_keeps_the_losses_in_fp32():
 
 
 def test_learning_rate_steps_down_at_the_milestones_per_parameter_group():
-    from k2l_dist.train.schedule import LRSchedule
+    from k2l_dist.training.schedule import LRSchedule
 
     net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
     opt = torch.optim.RMSprop([{"params": net[0].parameters()}, {"params": net[1].parameters()}], lr=1.0)
@@ -195,7 +196,7 @@ def test_an_image_without_pseudo_labels_sits_out_of_the_detector_loss_unless_swi
     from k2l_dist.loss import detector_loss
     from k2l_dist.models import STRIDE, KeypointNet
     from k2l_dist.models.points import to_feature_coords
-    from k2l_dist.train.steps import stage1_losses
+    from k2l_dist.training.steps import stage1_losses
 
     torch.manual_seed(0)
     phi = KeypointNet(ModelConfig(width=16, depth=2, descriptor_dim=16))
@@ -232,8 +233,8 @@ def test_compile_switch_gives_the_plain_networks_losses_and_gradients():
 
     from k2l_dist.config import LossConfig, ModelConfig
     from k2l_dist.models import KeypointNet
-    from k2l_dist.train.run import compiled
-    from k2l_dist.train.steps import stage1_losses
+    from k2l_dist.training.phases import compiled
+    from k2l_dist.training.steps import stage1_losses
 
     torch.manual_seed(0)
     phi = KeypointNet(ModelConfig(width=16, depth=2, descriptor_dim=8, groups=4))

@@ -21,7 +21,7 @@ import pytest
 
 from k2l_dist.cli import main
 from k2l_dist.config import load_config
-from k2l_dist.data.prepare import prepare
+from k2l_dist.prepare import prepare
 from tests.tiny import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +50,7 @@ def shards(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, shards):
-    from k2l_dist.train.run import train
+    from k2l_dist.training.run import train
 
     run_dir = tmp_path_factory.mktemp("errs") / "run"
     train(load_config(None, [*TINY, f"run_dir={run_dir}", f"data.shards={shards}", "stage1.rounds=1",
@@ -92,7 +92,7 @@ def test_a_lock_left_by_a_dead_run_is_taken_over_with_a_warning(tmp_path, caplog
 
 @pytest.mark.slow
 def test_resuming_on_re_prepared_data_is_refused_naming_both_digests(tmp_path):
-    from k2l_dist.train.run import train
+    from k2l_dist.training.run import train
 
     shards = tmp_path / "shards"
     base = [*TINY, f"run_dir={tmp_path / 'run'}", f"data.shards={shards}", "stage1.rounds=1", "stage2.iterations=2"]

@@ -6,7 +6,7 @@ size). Per sample it emits each view, the 2×3 matrix mapping crop pixels to tha
 view's pixels (pixel-centre convention, horizontal flip included), the flip flag and
 the stable sample id. Points are not augmented here: pseudo-labels change every
 round, so the training loop looks them up by id and maps them with
-:func:`k2l_dist.augment.geometry.transform_points`.
+:func:`k2l_dist.utils.geometry.transform_points`.
 
 Per view, in this order (each range an :class:`~k2l_dist.config.AugmentConfig` value,
 each step left out of the graph when its range is zero):
@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -49,19 +48,13 @@ from k2l_dist.augment.validate import CheckedDataset, check_dataset
 from k2l_dist.config import AugmentConfig
 from k2l_dist.distributed.threads import threads_per_process
 from k2l_dist.utils.backends import import_dali
+from k2l_dist.utils.devices import resolve_device
 from k2l_dist.utils.seeds import derive_seed
 
 log = logging.getLogger("k2l_dist.augment")
 
 READER_NAME = "shards"
 Padded = Literal["mark", "drop"]
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """A device object; ``"auto"`` / ``"cuda"`` resolve to the local rank's GPU (``LOCAL_RANK``)."""
-    from k2l_dist.distributed import resolve_device as resolve
-
-    return resolve(str(device), int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def _uniform(lo: float, hi: float, **kwargs: Any) -> Any:
@@ -232,7 +225,7 @@ class AugmentLoader:
 
     ``view{k}``   (B, 3, S, S) float32, RGB, in [0, 1] (no mean/std normalisation)
     ``matrix{k}`` (B, 2, 3) float32: crop pixel (x, y) → view pixel, pixel-centre
-                  convention, flip included (use :func:`~k2l_dist.augment.geometry.transform_points`)
+                  convention, flip included (use :func:`~k2l_dist.utils.geometry.transform_points`)
     ``flip{k}``   (B,) bool: the view is mirrored (use the flipped cluster labels)
     ``id``        (B,) int64: the stable sample id
     ``valid``     (B,) bool: False for padding repeats (``padded="mark"`` only)

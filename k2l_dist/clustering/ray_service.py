@@ -26,7 +26,7 @@ from k2l_dist.clustering.actor import actor_runtime_env, split_part
 from k2l_dist.clustering.placement import place
 from k2l_dist.clustering.rounds import RoundLabels, part_nbytes
 from k2l_dist.config import ClusterConfig
-from k2l_dist.distributed import ray_runtime
+from k2l_dist.distributed import DistInfo, ray_runtime
 from k2l_dist.distributed.waits import wait_until
 from k2l_dist.distributed.watchdog import PeerLost
 
@@ -41,7 +41,7 @@ class ClusteringFailed(RuntimeError):
 
 
 class RayService:
-    def __init__(self, cfg: ClusterConfig, info, connect_timeout_s: float = 60.0) -> None:
+    def __init__(self, cfg: ClusterConfig, info: DistInfo, connect_timeout_s: float = 60.0) -> None:
         from k2l_dist.distributed import collectives
 
         self.cfg = cfg

@@ -19,13 +19,16 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Protocol
+from typing import TYPE_CHECKING, Literal, Protocol, get_args
 
 import numpy as np
 
 from k2l_dist.clustering.rounds import RoundLabels, part_nbytes, recover
 from k2l_dist.clustering.store import DescriptorStore, PointSet
-from k2l_dist.config import ClusterConfig
+from k2l_dist.config import ClusterConfig, ServiceChoice
+
+if TYPE_CHECKING:
+    from k2l_dist.distributed import DistInfo
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +82,7 @@ def _cluster(parts: list[dict[str, np.ndarray]], kind: str, cfg: ClusterConfig) 
     return recover(kind, PointSet.from_parts(parts, DescriptorStore.local(parts, use_gpu=cfg.use_gpu)), cfg)
 
 
-def service_choice(cfg: ClusterConfig, info) -> str:
+def service_choice(cfg: ClusterConfig, info: DistInfo) -> Literal["inline", "ray"]:
     """``inline`` or ``ray`` for this job; a choice that cannot work fails here, before any work."""
     ray_cluster = bool(os.environ.get("RAY_ADDRESS"))
     choice = cfg.service
@@ -91,11 +94,11 @@ def service_choice(cfg: ClusterConfig, info) -> str:
     if choice == "inline" and cfg.shards > 1:
         raise ValueError("cluster.shards > 1 needs cluster.service=ray (shard actors on several nodes)")
     if choice not in ("inline", "ray"):
-        raise ValueError(f"cluster.service={cfg.service!r}: use auto, ray or inline")
+        raise ValueError(f"cluster.service={cfg.service!r}: use one of {', '.join(get_args(ServiceChoice))}")
     return choice
 
 
-def make_service(cfg: ClusterConfig, info, connect_timeout_s: float = 60.0) -> ClusteringService:
+def make_service(cfg: ClusterConfig, info: DistInfo, connect_timeout_s: float = 60.0) -> ClusteringService:
     """The service :func:`service_choice` picks for this job (``info``: the rank's DistInfo;
     ``connect_timeout_s``: the longest wait for a Ray cluster to answer)."""
     if service_choice(cfg, info) == "inline":

@@ -1,7 +1,7 @@
 """Readers that list a dataset's images and annotations as :class:`SourceItem` records.
 
 A reader only parses annotation files; images are opened later, in parallel, by
-:mod:`k2l_dist.data.prepare`. Every item gets a stable integer id: its position in the
+:mod:`k2l_dist.prepare`. Every item gets a stable integer id: its position in the
 reader's listing (annotation order, or sorted file order for folders), so ids do not
 change when some images are skipped. Problems with one line or file become
 :class:`Skip` records with a named reason; a missing root or annotation file is a
@@ -14,13 +14,16 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
+
+from k2l_dist.config import DataFormat
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-FORMATS = ("synthetic", "folder", "mtfl", "lsp", "lspet", "pts", "mafl", "aflw")
+FORMATS = get_args(DataFormat)
 FACE5_NAMES = ("left_eye", "right_eye", "nose", "left_mouth", "right_mouth")  # MTFL and CelebA order
 LSP_JOINTS = ("right_ankle", "right_knee", "right_hip", "left_hip", "left_knee", "left_ankle", "right_wrist",
               "right_elbow", "right_shoulder", "left_shoulder", "left_elbow", "left_wrist", "neck", "head_top")

@@ -21,6 +21,7 @@ from k2l_dist.config import DistConfig
 from k2l_dist.distributed import watchdog
 from k2l_dist.distributed.lifetime import die_with_parent
 from k2l_dist.distributed.threads import pin_threads
+from k2l_dist.utils.devices import resolve_device
 
 _host_group = None
 
@@ -48,21 +49,6 @@ class DistInfo:
     def where(self) -> str:
         """This rank's place in words, for messages: ``rank 1 (node 1, host gpu-3)``."""
         return f"rank {self.rank} (node {self.node_rank}, host {self.host})"
-
-
-def resolve_device(device: str, local_rank: int) -> torch.device:
-    """``auto`` → the local rank's GPU when CUDA is available, else CPU."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"device={device!r} is not a device: use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", local_rank)
-    elif dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device={device!r} is not supported: use auto, cpu, cuda or cuda:N")
-    return dev
 
 
 def enable(cfg: DistConfig | None = None, device: str = "auto") -> DistInfo:

@@ -18,11 +18,11 @@ from tqdm import tqdm
 
 from k2l_dist.augment import build_loader
 from k2l_dist.data.crop import to_original
-from k2l_dist.data.prepare import unreadable_reason
 from k2l_dist.data.readers import IMAGE_EXTENSIONS, Skip, read_folder
 from k2l_dist.data.shards import load_manifest, load_samples_meta
 from k2l_dist.eval.detector import Detector, load_detector, read_rgb
 from k2l_dist.eval.evaluate import predict_landmarks
+from k2l_dist.prepare import unreadable_reason
 from k2l_dist.utils.images import read_image, write_image
 from k2l_dist.utils.io import atomic_open
 

@@ -23,13 +23,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from k2l_dist.augment.pipeline import resolve_device
 from k2l_dist.config import Config, run_config
 from k2l_dist.data.crop import crop_image, whole_image_box
 from k2l_dist.eval.names import NAMES_FILE, LandmarkNames, load_names
 from k2l_dist.models import STRIDE, LandmarkNet
 from k2l_dist.models.points import heatmap_peaks, to_image_coords
 from k2l_dist.utils.checkpoint import load_checkpoint, model_file
+from k2l_dist.utils.devices import resolve_device
 from k2l_dist.utils.images import read_image
 
 

@@ -18,7 +18,6 @@ import torch
 from tqdm import tqdm
 
 from k2l_dist.augment import build_loader
-from k2l_dist.augment.geometry import inverse_affine, transform_points
 from k2l_dist.augment.pipeline import resolve_device
 from k2l_dist.clustering import assign, cluster_dedup, dedup_per_image
 from k2l_dist.config import flatten, run_config
@@ -34,6 +33,7 @@ from k2l_dist.models import KeypointNet, LandmarkNet
 from k2l_dist.models.extract import extract, extraction_cap
 from k2l_dist.models.regions import CropRegions
 from k2l_dist.utils.checkpoint import load_checkpoint, model_file
+from k2l_dist.utils.geometry import inverse_affine, transform_points
 from k2l_dist.utils.io import atomic_write_text
 from k2l_dist.utils.lock import RunLock
 from k2l_dist.utils.metrics import MetricsLogger

@@ -25,10 +25,10 @@ from typing import Any
 
 import torch
 
-from k2l_dist import __version__
 from k2l_dist.eval.detector import Detector, load_detector
 from k2l_dist.eval.names import NAMES_FILE
 from k2l_dist.utils.io import atomic_open
+from k2l_dist.utils.version import package_version
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ CROP_RECIPE = (
 def metadata(detector: Detector) -> dict[str, Any]:
     """What a program running the file needs to know, stored inside it."""
     return {
-        "k2l_dist_version": __version__,
+        "k2l_dist_version": package_version(),
         "num_landmarks": detector.num_landmarks,
         "crop_size": detector.crop_size,
         "view_size": detector.view_size,

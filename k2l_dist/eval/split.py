@@ -25,10 +25,11 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 
-from k2l_dist.config import SPLITS, EvalConfig
+from k2l_dist.config import EvalConfig, SplitChoice
 from k2l_dist.data.shards import TEST_IDS, TRAIN_IDS
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ def make_split(ids: np.ndarray, test_count: int, mode: str = "last", seed: int =
             raise ValueError(f"eval.split={mode}: no list of held-out ids given")
         test = np.intersect1d(ids, np.asarray(test_ids, np.int64))
     else:
-        raise ValueError(f"eval.split: {mode!r} is not one of {', '.join(SPLITS)}")
+        raise ValueError(f"eval.split: {mode!r} is not one of {', '.join(get_args(SplitChoice))}")
     train = np.setdiff1d(ids, test)
     regressor = None if regressor_ids is None else np.intersect1d(train, np.asarray(regressor_ids, np.int64))
     return Split(train, test, regressor)

@@ -6,19 +6,19 @@ has its centre at (x=j, y=i), OpenCV's keypoint convention.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, get_args
 
 import cv2
 import numpy as np
 
-from k2l_dist.config import KeypointConfig
+from k2l_dist.config import KeypointConfig, KeypointMethod
 from k2l_dist.data.crop import PADDING_MARGIN, inside_rects
 from k2l_dist.keypoints.anms import anms
 
 if TYPE_CHECKING:
     import torch
 
-METHODS = ("orb", "sift", "superpoint")
+METHODS = tuple(m for m in get_args(KeypointMethod) if m != "none")  # the ones that detect
 _DIMS = {
     "orb": (32, np.dtype(np.uint8)),  # 256 packed bits
     "sift": (128, np.dtype(np.uint8)),

@@ -15,11 +15,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from k2l_dist.augment.geometry import inverse_affine, transform_points
 from k2l_dist.config import heatmap_radius
 from k2l_dist.models import STRIDE
 from k2l_dist.models.points import nms_peaks, sample_descriptors, to_image_coords
 from k2l_dist.models.regions import pixel_mask, points_inside
+from k2l_dist.utils.geometry import inverse_affine, transform_points
 
 
 @dataclass

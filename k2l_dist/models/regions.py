@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from k2l_dist.augment.geometry import inverse_affine, transform_points
 from k2l_dist.data.crop import PADDING_MARGIN, inside_rects, valid_rects
 from k2l_dist.models.points import to_image_coords
+from k2l_dist.utils.geometry import inverse_affine, transform_points
 
 
 @dataclass(frozen=True)

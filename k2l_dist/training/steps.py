@@ -1,6 +1,6 @@
 """One training step of each stage, on a batch of two augmented views.
 
-Pseudo-labels live in a :class:`~k2l_dist.train.labels.LabelTable` in crop pixels;
+Pseudo-labels live in a :class:`~k2l_dist.training.labels.LabelTable` in crop pixels;
 here they are looked up by sample id, mapped into each view with the view's affine
 matrix, and — for mirrored views — swapped for their flipped labels (paper Sec. 3.7).
 """
@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import torch
 
-from k2l_dist.augment.geometry import inside_view, select_by_flip, transform_points
 from k2l_dist.config import heatmap_radius
 from k2l_dist.loss import contrastive_loss, detector_loss, landmark_loss
 from k2l_dist.models import STRIDE
 from k2l_dist.models.points import sample_descriptors, sample_negative_locations, to_feature_coords, to_image_coords
 from k2l_dist.models.regions import CropRegions, pixel_mask, points_inside
-from k2l_dist.train.labels import LabelTable
+from k2l_dist.training.labels import LabelTable
+from k2l_dist.utils.geometry import inside_view, select_by_flip, transform_points
 
 
 def _view_labels(batch: dict, lab: dict[str, torch.Tensor], view: int, device: torch.device):

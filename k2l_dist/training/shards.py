@@ -16,11 +16,11 @@ import time
 from pathlib import Path
 
 from k2l_dist.config import Config
-from k2l_dist.data.prepare import is_prepared, prepare
 from k2l_dist.data.shards import ShardError, dataset_digest
 from k2l_dist.distributed import DistInfo
 from k2l_dist.distributed.collectives import all_gather_json
 from k2l_dist.distributed.waits import wait_until
+from k2l_dist.prepare import is_prepared, prepare
 
 log = logging.getLogger(__name__)
 

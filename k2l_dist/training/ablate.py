@@ -84,7 +84,7 @@ def ablate(config: str | Path | None, grid_items: list[str], overrides: list[str
 
     ``grid_items``: every combination of the values; ``alone``: the base config and each
     change on its own (one of the two)."""
-    from k2l_dist.train.run import train
+    from k2l_dist.training.run import train
 
     out = Path(out)
     if bool(grid_items) == bool(alone):
@@ -106,7 +106,7 @@ def ablate(config: str | Path | None, grid_items: list[str], overrides: list[str
             cfg = load_config(config, [*overrides, *setting.overrides, *seeded, f"run_dir={run_dir}",
                                        f"data.shards={shards}"])
             if not (shards / "index.json").is_file():
-                from k2l_dist.data.prepare import prepare
+                from k2l_dist.prepare import prepare
 
                 print(prepare(cfg, shards).text())
             rows[-1][1].append(train(cfg))
