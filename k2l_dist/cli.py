@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
+import inspect
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import get_args
 
@@ -128,6 +131,15 @@ def _print_run_config(args) -> int:
     return _print_config(run_config(saved, args.config, tuple(args.overrides)))
 
 
+def _run_command(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """A command that starts from a run's saved config: with --print-config it shows that
+    config as the command resolves it, and does nothing else."""
+    @functools.wraps(command)
+    def run_or_print(args: argparse.Namespace) -> int:
+        return _print_run_config(args) if args.print_config else command(args)
+    return run_or_print
+
+
 def _summary(run_dir: str, metrics: dict) -> str:
     lines = [f"run folder: {run_dir}  (tensorboard --logdir {Path(run_dir) / 'tensorboard'})"]
     keys = ["forward_nme", "backward_nme", "stage1_forward_nme", "stage1_backward_nme", "keypoint_baseline_nme",
@@ -155,21 +167,19 @@ def _cmd_ablate(args) -> int:
     return 0
 
 
+@_run_command
 def _cmd_evaluate(args) -> int:
     from k2l_dist.eval.evaluate import evaluate_checkpoint
 
-    if args.print_config:
-        return _print_run_config(args)
     metrics = evaluate_checkpoint(args.run, device=args.device, overrides=args.overrides, config=args.config)
     print(_summary(args.run, metrics))
     return 0
 
 
+@_run_command
 def _cmd_detect(args) -> int:
     from k2l_dist.eval.detect import detect
 
-    if args.print_config:
-        return _print_run_config(args)
     if not args.out:
         raise ConfigError("detect: give --out FILE.jsonl for the landmarks")
     result = detect(args.run, args.out, data=args.data, images=args.images, video=args.video, draw=args.draw,
@@ -182,22 +192,26 @@ def _cmd_detect(args) -> int:
     return 0
 
 
+@_run_command
 def _cmd_export(args) -> int:
+    """Write Ψ with its input normalisation, flip test and sub-pixel peak decoding as one file:
+    inputs uint8 crops (B,S,S,3) and their boxes (B,3), outputs landmarks (B,K,2) in original
+    pixels and confidence (B,K)."""
     from k2l_dist.eval.export import export
 
-    if args.print_config:
-        return _print_run_config(args)
     if not args.format:
         raise ConfigError("export: give --format torchscript or --format onnx")
     print(f"wrote {export(args.run, args.format, args.out, config=args.config, overrides=tuple(args.overrides))}")
     return 0
 
 
+@_run_command
 def _cmd_fit_names(args) -> int:
+    """Fit the map from the run's K landmarks to the landmarks annotated in --data (shards
+    prepared at the model's crop size) and save it as the run's names.json, which `k2l detect
+    --named` and load_detector(..., named=True) then use."""
     from k2l_dist.eval.detect import fit_names_on_shards
 
-    if args.print_config:
-        return _print_run_config(args)
     path = fit_names_on_shards(args.run, args.data, device=args.device, config=args.config,
                                overrides=tuple(args.overrides))
     print(f"wrote {path}: `k2l detect {args.run} --named …` and load_detector(…, named=True) now use it")
@@ -211,6 +225,17 @@ def _run_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", metavar="RUN", help="the same as the positional RUN")
     p.add_argument("--config", help="YAML whose values override the run's saved config")
     _print_config_arg(p)
+
+
+def _config_args(p: argparse.ArgumentParser, example: str, overrides_help: str) -> None:
+    """The config file (positional or --config) and key=value overrides of train and ablate."""
+    p.add_argument("config", nargs="?", help=f"YAML config, e.g. {example} (or --config)")
+    p.add_argument("overrides", nargs="*", help=overrides_help)
+    p.add_argument("--config", dest="config_file", metavar="FILE", help="YAML config (the same as the positional)")
+
+
+def _device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N")
 
 
 def _print_config_arg(p: argparse.ArgumentParser) -> None:
@@ -241,21 +266,40 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prepare(sub)
     sub.choices["prepare"].set_defaults(func=_cmd_prepare)
 
-    p = sub.add_parser("train", help="prepare-if-needed, Stage 1, Stage 2 and evaluation",
-                       description="Train from a config; resumes from <run_dir>/checkpoint.pt if present.")
-    p.add_argument("config", nargs="?", help="YAML config, e.g. configs/quickstart.yaml (or --config)")
-    p.add_argument("overrides", nargs="*", help="key=value config overrides")
-    p.add_argument("--config", dest="config_file", metavar="FILE", help="YAML config (the same as the positional)")
+    _add_train(sub)
+    _add_evaluate(sub)
+    _add_detect(sub)
+    _add_export(sub)
+    _add_fit_names(sub)
+    _add_ablate(sub)
+    return parser
+
+
+def _command(sub: argparse._SubParsersAction, name: str, func: Callable[[argparse.Namespace], int],
+             **parser_args: str) -> argparse.ArgumentParser:
+    """The subcommand ``name``, run by ``func`` (its description, unless given: ``func``'s docstring)."""
+    parser_args.setdefault("description", inspect.cleandoc(func.__doc__ or "") or None)
+    p = sub.add_parser(name, **parser_args)
+    p.set_defaults(func=func)
+    return p
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = _command(sub, "train", _cmd_train, help="prepare-if-needed, Stage 1, Stage 2 and evaluation",
+                 description="Train from a config; resumes from <run_dir>/checkpoint.pt if present.")
+    _config_args(p, "configs/quickstart.yaml", "key=value config overrides")
     p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
     _print_config_arg(p)
-    p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("evaluate", help="forward/backward NME and baselines of a finished run")
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = _command(sub, "evaluate", _cmd_evaluate, help="forward/backward NME and baselines of a finished run")
     _run_config_args(p)
-    p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N")
-    p.set_defaults(func=_cmd_evaluate)
+    _device_arg(p)
 
-    p = sub.add_parser("detect", help="landmarks in original image pixels, as JSON lines")
+
+def _add_detect(sub: argparse._SubParsersAction) -> None:
+    p = _command(sub, "detect", _cmd_detect, help="landmarks in original image pixels, as JSON lines")
     p.add_argument("--data", help="shards from `k2l prepare` (any dataset)")
     p.add_argument("--images", help="an image file or a folder of images (read in memory)")
     p.add_argument("--video", help="a video file (one JSON line per frame)")
@@ -265,33 +309,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-confidence", type=float, default=0.0, help="landmarks below this peak value are null")
     p.add_argument("--named", action="store_true",
                    help="the annotated landmarks ({\"left_eye\": [x, y], …}) through the run's names.json")
-    p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N")
-    p.set_defaults(func=_cmd_detect)
+    _device_arg(p)
 
-    p = sub.add_parser("export", help="a run's detector as TorchScript or ONNX, pre- and post-processing inside",
-                       description="Write Ψ with its input normalisation, flip test and sub-pixel peak decoding "
-                                   "as one file: inputs uint8 crops (B,S,S,3) and their boxes (B,3), outputs "
-                                   "landmarks (B,K,2) in original pixels and confidence (B,K).")
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = _command(sub, "export", _cmd_export, help="a run's detector as TorchScript or ONNX, with its pre- and "
+                 "post-processing")
     p.add_argument("--format", choices=["torchscript", "onnx"], help="required, except with --print-config")
     p.add_argument("--out", help="output file (default: RUN/detector.ts or RUN/detector.onnx)")
     _run_config_args(p)
-    p.set_defaults(func=_cmd_export)
 
-    p = sub.add_parser("fit-names", help="name a run's landmarks after the annotated ones of some shards",
-                       description="Fit the map from the run's K landmarks to the landmarks annotated in --data "
-                                   "(shards prepared at the model's crop size) and save it as the run's names.json.")
+
+def _add_fit_names(sub: argparse._SubParsersAction) -> None:
+    p = _command(sub, "fit-names", _cmd_fit_names, help="name a run's landmarks after the annotated ones of "
+                 "some shards")
     p.add_argument("--data", required=True, help="annotated shards from `k2l prepare`")
     _run_config_args(p)
-    p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N")
-    p.set_defaults(func=_cmd_fit_names)
+    _device_arg(p)
 
-    p = sub.add_parser("ablate", help="train a config over a grid of settings; a markdown table of the metrics",
-                       description="One run per combination of the --grid values (or the base and each "
-                                   "--alone change), in <out>/<setting> "
-                                   "(rerun to resume); the table goes to <out>/ablation.md.")
-    p.add_argument("config", nargs="?", help="YAML config, e.g. configs/mtfl_cpu.yaml (or --config)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides shared by every setting")
-    p.add_argument("--config", dest="config_file", metavar="FILE", help="YAML config (the same as the positional)")
+
+def _add_ablate(sub: argparse._SubParsersAction) -> None:
+    p = _command(sub, "ablate", _cmd_ablate,
+                 help="train a config over a grid of settings; a markdown table of the metrics",
+                 description="One run per combination of the --grid values (or the base and each --alone "
+                             "change), in <out>/<setting> (rerun to resume); the table goes to <out>/ablation.md.")
+    _config_args(p, "configs/mtfl_cpu.yaml", "key=value overrides shared by every setting")
     p.add_argument("--grid", action="append", metavar="KEY=V1,V2",
                    help="a key and its values (repeat for more keys: every combination runs)")
     p.add_argument("--alone", action="append", metavar="'KEY=V [KEY=V …]'",
@@ -301,8 +343,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="runs per setting, seeds 0..N-1; the table gives mean ± sd and paired differences")
     p.add_argument("--out", help="folder for the runs, the shared shards and the table")
     _print_config_arg(p)
-    p.set_defaults(func=_cmd_ablate)
-    return parser
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:

@@ -296,7 +296,7 @@ def is_prepared(out_dir: str | Path) -> bool:
 
 def prepare(cfg: Config, out_dir: str | Path, overwrite: bool = False) -> Summary:
     """Write the shards of ``cfg.data`` with ``cfg.keypoints`` into ``out_dir``."""
-    data, kcfg = cfg.data, cfg.keypoints
+    data = cfg.data
     out_dir = Path(out_dir)
     validate(cfg)  # the values training would refuse, refused before the work
     _check(data)
@@ -306,6 +306,23 @@ def prepare(cfg: Config, out_dir: str | Path, overwrite: bool = False) -> Summar
         raise PrepareError(f"{out_dir} already holds a prepared dataset (index.json); pass --overwrite to replace it")
     start = time.time()
     summary = Summary()
+    items = _listed_items(data, summary)
+    detected = _detected(cfg, items, summary)  # pass 1: crop + detect
+    _drop_outliers(cfg, detected, summary)
+    by_id = {item.id: item for item in items}
+    shards, kept = _write_shards(cfg, out_dir, detected, by_id, summary)  # pass 2: encode and write
+    summary.written = len(kept)
+    summary.seconds = time.time() - start
+
+    manifest = _manifest(cfg, shards, kept, summary)
+    manifest.update(_write_protocol(out_dir, [by_id[d.id] for d in kept]))
+    write_index(out_dir, manifest, _samples_meta(kept))
+    save_config(cfg, out_dir / "config.yaml")
+    return summary
+
+
+def _listed_items(data: DataConfig, summary: Summary) -> list[SourceItem]:
+    """The dataset's images (``data.limit`` of them at most); unreadable entries counted."""
     items, skips = read_items(data.format, data.root, data.annotations, data.synthetic_count, data.pts_one_based,
                               test_list=data.test_list, train_list=data.train_list, partition=data.partition_file)
     if data.limit > 0:
@@ -317,11 +334,14 @@ def prepare(cfg: Config, out_dir: str | Path, overwrite: bool = False) -> Summar
         summary.skip(s)
     if not items:
         raise PrepareError(f"no images found for format '{data.format}' under '{data.root}'")
+    return items
 
-    # Pass 1: crop + detect.
+
+def _detected(cfg: Config, items: list[SourceItem], summary: Summary) -> list[Detected]:
+    """Every image cropped and its generic keypoints detected (in ``data.workers`` processes)."""
+    data = cfg.data
     detected: list[Detected] = []
-    by_id = {item.id: item for item in items}
-    for result in _parallel(_detect, items, data, kcfg, "keypoints", cfg.progress):
+    for result in _parallel(_detect, items, data, cfg.keypoints, "keypoints", cfg.progress):
         if isinstance(result, Skip):
             if data.strict:
                 raise PrepareError(f"{result.path}: {result.reason}" + (f" ({result.detail})" if result.detail else ""))
@@ -330,10 +350,14 @@ def prepare(cfg: Config, out_dir: str | Path, overwrite: bool = False) -> Summar
             detected.append(result)
     if not detected:
         raise PrepareError(f"every image was skipped: {dict(summary.skipped)}")
+    return detected
 
-    # Outlier removal over the whole dataset's descriptors.
+
+def _drop_outliers(cfg: Config, detected: list[Detected], summary: Summary) -> None:
+    """Outlier removal over the whole dataset's descriptors (Sec. 5.1), in place."""
     from k2l_dist.keypoints import outlier_keep_masks
 
+    kcfg = cfg.keypoints
     summary.keypoints_before = sum(len(d.keypoints) for d in detected)
     fraction = kcfg.outlier_fraction if kcfg.method != "none" else 0.0
     masks = outlier_keep_masks([d.descriptors for d in detected], fraction,
@@ -343,16 +367,20 @@ def prepare(cfg: Config, out_dir: str | Path, overwrite: bool = False) -> Summar
         d.keypoints, d.descriptors = d.keypoints[keep], d.descriptors[keep]
     summary.keypoints_after = sum(len(d.keypoints) for d in detected)
 
-    # Pass 2: encode and write shards. The old index goes first: a prepare killed while
-    # replacing a dataset must not leave a folder that looks complete (index.json is
-    # written last and marks one).
+
+def _write_shards(cfg: Config, out_dir: Path, detected: list[Detected], by_id: dict[int, SourceItem],
+                  summary: Summary) -> tuple[list[dict], list[Detected]]:
+    """The crops encoded and written ``data.samples_per_shard`` to a shard; returns the
+    shards' entries and the samples written. The old index goes first: a prepare killed
+    while replacing a dataset must not leave a folder that looks complete (index.json is
+    written last and marks one)."""
+    data = cfg.data
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in ("index.json", "samples.npz", TEST_IDS, TRAIN_IDS):
         (out_dir / name).unlink(missing_ok=True)
     for stale in list(out_dir.glob("shard-*.tar")) + list(out_dir.glob("shard-*.idx")):
         stale.unlink()
-    shards = []
-    per = data.samples_per_shard
+    shards: list[dict] = []
     encoded = _parallel(_encode, [by_id[d.id] for d in detected], data, None, "shards", cfg.progress)
     kept: list[Detected] = []
     batch: list[Sample] = []
@@ -369,18 +397,11 @@ def prepare(cfg: Config, out_dir: str | Path, overwrite: bool = False) -> Summar
             continue
         batch.append(Sample(d.id, d.path, jpeg, d.box, d.orig_size, d.keypoints, d.descriptors, d.landmarks, d.visible))
         kept.append(d)
-        if len(batch) == per:
+        if len(batch) == data.samples_per_shard:
             flush()
     if batch:
         flush()
-    summary.written = len(kept)
-    summary.seconds = time.time() - start
-
-    manifest = _manifest(cfg, shards, kept, summary)
-    manifest.update(_write_protocol(out_dir, [by_id[d.id] for d in kept]))
-    write_index(out_dir, manifest, _samples_meta(kept))
-    save_config(cfg, out_dir / "config.yaml")
-    return summary
+    return shards, kept
 
 
 def _write_protocol(out_dir: Path, kept: list[SourceItem]) -> dict:

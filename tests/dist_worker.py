@@ -85,7 +85,7 @@ def check_inline_service(info, out: Path) -> None:
     from k2l_dist.clustering.service import InlineService
     from k2l_dist.clustering.store import PointSet
     from k2l_dist.config import ClusterConfig
-    from tests.test_distributed import planted_parts
+    from tests.processes import planted_parts
 
     cfg = ClusterConfig(K=4, M=8, nredo=2)
     parts = planted_parts(2)

@@ -7,8 +7,6 @@ a local Ray. Extraction parts are planted so that the right clustering is known.
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,53 +17,11 @@ import torch
 from k2l_dist.clustering.rounds import recover
 from k2l_dist.clustering.store import PointSet
 from k2l_dist.config import ClusterConfig
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def planted_parts(n_parts: int, seed: int = 0, n_images: int = 60, K: int = 4, d: int = 16,
-                  shuffle: bool = True) -> list[dict[str, np.ndarray]]:
-    """Rank extractions: every image shows K landmarks (descriptor = noisy prototype) plus a
-    background point; images are dealt to ``n_parts`` ranks at random."""
-    rng = np.random.default_rng(seed)
-    protos = rng.normal(size=(K + 1, d)).astype(np.float32)
-    owner = rng.integers(0, n_parts, n_images) if shuffle else np.arange(n_images) % n_parts
-    parts = []
-    for p in range(n_parts):
-        ids = np.flatnonzero(owner == p)
-        if shuffle:
-            ids = rng.permutation(ids)
-        which = np.tile(np.arange(K + 1), len(ids))
-        desc = protos[which] + 0.1 * rng.normal(size=(len(which), d)).astype(np.float32)
-        fdesc = protos[which] + 0.1 * rng.normal(size=(len(which), d)).astype(np.float32)
-        norm = lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)  # noqa: E731
-        parts.append({"image_ids": np.repeat(ids, K + 1).astype(np.int64),
-                      "points": np.stack([which * 7.0, rng.uniform(0, 40, len(which))], 1).astype(np.float32),
-                      "scores": rng.uniform(0.1, 1, len(which)).astype(np.float32),
-                      "descriptors": norm(desc), "flipped_descriptors": norm(fdesc),
-                      "sample_ids": ids.astype(np.int64)})
-    return parts
-
-
-def canonical(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """The parts' points in canonical order as plain arrays (descriptors read from the store)."""
-    points = PointSet.from_parts(parts)
-    out = {"image_ids": points.image_ids, "points": points.points, "scores": points.scores,
-           "sample_ids": points.sample_ids, "descriptors": points.rows(np.arange(points.n))}
-    if points.has_flipped:
-        out["flipped_descriptors"] = points.rows(np.arange(points.n), mirrored=True)
-    return out
-
-
-def _torchrun(args: list[str], timeout: float, env: dict | None = None, nproc: int = 2,
-              flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *flags, *args]
-    full_env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+from tests.processes import ROOT, canonical, planted_parts, torchrun
 
 
 def _worker(check: str, out: Path) -> None:
-    res = _torchrun([str(ROOT / "tests" / "dist_worker.py"), check, str(out)], timeout=180)
+    res = torchrun([str(ROOT / "tests" / "dist_worker.py"), check, str(out)], timeout=180)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 
 
@@ -131,7 +87,7 @@ def test_merge_is_canonical_whatever_the_split_and_arrival_order():
         PointSet.from_parts([planted_parts(1)[0], planted_parts(1)[0]])
 
 
-@pytest.fixture
+@pytest.fixture(scope="class")
 def local_ray():
     import ray
 
@@ -141,68 +97,72 @@ def local_ray():
     ray.shutdown()
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_actor_labels_equal_inline_for_1_2_3_way_splits_in_random_order(local_ray):
-    from k2l_dist.clustering.actor import ClusteringActor, split_part
+class TestOnOneLocalRay:
+    """The actor tests that share one local Ray (started once for the three)."""
 
-    ray = local_ray
-    cfg = ClusterConfig(K=4, M=8, nredo=2, threads=1)
-    expected = recover("round", PointSet.from_parts(_same_parts(1)), cfg)
-    for n in (1, 2, 3):
-        parts = _same_parts(n)
-        actor = ray.remote(ClusteringActor).options(max_concurrency=n + 2).remote(dataclasses.asdict(cfg), n)
-        order = np.random.default_rng(n).permutation(n)
-        refs = {int(r): [ray.put(half) for half in split_part(parts[r])] for r in order}
-        for r in order:
-            actor.submit.remote("round1/try0", int(r), refs[int(r)], "round")
-        results = ray.get([actor.result.remote("round1/try0", 60) for _ in range(n)])
-        for stats, (labels_ref,) in results:
-            got = ray.get(labels_ref)
-            for key, value in expected.arrays().items():
-                assert np.array_equal(got[key], value), (n, key)
-            assert stats["kept"] == expected.stats["kept"]
+    @pytest.mark.slow
+    @pytest.mark.timeout(300)
+    def test_actor_labels_equal_inline_for_1_2_3_way_splits_in_random_order(self, local_ray):
+        from k2l_dist.clustering.actor import ClusteringActor, split_part
+
+        ray = local_ray
+        cfg = ClusterConfig(K=4, M=8, nredo=2, threads=1)
+        expected = recover("round", PointSet.from_parts(_same_parts(1)), cfg)
+        for n in (1, 2, 3):
+            parts = _same_parts(n)
+            actor = ray.remote(ClusteringActor).options(max_concurrency=n + 2).remote(dataclasses.asdict(cfg), n)
+            order = np.random.default_rng(n).permutation(n)
+            refs = {int(r): [ray.put(half) for half in split_part(parts[r])] for r in order}
+            for r in order:
+                actor.submit.remote("round1/try0", int(r), refs[int(r)], "round")
+            results = ray.get([actor.result.remote("round1/try0", 60) for _ in range(n)])
+            for stats, (labels_ref,) in results:
+                got = ray.get(labels_ref)
+                for key, value in expected.arrays().items():
+                    assert np.array_equal(got[key], value), (n, key)
+                assert stats["kept"] == expected.stats["kept"]
+            ray.kill(actor)
+
+
+    @pytest.mark.timeout(120)
+    def test_actor_clusters_on_the_threads_it_was_given_despite_rays_single_thread_default(self, local_ray):
+        """Ray starts actors with OMP_NUM_THREADS=1 and OpenMP counts threads per calling thread:
+        the clustering (in one of the actor's pool threads) must still use cluster.threads."""
+        from k2l_dist.clustering.actor import ClusteringActor, split_part
+
+        ray = local_ray
+        cfg = ClusterConfig(K=4, M=8, nredo=1, threads=2)
+        actor = ray.remote(ClusteringActor).options(max_concurrency=3, num_cpus=0).remote(dataclasses.asdict(cfg), 1)
+        actor.submit.remote("round1/try0", 0, [ray.put(h) for h in split_part(_same_parts(1)[0])], "round")
+        stats, _ = ray.get(actor.result.remote("round1/try0", 60))
+        assert stats["actor_faiss_threads"] == 2
         ray.kill(actor)
 
 
-@pytest.mark.timeout(120)
-def test_actor_clusters_on_the_threads_it_was_given_despite_rays_single_thread_default(local_ray):
-    """Ray starts actors with OMP_NUM_THREADS=1 and OpenMP counts threads per calling thread:
-    the clustering (in one of the actor's pool threads) must still use cluster.threads."""
-    from k2l_dist.clustering.actor import ClusteringActor, split_part
+    @pytest.mark.slow
+    @pytest.mark.timeout(300)
+    def test_actor_over_2_and_3_shard_holders_gives_the_inline_labels(self, local_ray):
+        """One algorithm for every layout: holders on their own actors, each reading only its
+        parts from the object store, give the labels of clustering everything in one process."""
+        from k2l_dist.clustering.actor import ClusteringActor, split_part
 
-    ray = local_ray
-    cfg = ClusterConfig(K=4, M=8, nredo=1, threads=2)
-    actor = ray.remote(ClusteringActor).options(max_concurrency=3, num_cpus=0).remote(dataclasses.asdict(cfg), 1)
-    actor.submit.remote("round1/try0", 0, [ray.put(h) for h in split_part(_same_parts(1)[0])], "round")
-    stats, _ = ray.get(actor.result.remote("round1/try0", 60))
-    assert stats["actor_faiss_threads"] == 2
-    ray.kill(actor)
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_actor_over_2_and_3_shard_holders_gives_the_inline_labels(local_ray):
-    """One algorithm for every layout: holders on their own actors, each reading only its
-    parts from the object store, give the labels of clustering everything in one process."""
-    from k2l_dist.clustering.actor import ClusteringActor, split_part
-
-    ray = local_ray
-    base = ClusterConfig(K=4, M=8, nredo=2, threads=1, niter=10)
-    one = recover("round", PointSet.from_parts(_same_parts(1)), base)
-    for shards in (2, 3):
-        parts = _same_parts(2)
-        cfg = dataclasses.replace(base, shards=shards)
-        actor = ray.remote(ClusteringActor).options(max_concurrency=5, num_cpus=0).remote(dataclasses.asdict(cfg), 2)
-        for r in (1, 0):
-            actor.submit.remote("round1/try0", r, [ray.put(h) for h in split_part(parts[r])], "round")
-        stats, (ref,) = ray.get(actor.result.remote("round1/try0", 120))
-        got = ray.get(ref)
-        for key, value in one.arrays().items():
-            assert np.array_equal(got[key], value), (shards, key)
-        assert stats["actor_holders"] == shards and stats["kept"] == one.stats["kept"]
-        assert stats["object_store_round_bytes"] > 0
-        ray.kill(actor)
+        ray = local_ray
+        base = ClusterConfig(K=4, M=8, nredo=2, threads=1, niter=10)
+        one = recover("round", PointSet.from_parts(_same_parts(1)), base)
+        for shards in (2, 3):
+            parts = _same_parts(2)
+            cfg = dataclasses.replace(base, shards=shards)
+            options = ray.remote(ClusteringActor).options(max_concurrency=5, num_cpus=0)
+            actor = options.remote(dataclasses.asdict(cfg), 2)
+            for r in (1, 0):
+                actor.submit.remote("round1/try0", r, [ray.put(h) for h in split_part(parts[r])], "round")
+            stats, (ref,) = ray.get(actor.result.remote("round1/try0", 120))
+            got = ray.get(ref)
+            for key, value in one.arrays().items():
+                assert np.array_equal(got[key], value), (shards, key)
+            assert stats["actor_holders"] == shards and stats["kept"] == one.stats["kept"]
+            assert stats["object_store_round_bytes"] > 0
+            ray.kill(actor)
 
 
 def _service(restarts: int):
@@ -300,7 +260,7 @@ def test_faiss_gpu_index_reuses_cached_resources_and_matches_cpu():
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 GPUs (NCCL)")
 @pytest.mark.timeout(240)
 def test_ddp_gradients_over_nccl(tmp_path):
-    res = _torchrun([str(ROOT / "tests" / "dist_worker.py"), "ddp_grads", str(tmp_path)], timeout=180,
+    res = torchrun([str(ROOT / "tests" / "dist_worker.py"), "ddp_grads", str(tmp_path)], timeout=180,
                     env={"K2L_TEST_DEVICE": "cuda"})
     assert res.returncode == 0, res.stderr[-3000:]
     from tests.dist_worker import detector_grads, fixed_batch, tiny_model

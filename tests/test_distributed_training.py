@@ -5,6 +5,7 @@ Slow: each torchrun run of the tiny config takes about half a minute on two core
 
 import json
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -16,17 +17,9 @@ from k2l_dist.augment import build_loader
 from k2l_dist.config import AugmentConfig, load_config
 from k2l_dist.models import KeypointNet
 from k2l_dist.models.extract import extract
-from k2l_dist.prepare import prepare
 from k2l_dist.utils.checkpoint import load_checkpoint
-from tests.test_distributed import _torchrun, canonical
+from tests.processes import canonical, torchrun, torchrun_started
 from tests.tiny import TINY
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tiny") / "shards"
-    prepare(load_config(None, TINY), out)
-    return out
 
 
 def test_two_rank_extractions_merge_to_the_one_rank_extraction(shards):
@@ -47,11 +40,28 @@ def test_two_rank_extractions_merge_to_the_one_rank_extraction(shards):
         np.testing.assert_allclose(two[key], one[key], rtol=1e-4, atol=1e-5, err_msg=key)
 
 
+def _args(run_dir: Path, shards: Path, *extra: str) -> list[str]:
+    return ["-m", "k2l_dist.cli", "train", "configs/quickstart.yaml", *TINY, f"run_dir={run_dir}",
+            f"data.shards={shards}", "dist.timeout_s=60", *extra]
+
+
 def _run(run_dir: Path, shards: Path, *extra: str, nproc: int = 2, env: dict | None = None, timeout: float = 400,
          flags: tuple[str, ...] = ()):
-    args = ["-m", "k2l_dist.cli", "train", "configs/quickstart.yaml", *TINY, f"run_dir={run_dir}",
-            f"data.shards={shards}", "dist.timeout_s=60", *extra]
-    return _torchrun(args, timeout=timeout, env=env, nproc=nproc, flags=flags)
+    return torchrun(_args(run_dir, shards, *extra), timeout=timeout, env=env, nproc=nproc, flags=flags)
+
+
+def _start(run_dir: Path, shards: Path, *extra: str, nproc: int = 2, env: dict | None = None,
+           flags: tuple[str, ...] = ()) -> tuple[subprocess.Popen, Path]:
+    log = run_dir.with_name(run_dir.name + ".log")
+    return torchrun_started(_args(run_dir, shards, *extra), log, env=env, nproc=nproc, flags=flags), log
+
+
+def _finished(job: tuple[subprocess.Popen, Path], timeout: float = 400) -> str:
+    process, log = job
+    code = process.wait(timeout=timeout)
+    out = log.read_text()
+    assert code == 0, out[-6000:]
+    return out
 
 
 def _ok(res) -> str:
@@ -67,7 +77,25 @@ def _log(run_dir: Path) -> list[dict]:
 @pytest.mark.timeout(900)
 def test_two_process_runs_agree_resume_exactly_and_resume_at_another_world_size(shards, tmp_path):
     straight, cut, other = tmp_path / "straight", tmp_path / "cut", tmp_path / "other"
-    _ok(_run(straight, shards, "stage1.rounds=2"))
+    # the runs that need no other run's result go together
+    jobs = {
+        "straight": _start(straight, shards, "stage1.rounds=2"),
+        "cut": _start(cut, shards, "stage1.rounds=1"),
+        # rank 1 SIGKILLed after step 6 of round 1: torchrun restarts both ranks, which resume
+        # from the in-phase checkpoint of step 4 and end where the uninterrupted run ended
+        "killed": _start(tmp_path / "killed", shards, "stage1.rounds=2", "checkpoint_every=4",
+                         flags=("--max-restarts=1",), env={"K2L_FAULT": "kill:round1:6@rank1"}),
+        # rank 1 SIGKILLed inside round 2's extraction: the restart redoes that round from the
+        # checkpoint at the end of round 1, and the run still ends where the uninterrupted one did
+        "killed_extracting": _start(tmp_path / "killed_extracting", shards, "stage1.rounds=2",
+                                    flags=("--max-restarts=1",), env={"K2L_FAULT": "kill:extract-round2:1@rank1"}),
+    }
+    outs = {name: _finished(job) for name, job in jobs.items()}
+    shutil.copytree(cut, other)
+    resumed = {"cut": _start(cut, shards, "stage1.rounds=2"),
+               "other": _start(other, shards, "stage1.rounds=2", nproc=1)}
+    outs.update({f"{name} resumed": _finished(job) for name, job in resumed.items()})
+
     metrics = json.loads((straight / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and "forward_nme" in metrics
     log = _log(straight)
@@ -95,10 +123,7 @@ def test_two_process_runs_agree_resume_exactly_and_resume_at_another_world_size(
     peaks = [e.value for e in events.Scalars("stage1/peak_rss_gb")]
     assert len(peaks) == 3 and all(0.1 < p < 20 for p in peaks) and peaks == sorted(peaks)
 
-    _ok(_run(cut, shards, "stage1.rounds=1"))
-    shutil.copytree(cut, other)
-    out = _ok(_run(cut, shards, "stage1.rounds=2"))
-    assert "resumed from" in out
+    assert "resumed from" in outs["cut resumed"]
     a, b = load_checkpoint(straight / "checkpoint.pt"), load_checkpoint(cut / "checkpoint.pt")
     assert a["round"] == b["round"] == 2
     for name, tensor in a["phi"].items():
@@ -109,16 +134,11 @@ def test_two_process_runs_agree_resume_exactly_and_resume_at_another_world_size(
     for name, tensor in ma["psi"].items():
         assert torch.equal(mb["psi"][name], tensor), name
 
-    out = _ok(_run(other, shards, "stage1.rounds=2", nproc=1))
-    assert "saved by 2 process(es), now 1" in out
+    assert "saved by 2 process(es), now 1" in outs["other resumed"]
     assert json.loads((other / "metrics.json").read_text())["world_size"] == 1
 
-    # rank 1 SIGKILLed after step 6 of round 1: torchrun restarts both ranks, which resume
-    # from the in-phase checkpoint of step 4 and end where the uninterrupted run ended
     killed = tmp_path / "killed"
-    out = _ok(_run(killed, shards, "stage1.rounds=2", "checkpoint_every=4", flags=("--max-restarts=1",),
-                   env={"K2L_FAULT": "kill:round1:6@rank1"}))
-    assert "resumed from" in out and "round phase, step 4 of it" in out
+    assert "resumed from" in outs["killed"] and "round phase, step 4 of it" in outs["killed"]
     got = json.loads((killed / "metrics.json").read_text())
     for key in ("forward_nme", "backward_nme", "stage1_forward_nme"):
         assert got[key] == metrics[key], key
@@ -126,11 +146,8 @@ def test_two_process_runs_agree_resume_exactly_and_resume_at_another_world_size(
     for name, tensor in ma["psi"].items():
         assert torch.equal(mk["psi"][name], tensor), name
 
-    # rank 1 SIGKILLed inside round 2's extraction: the restart redoes that round from the
-    # checkpoint at the end of round 1, and the run still ends where the uninterrupted one did
     killed = tmp_path / "killed_extracting"
-    out = _ok(_run(killed, shards, "stage1.rounds=2", flags=("--max-restarts=1",),
-                   env={"K2L_FAULT": "kill:extract-round2:1@rank1"}))
+    out = outs["killed_extracting"]
     assert "resumed from" in out and "round phase, step 0 of it, 1 round(s) done" in out
     got = json.loads((killed / "metrics.json").read_text())
     for key in ("forward_nme", "backward_nme", "stage1_forward_nme"):

@@ -11,41 +11,12 @@ import pytest
 
 from k2l_dist.config import load_config
 from k2l_dist.training.run import train
+from tests.tiny import LEARNS
 
 
 @pytest.mark.slow
 def test_tiny_synthetic_run_beats_the_mean_shape(tmp_path, capsys):
-    cfg = load_config(
-        None,
-        [
-            f"run_dir={tmp_path / 'run'}",
-            "progress=false",
-            "data.format=synthetic",
-            "data.synthetic_count=400",
-            "data.synthetic_render_size=96",
-            "data.size=48",
-            "data.box=landmarks",
-            "data.box_scale=1.5",
-            "keypoints.count=40",
-            "model.width=16",
-            "model.depth=2",
-            "model.descriptor_dim=32",
-            "augment.batch_size=16",
-            "augment.noise_std=0.0",
-            "cluster.K=12",
-            "cluster.M=30",
-            "stage1.warmup_iters=150",
-            "stage1.rounds=2",
-            "stage1.iters_per_round=100",
-            "stage1.lr=0.002",
-            "stage1.max_points=32",
-            "stage1.extract_points=16",
-            "stage2.iterations=200",
-            "stage2.lr=0.002",
-            "eval.test_count=100",
-            "eval.svt_iters=300",
-        ],
-    )
+    cfg = load_config(None, [*LEARNS, f"run_dir={tmp_path / 'run'}"])
     metrics = train(cfg)
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["forward_nme"] == pytest.approx(metrics["forward_nme"])

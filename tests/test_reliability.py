@@ -24,13 +24,6 @@ from k2l_dist.utils.io import StorageError
 from tests.tiny import TINY
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    out = tmp_path_factory.mktemp("rel") / "shards"
-    prepare(load_config(None, TINY), out)
-    return out
-
-
 def test_an_overwrite_killed_midway_leaves_no_folder_that_looks_complete(tmp_path, monkeypatch):
     cfg = load_config(None, [*TINY, "data.synthetic_count=24", "data.samples_per_shard=8"])
     prepare(cfg, tmp_path)

@@ -4,16 +4,13 @@ import pytest
 import torch
 
 from k2l_dist.config import load_config
-from k2l_dist.prepare import prepare
 from k2l_dist.training.run import train
 from k2l_dist.utils.checkpoint import load_checkpoint
 from tests.tiny import TINY
 
 
 @pytest.mark.slow
-def test_resumed_run_matches_an_uninterrupted_one(tmp_path, capsys):
-    shards = tmp_path / "shards"
-    prepare(load_config(None, TINY), shards)
+def test_resumed_run_matches_an_uninterrupted_one(shards, tmp_path, capsys):
     straight = load_config(None, [*TINY, f"run_dir={tmp_path / 'a'}", f"data.shards={shards}", "stage1.rounds=2"])
     train(straight)
     first = load_config(None, [*TINY, f"run_dir={tmp_path / 'b'}", f"data.shards={shards}", "stage1.rounds=1"])
@@ -31,11 +28,9 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_a_run_stopped_inside_a_phase_resumes_at_the_same_batch(tmp_path, monkeypatch, capsys):
+def test_a_run_stopped_inside_a_phase_resumes_at_the_same_batch(shards, tmp_path, monkeypatch, capsys):
     """Checkpoints every 4 iterations; stopped after step 6 of round 1 and of Stage 2, the
     resumed run ends with the weights and metrics of an uninterrupted one."""
-    shards = tmp_path / "shards"
-    prepare(load_config(None, TINY), shards)
     args = [*TINY, f"data.shards={shards}", "stage1.rounds=2", "stage2.iterations=10", "checkpoint_every=4"]
     straight = train(load_config(None, [*args, f"run_dir={tmp_path / 'a'}"]))
     cut = load_config(None, [*args, f"run_dir={tmp_path / 'b'}"])

@@ -26,6 +26,23 @@ def _facing(p: syn._Params) -> np.ndarray:
     return n[:, 2] / np.linalg.norm(n, axis=1)
 
 
+def _mirror_params(p: syn._Params) -> syn._Params:
+    """The same instance seen in a horizontal mirror: mirroring world x (M = diag(-1, 1, 1))
+    maps pose R to M R M, i.e. negated yaw and roll, and the object to its mirror image,
+    whose part i is old part FLIP[i]."""
+    perm = list(FLIP_PERMUTATION)
+    rw = p.rbf_weights.copy()
+    rw[:, 0] *= -1
+    rc = p.rbf_centres.copy()
+    rc[:, 0] = 1.0 - rc[:, 0]
+    light = p.light.copy()
+    light[0] *= -1
+    return dataclasses.replace(
+        p, yaw=-p.yaw, roll=-p.roll, centre=np.array([1.0 - p.centre[0], p.centre[1]]),
+        dirs=p.dirs[perm] @ syn._MIRROR, rbf_centres=rc, rbf_weights=rw, part_jitter=p.part_jitter[perm],
+        spot_dirs=p.spot_dirs @ syn._MIRROR, light=light)
+
+
 def test_constants_are_consistent() -> None:
     assert NUM_LANDMARKS == len(LANDMARK_NAMES) == len(FLIP_PERMUTATION)
     perm = np.array(FLIP_PERMUTATION)
@@ -80,7 +97,7 @@ def test_flip_permutation_matches_mirrored_instance() -> None:
     for i in range(3):
         p = syn._sample_params(np.random.default_rng([1, i]))
         col, alpha, part, lms, vis = syn._render_layers(p, size)
-        col_m, alpha_m, part_m, lms_m, vis_m = syn._render_layers(syn._mirror_params(p), size)
+        col_m, alpha_m, part_m, lms_m, vis_m = syn._render_layers(_mirror_params(p), size)
         mirrored = np.column_stack([size - 1 - lms[:, 0], lms[:, 1]])
         np.testing.assert_allclose(lms_m[perm], mirrored, atol=1e-6)
         assert np.array_equal(vis_m[perm], vis)

@@ -14,7 +14,7 @@ from k2l_dist.training.labels import LabelTable
 from k2l_dist.training.phases import initial_table
 from k2l_dist.training.state import lr_for_world
 from k2l_dist.training.steps import landmark_targets
-from k2l_dist.utils.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from k2l_dist.utils.checkpoint import load_checkpoint, save_checkpoint
 
 
 def test_label_table_lookup_pads_and_handles_unknown_ids():
@@ -124,16 +124,11 @@ class _Evil:  # an arbitrary object: loading it would need unpickling
     pass
 
 
-def test_checkpoint_round_trip_restores_rng_and_refuses_pickles(tmp_path):
-    torch.manual_seed(3)
-    np.random.seed(3)
-    state = {"model": torch.nn.Linear(3, 2).state_dict(), "rng": rng_state(), "step": 7,
-             "config": dataclasses.asdict(Config())}
+def test_checkpoint_round_trip_and_refuses_pickles(tmp_path):
+    state = {"model": torch.nn.Linear(3, 2).state_dict(), "step": 7, "config": dataclasses.asdict(Config())}
     save_checkpoint(tmp_path / "c.pt", state)
-    expected = (torch.rand(3), np.random.rand(3))
     back = load_checkpoint(tmp_path / "c.pt")
-    set_rng_state(back["rng"])
-    assert torch.equal(torch.rand(3), expected[0]) and np.array_equal(np.random.rand(3), expected[1])
+    assert back["step"] == 7 and all(torch.equal(back["model"][k], v) for k, v in state["model"].items())
     assert apply_values(Config(), back["config"]) == Config()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt", "c.pt.sha256"]  # no temp file left
 

@@ -42,13 +42,6 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    out = tmp_path_factory.mktemp("errs") / "shards"
-    prepare(load_config(None, TINY), out)
-    return out
-
-
-@pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, shards):
     from k2l_dist.training.run import train
 
@@ -126,7 +119,7 @@ def test_a_ray_address_that_does_not_answer_fails_within_the_timeout_naming_it(t
     port = _free_port()
     t0 = time.monotonic()
     res = subprocess.run([sys.executable, "-m", "k2l_dist.cli", "train", "configs/quickstart.yaml", *TINY,
-                          f"run_dir={tmp_path / 'run'}", "cluster.service=ray", "dist.timeout_s=10"],
+                          f"run_dir={tmp_path / 'run'}", "cluster.service=ray", "dist.timeout_s=3"],
                          cwd=ROOT, env={**ENV, "RAY_ADDRESS": f"127.0.0.1:{port}"}, capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 2 and time.monotonic() - t0 < 60, res.stderr[-2000:]

@@ -10,6 +10,17 @@ TINY = [
     "stage1.detect_threshold=0.0",
 ]
 
+# The tiny config scaled until the method learns (tests/test_end_to_end.py: it beats the mean
+# shape) in about a minute: more images, clusters and iterations; logging and the detection
+# threshold back at their defaults.
+LEARNS = [
+    *TINY, "data.synthetic_count=400", "keypoints.count=40", "model.descriptor_dim=32", "augment.batch_size=16",
+    "augment.noise_std=0.0", "cluster.K=12", "cluster.M=30", "stage1.warmup_iters=150", "stage1.rounds=2",
+    "stage1.iters_per_round=100", "stage1.lr=0.002", "stage1.max_points=32", "stage1.extract_points=16",
+    "stage2.iterations=200", "stage2.lr=0.002", "eval.test_count=100", "eval.svt_iters=300", "log_every=25",
+    "stage1.detect_threshold=0.05",
+]
+
 
 def save_tiny_model(path, num_landmarks: int) -> dict:
     """A finished run's ``model.pt`` at ``path``: an untrained Ψ of a tiny model on 32-px

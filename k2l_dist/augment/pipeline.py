@@ -132,18 +132,58 @@ def _view_graph(images: Any, cfg: AugmentConfig, crop_hw: tuple[int, int], size:
     return out, mat, flip
 
 
-def build_pipeline(
-    data: CheckedDataset,
-    cfg: AugmentConfig,
-    *,
-    rank: int,
-    world_size: int,
-    seed: int,
-    device: torch.device,
-    views: int = 2,
-    shuffle: bool = True,
-    build: bool = True,
-) -> tuple[Any, dict[str, str]]:
+def _read(data: CheckedDataset, cfg: AugmentConfig, *, rank: int, world_size: int, seed: int,
+          shuffle: bool) -> tuple[Any, Any]:
+    """The reader of this rank's part of the shards: (JPEG bytes, sample id) nodes."""
+    from nvidia.dali import fn, types
+
+    # DALI warns about a shuffle seed given without shuffling: pass it only when used.
+    shuffle_args = {"shuffle_after_epoch_seed": derive_seed(seed, 0, "tar-order")} if shuffle else {}
+    return fn.readers.webdataset(
+        paths=[str(p) for p in data.tar_paths],
+        index_paths=[str(p) for p in data.index_paths],
+        ext=["jpg", "id"],
+        dtypes=[types.UINT8, types.INT64],
+        missing_component_behavior="error",  # validate.py already dropped such samples
+        shard_id=rank,
+        num_shards=world_size,
+        pad_last_batch=True,
+        stick_to_shard=False,
+        # Shuffling: the tar order changes every epoch (the same on every rank, so the
+        # parts still partition the dataset), samples are shuffled in a buffer per rank.
+        shuffle_after_epoch=shuffle,
+        **shuffle_args,
+        random_shuffle=shuffle,
+        initial_fill=max(1, min(math.ceil(data.num_samples / world_size), cfg.shuffle_buffer)),
+        seed=derive_seed(seed, rank, "shuffle"),
+        name=READER_NAME,
+    )
+
+
+def _views(images: Any, cfg: AugmentConfig, crop_hw: tuple[int, int], size: int, augment: bool,
+           views: int) -> tuple[list, list, list]:
+    """``views`` augmented views of each image: (images, matrices, flips) node lists."""
+    from nvidia.dali import fn, types
+
+    outs, mats, flips = [], [], []
+    # One coin for all views of a sample when shared: a mirrored view must be
+    # supervised with flipped labels, and the same-point positive between two views
+    # is only consistent when both are mirrored or neither is.
+    shared = None
+    if augment and cfg.flip_prob > 0 and cfg.shared_flip:
+        shared = fn.random.coin_flip(probability=cfg.flip_prob, dtype=types.INT32)
+    for _ in range(views):
+        out, mat, flip = _view_graph(images, cfg, crop_hw, size, augment, shared)
+        outs.append(out)
+        mats.append(mat)
+        if flip is not None:
+            flips.append(flip)
+    return outs, mats, flips
+
+
+def build_pipeline(data: CheckedDataset, cfg: AugmentConfig, *, rank: int, world_size: int, seed: int,
+                   device: torch.device, views: int = 2, shuffle: bool = True,
+                   build: bool = True) -> tuple[Any, dict[str, str]]:
     """The DALI pipeline and its outputs, in order: name → DALI device ("cpu"/"gpu").
 
     ``build=False`` only defines the graph, which needs no GPU even for ``device="cuda"``
@@ -154,7 +194,6 @@ def build_pipeline(
 
     augment = bool(cfg.enabled)
     size = cfg.size or data.crop_size[1]
-    per_rank = math.ceil(data.num_samples / world_size)
     batch_size = cfg.batch_size
 
     @pipeline_def(
@@ -166,41 +205,9 @@ def build_pipeline(
         prefetch_queue_depth=max(1, cfg.prefetch),
     )
     def graph() -> tuple:
-        # DALI warns about a shuffle seed given without shuffling: pass it only when used.
-        shuffle_args = {"shuffle_after_epoch_seed": derive_seed(seed, 0, "tar-order")} if shuffle else {}
-        jpeg, sample_id = fn.readers.webdataset(
-            paths=[str(p) for p in data.tar_paths],
-            index_paths=[str(p) for p in data.index_paths],
-            ext=["jpg", "id"],
-            dtypes=[types.UINT8, types.INT64],
-            missing_component_behavior="error",  # validate.py already dropped such samples
-            shard_id=rank,
-            num_shards=world_size,
-            pad_last_batch=True,
-            stick_to_shard=False,
-            # Shuffling: the tar order changes every epoch (the same on every rank, so the
-            # parts still partition the dataset), samples are shuffled in a buffer per rank.
-            shuffle_after_epoch=shuffle,
-            **shuffle_args,
-            random_shuffle=shuffle,
-            initial_fill=max(1, min(per_rank, cfg.shuffle_buffer)),
-            seed=derive_seed(seed, rank, "shuffle"),
-            name=READER_NAME,
-        )
+        jpeg, sample_id = _read(data, cfg, rank=rank, world_size=world_size, seed=seed, shuffle=shuffle)
         images = fn.decoders.image(jpeg, device="mixed" if device.type == "cuda" else "cpu", output_type=types.RGB)
-        outs, mats, flips = [], [], []
-        # One coin for all views of a sample when shared: a mirrored view must be
-        # supervised with flipped labels, and the same-point positive between two views
-        # is only consistent when both are mirrored or neither is.
-        shared = None
-        if augment and cfg.flip_prob > 0 and cfg.shared_flip:
-            shared = fn.random.coin_flip(probability=cfg.flip_prob, dtype=types.INT32)
-        for _ in range(views):
-            out, mat, flip = _view_graph(images, cfg, data.crop_size, size, augment, shared)
-            outs.append(out)
-            mats.append(mat)
-            if flip is not None:
-                flips.append(flip)
+        outs, mats, flips = _views(images, cfg, data.crop_size, size, augment, views)
         nodes = (*outs, *mats, *flips, sample_id)
         devices.extend(node.device for node in nodes)
         return nodes
@@ -411,21 +418,7 @@ def build_loader(
     if data.num_samples < world_size:
         raise ValueError(f"{shard_dir}: {data.num_samples} usable samples for {world_size} ranks")
     if data.skipped:
-        log.warning(
-            "%s: %d bad sample(s) skipped (%s); %d remain",
-            shard_dir,
-            data.num_skipped,
-            ", ".join(f"{n} {r}" for r, n in sorted(data.skipped.items())),
-            data.num_samples,
-        )
-    return AugmentLoader(
-        data,
-        cfg,
-        rank=rank,
-        world_size=world_size,
-        seed=seed,
-        device=dev,
-        views=views,
-        shuffle=shuffle,
-        padded=padded,
-    )
+        log.warning("%s: %d bad sample(s) skipped (%s); %d remain", shard_dir, data.num_skipped,
+                    ", ".join(f"{n} {r}" for r, n in sorted(data.skipped.items())), data.num_samples)
+    return AugmentLoader(data, cfg, rank=rank, world_size=world_size, seed=seed, device=dev, views=views,
+                         shuffle=shuffle, padded=padded)

@@ -227,31 +227,7 @@ def check_dataset(
     shard_dir = Path(shard_dir)
     tars = shard_paths(shard_dir)  # one-line ShardError for a missing folder or shard
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-
-    per_shard: list[tuple[Path, list[_Entry], Path | None, _ShardResult]] = []
-    for tar in tars:
-        text, idx = _load_index(tar, strict)
-        entries = _parse_index(text, tar.name if idx is None else idx.name)
-        key = _cache_key(tar, idx)
-        cached = cache / f"{tar.stem}-{key}.json"
-        result = None
-        if idx is not None and cached.is_file():
-            try:
-                data = json.loads(cached.read_text())
-                result = _ShardResult([tuple(p) for p in data["problems"]], [tuple(g) for g in data["good"]])
-            except (ValueError, KeyError, TypeError):
-                result = None  # a damaged cache entry is just recomputed
-        if result is None:
-            result = _check_shard(tar, entries, threads)
-            if idx is not None:
-                try:
-                    atomic_write_text(cached, json.dumps({"problems": result.problems, "good": result.good}))
-                except OSError as err:  # an unwritable cache only costs time
-                    log.debug("cannot write shard-check cache %s: %s", cached, err)
-        if strict and result.problems:
-            key_, reason = result.problems[0]
-            raise ShardError(f"{tar}: sample {key_}: {reason}")
-        per_shard.append((tar, entries, idx, result))
+    per_shard = [_checked_shard(tar, cache, strict, threads) for tar in tars]
 
     # Dataset-wide rules: one crop size (the most common one) and unique ids.
     sizes = Counter((h, w) for *_, r in per_shard for (_, _, h, w) in r.good)
@@ -262,55 +238,91 @@ def check_dataset(
     wanted = None if ids is None else set(np.asarray(ids, np.int64).tolist())
     out_tars: list[Path] = []
     out_idx: list[Path] = []
-    ids: list[int] = []
+    kept_ids: list[int] = []
     skipped: Counter[str] = Counter()
     skipped_by_shard: dict[str, int] = {}
     for tar, entries, idx, result in per_shard:
-        problems = list(result.problems)
-        keep: set[str] = set()
-        for key, sample_id, h, w in result.good:
-            if (h, w) != crop_size:
-                problems.append((key, f"{WRONG_SIZE} ({h}x{w}, expected {crop_size[0]}x{crop_size[1]})"))
-            elif sample_id in seen:
-                problems.append((key, f"{DUPLICATE} {sample_id}"))
-            elif wanted is not None and sample_id not in wanted:
-                seen.add(sample_id)
-            else:
-                seen.add(sample_id)
-                keep.add(key)
-                ids.append(sample_id)
+        keep, problems = _keep(result, crop_size, seen, wanted, kept_ids)
         if strict and problems:
             raise ShardError(f"{tar}: sample {problems[0][0]}: {problems[0][1]}")
         if problems:
-            reasons = Counter(reason.split(" (")[0] for _, reason in problems)
-            skipped.update(reasons)
+            skipped.update(Counter(reason.split(" (")[0] for _, reason in problems))
             skipped_by_shard[tar.name] = len(problems)
-            shown = "; ".join(f"{k}: {r}" for k, r in problems[:5])
-            more = f"; ... {len(problems) - 5} more" if len(problems) > 5 else ""
-            log.warning(
-                "%s: skipped %d of %d samples (%s%s)", tar.name, len(problems), len(entries), shown, more
-            )
-        if not keep:
-            continue
-        if len(keep) == len(entries) and idx is not None:
-            index_path = idx
-        else:
-            kept = [e.line for e in entries if e.key in keep]
-            text = "\n".join([f"v1.2 {len(kept)}", *kept]) + "\n"
-            digest = hashlib.sha1(text.encode()).hexdigest()[:20]
-            index_path = cache / f"{tar.stem}-clean-{digest}.idx"
-            if not index_path.is_file():
-                atomic_write_text(index_path, text)
-        out_tars.append(tar)
-        out_idx.append(index_path)
+            _warn_skipped(tar, problems, len(entries))
+        if keep:
+            out_tars.append(tar)
+            out_idx.append(_kept_index(tar, entries, idx, keep, cache))
     if not out_tars:
         raise ShardError(f"{shard_dir}: none of the requested sample ids is in the shards")
     return CheckedDataset(
         shard_dir=shard_dir,
         tar_paths=out_tars,
         index_paths=out_idx,
-        ids=np.asarray(ids, np.int64),
+        ids=np.asarray(kept_ids, np.int64),
         crop_size=crop_size,
         skipped=dict(skipped),
         skipped_by_shard=skipped_by_shard,
     )
+
+
+def _checked_shard(tar: Path, cache: Path, strict: bool,
+                   threads: int) -> tuple[Path, list[_Entry], Path | None, _ShardResult]:
+    """One shard's samples checked (from the cache when its index and tar are unchanged)."""
+    text, idx = _load_index(tar, strict)
+    entries = _parse_index(text, tar.name if idx is None else idx.name)
+    cached = cache / f"{tar.stem}-{_cache_key(tar, idx)}.json"
+    result = None
+    if idx is not None and cached.is_file():
+        try:
+            data = json.loads(cached.read_text())
+            result = _ShardResult([tuple(p) for p in data["problems"]], [tuple(g) for g in data["good"]])
+        except (ValueError, KeyError, TypeError):
+            result = None  # a damaged cache entry is just recomputed
+    if result is None:
+        result = _check_shard(tar, entries, threads)
+        if idx is not None:
+            try:
+                atomic_write_text(cached, json.dumps({"problems": result.problems, "good": result.good}))
+            except OSError as err:  # an unwritable cache only costs time
+                log.debug("cannot write shard-check cache %s: %s", cached, err)
+    if strict and result.problems:
+        key, reason = result.problems[0]
+        raise ShardError(f"{tar}: sample {key}: {reason}")
+    return tar, entries, idx, result
+
+
+def _keep(result: _ShardResult, crop_size: tuple[int, int], seen: set[int], wanted: set[int] | None,
+          ids: list[int]) -> tuple[set[str], list[tuple[str, str]]]:
+    """A shard's keys to read and its problems; ``seen`` and ``ids`` grow with its samples."""
+    problems = list(result.problems)
+    keep: set[str] = set()
+    for key, sample_id, h, w in result.good:
+        if (h, w) != crop_size:
+            problems.append((key, f"{WRONG_SIZE} ({h}x{w}, expected {crop_size[0]}x{crop_size[1]})"))
+        elif sample_id in seen:
+            problems.append((key, f"{DUPLICATE} {sample_id}"))
+        elif wanted is not None and sample_id not in wanted:
+            seen.add(sample_id)
+        else:
+            seen.add(sample_id)
+            keep.add(key)
+            ids.append(sample_id)
+    return keep, problems
+
+
+def _warn_skipped(tar: Path, problems: list[tuple[str, str]], total: int) -> None:
+    shown = "; ".join(f"{k}: {r}" for k, r in problems[:5])
+    more = f"; ... {len(problems) - 5} more" if len(problems) > 5 else ""
+    log.warning("%s: skipped %d of %d samples (%s%s)", tar.name, len(problems), total, shown, more)
+
+
+def _kept_index(tar: Path, entries: list[_Entry], idx: Path | None, keep: set[str], cache: Path) -> Path:
+    """The shard's own index when every sample is kept, else a cleaned copy in the cache."""
+    if len(keep) == len(entries) and idx is not None:
+        return idx
+    kept = [e.line for e in entries if e.key in keep]
+    text = "\n".join([f"v1.2 {len(kept)}", *kept]) + "\n"
+    index_path = cache / f"{tar.stem}-clean-{hashlib.sha1(text.encode()).hexdigest()[:20]}.idx"
+    if not index_path.is_file():
+        atomic_write_text(index_path, text)
+    return index_path

@@ -41,7 +41,7 @@ layout) does not depend on ``size``: only sampling resolution and pixel noise do
 from __future__ import annotations
 
 import colorsys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -177,6 +177,12 @@ def _sample_params(rng: np.random.Generator, object_scale: float = 1.0) -> _Para
     ``object_scale`` enlarges the head relative to the frame (it still fits: the fit below
     shrinks it if needed and leaves less room for translation).
     """
+    geometry = _sample_geometry(rng, object_scale)
+    return _Params(**geometry, **_sample_appearance(rng))
+
+
+def _sample_geometry(rng: np.random.Generator, object_scale: float) -> dict:
+    """Shape, pose, position and the smooth warp (the first draws of an instance)."""
     k = NUM_LANDMARKS
     a = rng.uniform(0.17, 0.26) * object_scale
     radii = np.array([a, a * rng.uniform(0.95, 1.25), a * rng.uniform(0.8, 1.05)])
@@ -206,42 +212,30 @@ def _sample_params(rng: np.random.Generator, object_scale: float = 1.0) -> _Para
     # amp * exp(-1/2) / min(sigma) < 0.7, which keeps the warp invertible and the
     # fixed-point inversion contracting.
     w *= amp / np.linalg.norm(w, axis=1).sum()
+    return dict(yaw=float(yaw), pitch=float(pitch), roll=float(roll), radii=radii, centre=centre, dirs=dirs,
+                rbf_centres=rbf_centres, rbf_sigmas=rbf_sigmas, rbf_weights=w)
 
-    fur = _bgr(rng.uniform(), rng.uniform(0.15, 0.75), rng.uniform(0.35, 0.95))
-    muzzle = rng.uniform(0.3, 0.9)
-    eye_col = _bgr(rng.uniform(0.10, 0.38), rng.uniform(0.55, 0.9), rng.uniform(0.8, 1.0))
-    part_jitter = rng.uniform(-0.06, 0.06, (k, 3))
-    tex_kind = int(rng.integers(0, 4))
-    tex_freq = rng.uniform(9.0, 20.0)
-    tex_phase = rng.uniform(0.0, 2 * np.pi)
-    tex_curve = rng.uniform(-1.5, 1.5)
-    tex_contrast = rng.uniform(0.15, 0.6)
+
+def _sample_appearance(rng: np.random.Generator) -> dict:
+    """Colours, texture, lighting, expression and camera effects (drawn after the geometry,
+    in this order)."""
+    appearance = dict(
+        fur=_bgr(rng.uniform(), rng.uniform(0.15, 0.75), rng.uniform(0.35, 0.95)),
+        muzzle=float(rng.uniform(0.3, 0.9)),
+        eye_col=_bgr(rng.uniform(0.10, 0.38), rng.uniform(0.55, 0.9), rng.uniform(0.8, 1.0)),
+        part_jitter=rng.uniform(-0.06, 0.06, (NUM_LANDMARKS, 3)),
+        tex_kind=int(rng.integers(0, 4)),
+        tex_freq=float(rng.uniform(9.0, 20.0)),
+        tex_phase=float(rng.uniform(0.0, 2 * np.pi)),
+        tex_curve=float(rng.uniform(-1.5, 1.5)),
+        tex_contrast=float(rng.uniform(0.15, 0.6)),
+    )
     half_spots = _unit(rng.normal(0.0, 1.0, (_N_SPOT_PAIRS, 3)))
-    spot_dirs = np.concatenate([half_spots, half_spots @ _MIRROR])
-    spot_cos = np.cos(rng.uniform(0.12, 0.3))
-    light = _unit(np.array([rng.uniform(-0.8, 0.8), rng.uniform(-0.8, 0.8), 1.0]))
-    return _Params(
-        yaw=float(yaw),
-        pitch=float(pitch),
-        roll=float(roll),
-        radii=radii,
-        centre=centre,
-        dirs=dirs,
-        rbf_centres=rbf_centres,
-        rbf_sigmas=rbf_sigmas,
-        rbf_weights=w,
-        fur=fur,
-        muzzle=float(muzzle),
-        eye_col=eye_col,
-        part_jitter=part_jitter,
-        tex_kind=tex_kind,
-        tex_freq=float(tex_freq),
-        tex_phase=float(tex_phase),
-        tex_curve=float(tex_curve),
-        tex_contrast=float(tex_contrast),
-        spot_dirs=spot_dirs,
-        spot_cos=float(spot_cos),
-        light=light,
+    return dict(
+        appearance,
+        spot_dirs=np.concatenate([half_spots, half_spots @ _MIRROR]),
+        spot_cos=float(np.cos(rng.uniform(0.12, 0.3))),
+        light=_unit(np.array([rng.uniform(-0.8, 0.8), rng.uniform(-0.8, 0.8), 1.0])),
         ambient=float(rng.uniform(0.3, 0.55)),
         specular=float(rng.uniform(0.0, 0.3)),
         eye_tilt=float(np.deg2rad(rng.uniform(5.0, 25.0))),
@@ -250,33 +244,6 @@ def _sample_params(rng: np.random.Generator, object_scale: float = 1.0) -> _Para
         brightness=float(rng.uniform(-20.0, 20.0)),
         blur=float(rng.uniform(0.0, 0.9)),
         noise=float(rng.uniform(1.0, 6.0)),
-    )
-
-
-def _mirror_params(p: _Params) -> _Params:
-    """The same instance seen in a horizontal mirror (used by tests of FLIP_PERMUTATION).
-
-    Mirroring world x (M = diag(-1, 1, 1)) maps pose R to M R M, i.e. negated yaw
-    and roll, and the object to its mirror image, whose part i is old part FLIP[i].
-    """
-    perm = list(FLIP_PERMUTATION)
-    rw = p.rbf_weights.copy()
-    rw[:, 0] *= -1
-    rc = p.rbf_centres.copy()
-    rc[:, 0] = 1.0 - rc[:, 0]
-    light = p.light.copy()
-    light[0] *= -1
-    return replace(
-        p,
-        yaw=-p.yaw,
-        roll=-p.roll,
-        centre=np.array([1.0 - p.centre[0], p.centre[1]]),
-        dirs=p.dirs[perm] @ _MIRROR,
-        rbf_centres=rc,
-        rbf_weights=rw,
-        part_jitter=p.part_jitter[perm],
-        spot_dirs=p.spot_dirs @ _MIRROR,
-        light=light,
     )
 
 
@@ -461,7 +428,18 @@ def _render_object(p: _Params, size: int) -> tuple[np.ndarray, np.ndarray, np.nd
     u /= np.sqrt((u * u).sum(0))  # exact on the surface; fixes the AA fringe
     normal_obj = u / p.radii.astype(f32)[:, None]
 
-    # Fur: texture, then a lighter muzzle around the mouth.
+    col = _fur_colours(p, u)
+    part = np.full(idx.size, -1, dtype=np.int32)
+    _shade_parts(p, u, col, normal_obj, part)
+    rgb = np.clip(_lit(p, rot, col, normal_obj), 0.0, 1.0) * (alpha * 255.0)[:, None]
+    return _scatter(size, (y0, y1, x0, x1), idx, rgb, alpha, np.where(rho2 < 1.0, part, -1))
+
+
+def _fur_colours(p: _Params, u: np.ndarray) -> np.ndarray:
+    """``(n, 3)`` colours of the surface points ``u``: fur texture, then a lighter muzzle
+    around the mouth, and the mouth line between the two (jittered) corners, bowed by
+    ``mouth_curve``."""
+    f32 = np.float32
     tex = _texture(p, u)
     col = p.fur.astype(f32)[None, :] * (1.0 - f32(p.tex_contrast) * tex)[:, None]
     mdir = _unit(np.array([0.0, 0.3, 0.95])).astype(f32)
@@ -469,7 +447,6 @@ def _render_object(p: _Params, size: int) -> tuple[np.ndarray, np.ndarray, np.nd
     light_fur = (p.fur + (1.0 - p.fur) * 0.7).astype(f32)
     col += (light_fur - col) * wm
 
-    # Mouth line between the two (jittered) corners, bowed by mouth_curve.
     (xl, yl), (xr, yr) = p.dirs[6, :2], p.dirs[7, :2]
     ux, uy = u[0], u[1]
     band = (ux > xl) & (ux < xr) & (u[2] > 0)
@@ -477,10 +454,12 @@ def _render_object(p: _Params, size: int) -> tuple[np.ndarray, np.ndarray, np.nd
     bx = ux[bi]
     yline = yl + (yr - yl) * (bx - xl) / (xr - xl) + p.mouth_curve * (bx - xl) * (bx - xr)
     col[bi[np.abs(uy[bi] - yline) < 0.02]] = 0.12
+    return col
 
-    part = np.full(idx.size, -1, dtype=np.int32)
-    _shade_parts(p, u, col, normal_obj, part)
 
+def _lit(p: _Params, rot: np.ndarray, col: np.ndarray, normal_obj: np.ndarray) -> np.ndarray:
+    """Ambient + diffuse shading of ``col`` and, when the instance has one, a specular highlight."""
+    f32 = np.float32
     nw = rot.astype(f32) @ normal_obj  # world normals (3, n)
     nw /= np.sqrt((nw * nw).sum(0))
     light = p.light.astype(f32)
@@ -489,9 +468,17 @@ def _render_object(p: _Params, size: int) -> tuple[np.ndarray, np.ndarray, np.nd
     rgb = col * shade[:, None]
     if p.specular > 0.0:
         rgb += (f32(p.specular) * np.maximum(half @ nw, 0.0) ** 20)[:, None]
-    rgb = np.clip(rgb, 0.0, 1.0) * (alpha * 255.0)[:, None]
+    return rgb
 
-    # Scatter into bbox-sized flat buffers (1-D fancy indexing is the cheap kind).
+
+def _scatter(size: int, box: tuple[int, int, int, int], idx: np.ndarray, rgb: np.ndarray, alpha: np.ndarray,
+             part: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The bounding box's points (flat indices ``idx`` into it) as full-size images:
+    premultiplied BGR, alpha and part id (bbox-sized flat buffers: 1-D fancy indexing is
+    the cheap kind)."""
+    f32 = np.float32
+    y0, y1, x0, x1 = box
+    h, w = y1 - y0 + 1, x1 - x0 + 1
     premult = np.zeros((size, size, 3), f32)
     alpha_img = np.zeros((size, size), f32)
     part_img = np.full((size, size), -1.0, f32)
@@ -502,7 +489,7 @@ def _render_object(p: _Params, size: int) -> tuple[np.ndarray, np.ndarray, np.nd
     flat1[idx] = alpha
     alpha_img[y0 : y1 + 1, x0 : x1 + 1] = flat1.reshape(h, w)
     flat1[:] = -1.0
-    flat1[idx] = np.where(rho2 < 1.0, part, -1)
+    flat1[idx] = part
     part_img[y0 : y1 + 1, x0 : x1 + 1] = flat1.reshape(h, w)
     return premult, alpha_img, part_img
 

@@ -90,13 +90,8 @@ class Completion:
     converged: bool  # residual <= tol
 
 
-def svt(
-    M: np.ndarray,
-    tau: float | None = None,
-    iters: int = 2000,
-    tol: float = 1e-4,
-    center: bool = True,
-) -> Completion:
+def svt(M: np.ndarray, tau: float | None = None, iters: int = 2000, tol: float = 1e-4,
+        center: bool = True) -> Completion:
     """Complete ``M`` (n, p) whose missing entries are NaN; observed entries come back unchanged.
 
     ``tau``: singular value threshold (default ``3 sqrt(n p)`` x RMS of the observed,
@@ -155,13 +150,8 @@ def svt(
     return Completion(out, it, rel, rank, converged)
 
 
-def svt_complete(
-    M: np.ndarray,
-    tau: float | None = None,
-    iters: int = 2000,
-    tol: float = 1e-4,
-    center: bool = True,
-) -> np.ndarray:
+def svt_complete(M: np.ndarray, tau: float | None = None, iters: int = 2000, tol: float = 1e-4,
+                 center: bool = True) -> np.ndarray:
     """:func:`svt`'s completed matrix only."""
     return svt(M, tau, iters, tol, center).matrix
 

@@ -115,14 +115,10 @@ def _complete(train: np.ndarray, test: np.ndarray, cfg) -> tuple[np.ndarray, np.
 def evaluate_run(cfg, shard_dir: Path, manifest: dict, meta: dict, split, phi, psi, centroids: np.ndarray,
                  perm: np.ndarray, log, device) -> dict:
     """All metrics of a finished run; writes CED plots and a landmark grid into the run folder."""
-    from k2l_dist.eval.plots import save_ced_plot
+    from k2l_dist.eval.plots import save_ced_plot  # matplotlib only when a run is evaluated
 
-    run_dir = Path(cfg.run_dir)
     ecfg = cfg.eval
-    norm_idx = manifest.get("norm_indices")
-    norm = ecfg.norm if ecfg.norm != "auto" else ("interocular" if norm_idx else "box")
-    eyes = tuple(norm_idx) if (norm_idx and ecfg.norm == "auto") else tuple(ecfg.eye_indices)
-    ecfg_used = dataclasses.replace(ecfg, norm=norm, eye_indices=eyes, regressor_train_count=0)
+    ecfg_used = _normalisation(ecfg, manifest)
     reg_ids = regressor_ids(split, ecfg.regressor_train_count, ecfg.seed)
     test_ids = split.test
     if len(test_ids) == 0 or len(reg_ids) < 2:
@@ -134,36 +130,18 @@ def evaluate_run(cfg, shard_dir: Path, manifest: dict, meta: dict, split, phi, p
     aug = dataclasses.replace(cfg.augment, enabled=False)
     loader = lambda: build_loader(shard_dir, aug, device=device, views=1, shuffle=False,  # noqa: E731
                                   padded="drop", ids=eval_ids, seed=cfg.seed)
-    gt_all = meta["landmarks"].astype(np.float64)
-    gt = gt_all[np.searchsorted(meta["ids"], eval_ids)]
-    is_reg, is_test = np.isin(eval_ids, reg_ids), np.isin(eval_ids, test_ids)
-
+    gt = meta["landmarks"].astype(np.float64)[np.searchsorted(meta["ids"], eval_ids)]
     ids, pred, _ = predict_landmarks(psi, loader(), perm if cfg.stage2.flip_test else None)
-    # Samples the loader had to skip (corrupt image, truncated shard) cannot be scored:
-    # evaluate on the rest and say how many were left out.
-    predicted = np.isin(eval_ids, ids)
-    skipped = int((~predicted).sum())
-    if skipped:
-        log_.warning("evaluation: %d of %d images unreadable in %s, left out of the metrics", skipped,
-                     len(eval_ids), shard_dir)
-        eval_ids, gt = eval_ids[predicted], gt[predicted]
-        is_reg, is_test = np.isin(eval_ids, reg_ids), np.isin(eval_ids, test_ids)
-    if not np.array_equal(ids, eval_ids):
-        raise RuntimeError("evaluation predicted images outside the evaluation split, or one image twice")
+    eval_ids, gt, skipped = _scored(ids, eval_ids, gt, shard_dir)
+    is_reg, is_test = np.isin(eval_ids, reg_ids), np.isin(eval_ids, test_ids)
     fwd = forward_nme(pred[is_reg], gt[is_reg], pred[is_test], gt[is_test], ecfg_used)
     bwd = backward_nme(pred[is_reg], gt[is_reg], pred[is_test], gt[is_test], ecfg_used)
 
     regions = CropRegions.from_meta(meta, int(manifest["size"])) if cfg.loss.mask_padding else None
     s1 = stage1_landmarks(phi, loader(), centroids, eval_ids, cfg, regions)
-    s1_train, s1_test, s1_svt = _complete(s1[is_reg], s1[is_test], cfg)
-    s1_fwd = forward_nme(s1_train, gt[is_reg], s1_test, gt[is_test], ecfg_used)
-    # backward targets: the completed training matrix, and only the test points detected
-    s1_bwd = backward_nme(s1_train, gt[is_reg], s1[is_test], gt[is_test], ecfg_used)
-
+    s1_fwd, s1_bwd, s1_svt = _completed_scores(s1, gt, is_reg, is_test, cfg, ecfg_used)
     kp = keypoint_baseline(shard_dir, split.train, eval_ids, cfg)
-    kp_train, kp_test, kp_svt = _complete(kp[is_reg], kp[is_test], cfg)
-    kp_fwd = forward_nme(kp_train, gt[is_reg], kp_test, gt[is_test], ecfg_used)
-    kp_bwd = backward_nme(kp_train, gt[is_reg], kp[is_test], gt[is_test], ecfg_used)
+    kp_fwd, kp_bwd, kp_svt = _completed_scores(kp, gt, is_reg, is_test, cfg, ecfg_used)
 
     norm_test = landmark_norm(gt[is_test], ecfg_used.norm, ecfg_used.eye_indices)
     mean_shape = mean_shape_baseline(gt[is_reg], gt[is_test], norm_test,
@@ -174,6 +152,7 @@ def evaluate_run(cfg, shard_dir: Path, manifest: dict, meta: dict, split, phi, p
                                 ecfg.accuracy_thresholds[0],
                                 match_on=(pred[is_reg], gt[is_reg], np.full(is_reg.sum(), scale)))
 
+    run_dir = Path(cfg.run_dir)
     names = manifest.get("landmark_names") or [f"lm{i}" for i in range(gt.shape[1])]
     if fwd.map is not None:  # the forward regressor names the detector's landmarks (load_detector(named=True))
         save_names(LandmarkNames(list(names), fwd.map, int(size), fwd.n_train), run_dir)
@@ -196,14 +175,53 @@ def evaluate_run(cfg, shard_dir: Path, manifest: dict, meta: dict, split, phi, p
         metrics.update({f"{name}_pck": pck(result.per_landmark, norm_test, gt[is_test], tuple(torso))
                         for name, result in (("forward", fwd), ("stage1_forward", s1_fwd),
                                              ("mean_shape", mean_shape))})
+    _publish(metrics, log, shard_dir, ids[is_test][:16], list(pred[is_test][:16]), run_dir)
+    return metrics
+
+
+def _normalisation(ecfg, manifest: dict):
+    """``eval`` with ``auto`` resolved: interocular with the dataset's own eye (or shoulder)
+    indices when the shards name them, else the box."""
+    norm_idx = manifest.get("norm_indices")
+    norm = ecfg.norm if ecfg.norm != "auto" else ("interocular" if norm_idx else "box")
+    eyes = tuple(norm_idx) if (norm_idx and ecfg.norm == "auto") else tuple(ecfg.eye_indices)
+    return dataclasses.replace(ecfg, norm=norm, eye_indices=eyes, regressor_train_count=0)
+
+
+def _scored(ids: np.ndarray, eval_ids: np.ndarray, gt: np.ndarray,
+            shard_dir: Path) -> tuple[np.ndarray, np.ndarray, int]:
+    """The evaluation images that were predicted, their ground truth, and how many were not.
+    Samples the loader had to skip (corrupt image, truncated shard) cannot be scored:
+    evaluation goes on with the rest and says how many were left out."""
+    predicted = np.isin(eval_ids, ids)
+    skipped = int((~predicted).sum())
+    if skipped:
+        log_.warning("evaluation: %d of %d images unreadable in %s, left out of the metrics", skipped,
+                     len(eval_ids), shard_dir)
+        eval_ids, gt = eval_ids[predicted], gt[predicted]
+    if not np.array_equal(ids, eval_ids):
+        raise RuntimeError("evaluation predicted images outside the evaluation split, or one image twice")
+    return eval_ids, gt, skipped
+
+
+def _completed_scores(points: np.ndarray, gt: np.ndarray, is_reg: np.ndarray, is_test: np.ndarray, cfg, ecfg_used):
+    """Forward and backward NME of points with gaps (Stage 1's, the keypoint baseline's),
+    completed as Sec. 4.2 does; backward targets: the completed training matrix, and only
+    the test points detected."""
+    train, test, svt_report = _complete(points[is_reg], points[is_test], cfg)
+    fwd = forward_nme(train, gt[is_reg], test, gt[is_test], ecfg_used)
+    bwd = backward_nme(train, gt[is_reg], points[is_test], gt[is_test], ecfg_used)
+    return fwd, bwd, svt_report
+
+
+def _publish(metrics: dict, log, shard_dir: Path, grid_ids: np.ndarray, grid_points: list, run_dir: Path) -> None:
+    """The metrics and pictures on TensorBoard; the test landmarks' grid as a file too."""
     log.scalars(0, {k: v for k, v in metrics.items() if isinstance(v, float)}, "eval/")
     log.text("eval/metrics", metrics_table(metrics))
-    log_landmark_grid(shard_dir, ids[is_test][:16], list(pred[is_test][:16]), run_dir / "landmarks_test.png", log,
-                      "landmarks/test")
+    log_landmark_grid(shard_dir, grid_ids, grid_points, run_dir / "landmarks_test.png", log, "landmarks/test")
     ced = cv2.imread(str(run_dir / "ced.png"))
     if ced is not None:
         log.image("eval/ced", ced[..., ::-1].copy(), 0)
-    return metrics
 
 
 def metrics_table(metrics: dict) -> str:

@@ -216,26 +216,16 @@ def _regress_nme(
     return NMEResult(mean, per_img, per_lm, fitted.W, int(rows.size), int(scored.sum()), fitted)
 
 
-def forward_nme(
-    train_disc: np.ndarray,
-    train_gt: np.ndarray,
-    test_disc: np.ndarray,
-    test_gt: np.ndarray,
-    cfg: EvalConfig | None = None,
-) -> NMEResult:
+def forward_nme(train_disc: np.ndarray, train_gt: np.ndarray, test_disc: np.ndarray, test_gt: np.ndarray,
+                cfg: EvalConfig | None = None) -> NMEResult:
     """Forward NME: regress annotations from discovered landmarks; per-landmark errors are (n, L_gt)."""
     cfg = cfg or EvalConfig()
     norm = landmark_norm(test_gt, cfg.norm, cfg.eye_indices)
     return _regress_nme(train_disc, train_gt, test_disc, test_gt, norm, cfg)
 
 
-def backward_nme(
-    train_disc: np.ndarray,
-    train_gt: np.ndarray,
-    test_disc: np.ndarray,
-    test_gt: np.ndarray,
-    cfg: EvalConfig | None = None,
-) -> NMEResult:
+def backward_nme(train_disc: np.ndarray, train_gt: np.ndarray, test_disc: np.ndarray, test_gt: np.ndarray,
+                 cfg: EvalConfig | None = None) -> NMEResult:
     """Backward NME: regress discovered landmarks from annotations, normalised by the
     annotation-based norm of the test image; per-landmark errors are (n, K_disc)."""
     cfg = cfg or EvalConfig()

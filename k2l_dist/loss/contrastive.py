@@ -32,8 +32,13 @@ contradict the labels.
 
 from __future__ import annotations
 
+import functools
+from typing import get_args
+
 import torch
 import torch.nn.functional as F
+
+from k2l_dist.config import Correspondence, LossBalance, Negatives
 
 
 def _pair_sq_dist(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -53,24 +58,13 @@ def _same_label_pair_sums(x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.
 
 
 def contrastive_loss(
-    desc_a: torch.Tensor,
-    desc_b: torch.Tensor,
-    labels_a: torch.Tensor,
-    labels_b: torch.Tensor,
-    neg_a: torch.Tensor | None = None,
-    neg_b: torch.Tensor | None = None,
-    *,
-    valid_a: torch.Tensor | None = None,
-    valid_b: torch.Tensor | None = None,
-    neg_valid_a: torch.Tensor | None = None,
-    neg_valid_b: torch.Tensor | None = None,
-    margin: float = 1.0,
-    neg_weight: float = 1.0,
-    negatives: str = "same_image",
-    correspondence: str = "clustering",
-    points: torch.Tensor | None = None,
-    neg_min_distance: float = 0.0,
-    balance: str = "separate",
+    desc_a: torch.Tensor, desc_b: torch.Tensor, labels_a: torch.Tensor, labels_b: torch.Tensor,
+    neg_a: torch.Tensor | None = None, neg_b: torch.Tensor | None = None, *,
+    valid_a: torch.Tensor | None = None, valid_b: torch.Tensor | None = None,
+    neg_valid_a: torch.Tensor | None = None, neg_valid_b: torch.Tensor | None = None,
+    margin: float = 1.0, neg_weight: float = 1.0, negatives: Negatives = "same_image",
+    correspondence: Correspondence = "clustering", points: torch.Tensor | None = None,
+    neg_min_distance: float = 0.0, balance: LossBalance = "separate",
 ) -> dict[str, torch.Tensor]:
     """Contrastive loss over two views of a batch.
 
@@ -103,94 +97,114 @@ def contrastive_loss(
         still attached to the graph) and ``{"num_pos", "num_neg"}`` int64 scalar tensors
         (tensors, so logging does not force a device sync).
     """
-    if negatives not in ("same_image", "different_clusters"):
-        raise ValueError(f"negatives must be 'same_image' or 'different_clusters', got {negatives!r}")
-    if balance not in ("separate", "official"):
-        raise ValueError(f"balance must be 'separate' or 'official', got {balance!r}")
-    if correspondence not in ("clustering", "equivariance"):
-        raise ValueError(f"correspondence must be 'clustering' or 'equivariance', got {correspondence!r}")
-    if desc_a.shape != desc_b.shape or labels_a.shape != desc_a.shape[:2] or labels_b.shape != labels_a.shape:
-        raise ValueError(
-            f"shape mismatch: desc_a {tuple(desc_a.shape)}, desc_b {tuple(desc_b.shape)}, "
-            f"labels_a {tuple(labels_a.shape)}, labels_b {tuple(labels_b.shape)}"
-        )
-    b, p, d = desc_a.shape
-    dev = desc_a.device
-
-    def hinge(sq_dist: torch.Tensor) -> torch.Tensor:
-        if balance == "official":
-            return F.relu(margin - (sq_dist + 1e-9).sqrt()).square()
-        return F.relu(margin - sq_dist)
-
+    _check_arguments(desc_a, desc_b, labels_a, labels_b, negatives=negatives, correspondence=correspondence,
+                     balance=balance)
+    hinge = functools.partial(_hinge, margin=margin, balance=balance)
     va = labels_a >= 0 if valid_a is None else valid_a.bool()
     vb = labels_b >= 0 if valid_b is None else valid_b.bool()
 
     # Distances in float32 even under bf16 autocast: bf16 matmuls are too coarse for
     # a margin on [0, 4].
-    with torch.autocast(device_type=dev.type, enabled=False):
+    with torch.autocast(device_type=desc_a.device.type, enabled=False):
         x = F.normalize(torch.cat([desc_a, desc_b], dim=1).float(), dim=-1)  # (B, 2P, d)
         labels = torch.cat([labels_a, labels_b], dim=1)  # (B, 2P)
         valid = torch.cat([va, vb], dim=1)
         labelled = valid & (labels >= 0)
-
-        # Pairs within an image: one (2P, 2P) block per image, not the batch's (2BP)² matrix.
-        raw = 2.0 - 2.0 * x @ x.transpose(-1, -2)  # (B, 2P, 2P) squared distances, before rounding clamps
+        raw, upper, same_slot, pair = _within_image(x, valid)
         dist = raw.clamp_min(0.0)
-        slot = torch.arange(p, device=dev).repeat(2)
-        upper = torch.ones(2 * p, 2 * p, dtype=torch.bool, device=dev).triu(1)
-        same_slot = slot[:, None] == slot[None, :]
-        pair = upper & valid[:, :, None] & valid[:, None, :]
         pos = pair & same_slot
-        pos_sum = (dist * pos).sum()
-        num_pos = pos.sum()
+        pos_sum, num_pos = (dist * pos).sum(), pos.sum()
         if correspondence == "clustering":
-            # Pairs across images with one label: every same-label pair of the batch, less
-            # those inside an image (a sum per label, never the (2BP)² matrix).
-            in_image = upper & labelled[:, :, None] & labelled[:, None, :] & (labels[:, :, None] == labels[:, None, :])
-            total, count = _same_label_pair_sums(x[labelled], labels[labelled])
-            pos_sum = pos_sum + total - (raw * in_image).sum()
-            num_pos = num_pos + count - in_image.sum()
+            pos_sum, num_pos = _add_across_image_positives(pos_sum, num_pos, x, raw, labels, labelled, upper)
 
         if negatives == "same_image":
             neg = pair & ~same_slot
             if points is not None and neg_min_distance > 0:
-                where = torch.cat([points, points], dim=1).float()  # (B, 2P, 2)
-                apart = (where[:, :, None] - where[:, None, :]).square().sum(-1) >= neg_min_distance**2
-                neg = neg & apart
-            neg_sum = (hinge(dist) * neg).sum()
-            num_neg = neg.sum()
-        else:  # every labelled pair of two images with two labels: needs the whole batch's matrix
-            flat, lab = x.reshape(b * 2 * p, d), labels.reshape(-1)
-            ok = labelled.reshape(-1)
-            image = torch.arange(b, device=dev).repeat_interleave(2 * p)
-            across = torch.ones(len(lab), len(lab), dtype=torch.bool, device=dev).triu(1) \
-                & ok[:, None] & ok[None, :] & (image[:, None] != image[None, :]) & (lab[:, None] != lab[None, :])
-            neg_sum = (hinge(_pair_sq_dist(flat, flat)) * across).sum()
-            num_neg = across.sum()
-
-        if negatives == "same_image":
-            rand, rand_valid = [], []
-            for r, rv in ((neg_a, neg_valid_a), (neg_b, neg_valid_b)):
-                if r is not None:
-                    rand.append(r)
-                    rand_valid.append(
-                        torch.ones(r.shape[:2], dtype=torch.bool, device=dev) if rv is None else rv.bool()
-                    )
-            if rand:
-                rn = F.normalize(torch.cat(rand, dim=1).float(), dim=-1)  # (B,R',d)
-                rv = torch.cat(rand_valid, dim=1)
-                rmask = rv[:, :, None] & valid[:, None, :]  # same image only, by construction
-                rdist = _pair_sq_dist(rn, x)  # (B,R',2P)
-                neg_sum = neg_sum + (hinge(rdist) * rmask).sum()
-                num_neg = num_neg + rmask.sum()
+                neg = neg & _apart(points, neg_min_distance)
+            neg_sum, num_neg = (hinge(dist) * neg).sum(), neg.sum()
+            rand = _random_negatives(x, valid, [(neg_a, neg_valid_a), (neg_b, neg_valid_b)], hinge)
+            if rand is not None:
+                neg_sum, num_neg = neg_sum + rand[0], num_neg + rand[1]
+        else:
+            neg_sum, num_neg = _different_cluster_negatives(x, labels, labelled, hinge)
 
         positive = pos_sum / num_pos.clamp_min(1)
         negative = neg_sum / num_neg.clamp_min(1)
         pooled = (pos_sum + neg_sum) / (num_pos + num_neg).clamp_min(1)
-        return {
-            "loss": positive + neg_weight * negative if balance == "separate" else pooled,
-            "positive": positive,
-            "negative": negative,
-            "num_pos": num_pos,
-            "num_neg": num_neg,
-        }
+        return {"loss": positive + neg_weight * negative if balance == "separate" else pooled,
+                "positive": positive, "negative": negative, "num_pos": num_pos, "num_neg": num_neg}
+
+
+def _hinge(sq_dist: torch.Tensor, *, margin: float, balance: str) -> torch.Tensor:
+    if balance == "official":
+        return F.relu(margin - (sq_dist + 1e-9).sqrt()).square()
+    return F.relu(margin - sq_dist)
+
+
+def _within_image(x: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Pairs within an image: one (2P, 2P) block per image, not the batch's (2BP)² matrix.
+    Returns the squared distances before rounding clamps, the upper triangle, the
+    same-slot mask (a point and itself in the other view) and the valid pairs."""
+    two_p, dev = x.shape[1], x.device
+    raw = 2.0 - 2.0 * x @ x.transpose(-1, -2)  # (B, 2P, 2P)
+    slot = torch.arange(two_p // 2, device=dev).repeat(2)
+    upper = torch.ones(two_p, two_p, dtype=torch.bool, device=dev).triu(1)
+    same_slot = slot[:, None] == slot[None, :]
+    pair = upper & valid[:, :, None] & valid[:, None, :]
+    return raw, upper, same_slot, pair
+
+
+def _check_arguments(desc_a: torch.Tensor, desc_b: torch.Tensor, labels_a: torch.Tensor, labels_b: torch.Tensor, *,
+                     negatives: str, correspondence: str, balance: str) -> None:
+    for name, value, tp in (("negatives", negatives, Negatives), ("balance", balance, LossBalance),
+                            ("correspondence", correspondence, Correspondence)):
+        if value not in get_args(tp):
+            raise ValueError(f"{name} must be {' or '.join(map(repr, get_args(tp)))}, got {value!r}")
+    if desc_a.shape != desc_b.shape or labels_a.shape != desc_a.shape[:2] or labels_b.shape != labels_a.shape:
+        raise ValueError(
+            f"shape mismatch: desc_a {tuple(desc_a.shape)}, desc_b {tuple(desc_b.shape)}, "
+            f"labels_a {tuple(labels_a.shape)}, labels_b {tuple(labels_b.shape)}"
+        )
+
+
+def _add_across_image_positives(pos_sum: torch.Tensor, num_pos: torch.Tensor, x: torch.Tensor, raw: torch.Tensor,
+                                labels: torch.Tensor, labelled: torch.Tensor,
+                                upper: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The in-image positives' sum and count plus the pairs across images with one label:
+    every same-label pair of the batch, less those inside an image (a sum per label, never
+    the (2BP)² matrix)."""
+    in_image = upper & labelled[:, :, None] & labelled[:, None, :] & (labels[:, :, None] == labels[:, None, :])
+    total, count = _same_label_pair_sums(x[labelled], labels[labelled])
+    return pos_sum + total - (raw * in_image).sum(), num_pos + count - in_image.sum()
+
+
+def _apart(points: torch.Tensor, min_distance: float) -> torch.Tensor:
+    """``(B, 2P, 2P)``: the two slots of an image are at least ``min_distance`` apart."""
+    where = torch.cat([points, points], dim=1).float()  # (B, 2P, 2)
+    return (where[:, :, None] - where[:, None, :]).square().sum(-1) >= min_distance**2
+
+
+def _random_negatives(x: torch.Tensor, valid: torch.Tensor, views: list,
+                      hinge) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Each view's random-location descriptors against every point of the same image
+    (None: no view has any); ``views``: ``[(descriptors (B,R,d) or None, valid (B,R) or None), …]``."""
+    rand = [r for r, _ in views if r is not None]
+    if not rand:
+        return None
+    rand_valid = [torch.ones(r.shape[:2], dtype=torch.bool, device=x.device) if rv is None else rv.bool()
+                  for r, rv in views if r is not None]
+    rn = F.normalize(torch.cat(rand, dim=1).float(), dim=-1)  # (B,R',d)
+    rmask = torch.cat(rand_valid, dim=1)[:, :, None] & valid[:, None, :]  # same image only, by construction
+    return (hinge(_pair_sq_dist(rn, x)) * rmask).sum(), rmask.sum()
+
+
+def _different_cluster_negatives(x: torch.Tensor, labels: torch.Tensor, labelled: torch.Tensor,
+                                 hinge) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every labelled pair of two images with two labels: needs the whole batch's matrix."""
+    b, two_p, d = x.shape
+    flat, lab = x.reshape(b * two_p, d), labels.reshape(-1)
+    ok = labelled.reshape(-1)
+    image = torch.arange(b, device=x.device).repeat_interleave(two_p)
+    across = torch.ones(len(lab), len(lab), dtype=torch.bool, device=x.device).triu(1) \
+        & ok[:, None] & ok[None, :] & (image[:, None] != image[None, :]) & (lab[:, None] != lab[None, :])
+    return (hinge(_pair_sq_dist(flat, flat)) * across).sum(), across.sum()

@@ -10,35 +10,15 @@ import hashlib
 import io
 import logging
 import os
-import random
 import zipfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from k2l_dist.utils.io import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
-
-
-def rng_state() -> dict[str, Any]:
-    return {
-        "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state()[1].astype(np.int64).tolist(),
-        "numpy_pos": int(np.random.get_state()[2]),
-        "python": list(random.getstate()[1]),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(("MT19937", np.array(state["numpy"], np.uint32), state["numpy_pos"], 0, 0.0))
-    random.setstate((3, tuple(state["python"]), None))
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _sidecar(path: Path) -> Path:
