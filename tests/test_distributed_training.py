@@ -159,20 +159,39 @@ def test_two_process_runs_agree_resume_exactly_and_resume_at_another_world_size(
     assert json.loads((straight / "metrics.json").read_text()) == metrics
 
 
+FAULTS = {
+    "raises during extraction": ("extract:round1@rank1", "cluster.service=inline",
+                                 ["injected fault (K2L_FAULT) at extract:round1 on rank 1"]),
+    # a rank that stops making progress: the watchdog names it, where it stopped, and who waits
+    "hangs during a round": ("hang:round1:3@rank1", "dist.timeout_s=15",
+                             ["k2l watchdog: rank 1 made no progress", "in phase round1 (last step 3",
+                              "rank(s) 0 wait for it"]),
+}
+
+
+@pytest.fixture(scope="module")
+def faulty_runs(shards, tmp_path_factory) -> dict[str, tuple[Path, int, str, float]]:
+    """Every run of FAULTS, started together: name → (its run folder, exit code, output, seconds)."""
+    t0 = time.time()
+    started = {}
+    for name, (fault, extra, _) in FAULTS.items():
+        run_dir = tmp_path_factory.mktemp("fault") / "run"
+        started[name] = (run_dir, _start(run_dir, shards, "stage1.rounds=1", extra, env={"K2L_FAULT": fault}))
+    done = {}
+    for name, (run_dir, (process, log)) in started.items():
+        code = process.wait(timeout=240)
+        done[name] = (run_dir, code, log.read_text(), time.time() - t0)
+    return done
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("fault, extra, says", [
-    ("extract:round1@rank1", "cluster.service=inline", ["injected fault (K2L_FAULT) at extract:round1 on rank 1"]),
-    # a rank that stops making progress: the watchdog names it, where it stopped, and who waits
-    ("hang:round1:3@rank1", "dist.timeout_s=15",
-     ["k2l watchdog: rank 1 made no progress", "in phase round1 (last step 3", "rank(s) 0 wait for it"]),
-], ids=["raises during extraction", "hangs during a round"])
-def test_a_rank_that_fails_or_hangs_ends_the_job_naming_it(shards, tmp_path, fault, extra, says):
-    t0 = time.time()
-    res = _run(tmp_path / "run", shards, "stage1.rounds=1", extra, env={"K2L_FAULT": fault}, timeout=240)
-    out = res.stdout + res.stderr
-    assert res.returncode != 0
+@pytest.mark.parametrize("name", list(FAULTS))
+def test_a_rank_that_fails_or_hangs_ends_the_job_naming_it(faulty_runs, name):
+    says = FAULTS[name][2]
+    run_dir, returncode, out, seconds = faulty_runs[name]
+    assert returncode != 0
     for text in says:
         assert text in out, out[-3000:]
-    assert time.time() - t0 < 180  # the prepare, the warm-up and one extraction come first
-    assert not (tmp_path / "run" / "metrics.json").exists()
+    assert seconds < 180  # the prepare, the warm-up and one extraction come first
+    assert not (run_dir / "metrics.json").exists()

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -97,17 +98,41 @@ def test_two_nodes_train_on_node_local_shards_and_refuse_a_per_node_run_dir(tmp_
     assert not list(tmp_path.glob("node*/run/checkpoint.pt"))
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_a_node_without_the_data_ends_both_nodes_within_a_minute_naming_it(tmp_path):
-    shards = tmp_path / "node0" / "shards"
-    shards.parent.mkdir()
+KILLED_TIMEOUT_S = 30  # dist.timeout_s of the job whose rank is killed
+
+
+def _ended(where: Path, *args: str, env: dict | None = None) -> tuple[list[int], list[str], float, float]:
+    """:func:`two_agents` and the wall-clock time it returned at."""
+    codes, outs, seconds = two_agents(where, *args, env=env)
+    return codes, outs, seconds, time.time()
+
+
+@pytest.fixture(scope="module")
+def failing_jobs(tmp_path_factory) -> dict[str, tuple[Path, tuple]]:
+    """The two-node jobs that must fail, run at the same time: each only waits on its own
+    two agents. Name → (its folder, :func:`_ended` of it)."""
     from k2l_dist.config import load_config
     from k2l_dist.prepare import prepare
 
+    where = {name: tmp_path_factory.mktemp(name) for name in ("no_data", "no_join", "killed")}
+    shards = where["no_data"] / "node0" / "shards"
+    shards.parent.mkdir()
     prepare(load_config(CONFIG, TINY), shards)  # node 0 has data.shards, node 1 does not
-    codes, outs, seconds = two_agents(tmp_path, f"run_dir={tmp_path / 'run'}", "data.shards=shards",
-                                      "dist.timeout_s=30")
+    jobs = {
+        "no_data": ([f"run_dir={where['no_data'] / 'run'}", "data.shards=shards", "dist.timeout_s=30"], None),
+        "no_join": ([f"run_dir={where['no_join'] / 'run'}", "dist.join_timeout_s=20"], {"K2L_FAULT": "start@rank1"}),
+        "killed": ([f"run_dir={where['killed'] / 'run'}", "data.shards=shards", "data.local_shards=true",
+                    "stage1.rounds=2", f"dist.timeout_s={KILLED_TIMEOUT_S}"], {"K2L_FAULT": "kill:round1:3@rank1"}),
+    }
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        running = {name: pool.submit(_ended, where[name], *args, env=env) for name, (args, env) in jobs.items()}
+        return {name: (where[name], job.result()) for name, job in running.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_node_without_the_data_ends_both_nodes_within_a_minute_naming_it(failing_jobs):
+    tmp_path, (codes, outs, seconds, _) = failing_jobs["no_data"]
     assert codes[0] != 0 and codes[1] != 0 and seconds < 60, outs
     for out in outs:
         (line,) = _errors(out)
@@ -117,9 +142,8 @@ def test_a_node_without_the_data_ends_both_nodes_within_a_minute_naming_it(tmp_p
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_a_node_whose_peer_failed_before_joining_ends_within_the_join_timeout(tmp_path):
-    codes, outs, seconds = two_agents(tmp_path, f"run_dir={tmp_path / 'run'}", "dist.join_timeout_s=20",
-                                      env={"K2L_FAULT": "start@rank1"})
+def test_a_node_whose_peer_failed_before_joining_ends_within_the_join_timeout(failing_jobs):
+    _, (codes, outs, seconds, _) = failing_jobs["no_join"]
     assert codes[0] != 0 and codes[1] != 0 and seconds < 60, outs
     lines = [ln for out in outs for ln in _errors(out)]
     assert any("not every rank of the job joined within dist.join_timeout_s=20 s" in ln for ln in lines), outs
@@ -127,12 +151,9 @@ def test_a_node_whose_peer_failed_before_joining_ends_within_the_join_timeout(tm
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_a_rank_killed_on_node_1_ends_the_job_within_the_timeout_naming_it(tmp_path):
-    timeout_s = 30
-    codes, outs, _ = two_agents(tmp_path, f"run_dir={tmp_path / 'run'}", "data.shards=shards",
-                                "data.local_shards=true", "stage1.rounds=2", f"dist.timeout_s={timeout_s}",
-                                env={"K2L_FAULT": "kill:round1:3@rank1"})
-    ended = time.time()
+def test_a_rank_killed_on_node_1_ends_the_job_within_the_timeout_naming_it(failing_jobs):
+    timeout_s = KILLED_TIMEOUT_S
+    tmp_path, (codes, outs, _, ended) = failing_jobs["killed"]
     assert codes[0] != 0 and codes[1] != 0, outs  # rank 1 SIGKILLed, no restart: both nodes end
     lines = [ln for out in outs for ln in _errors(out)]  # from the node that held rank 0
     assert len(lines) == 1 and lines[0].startswith("error: rank 1 (node ") and " is gone: " in lines[0], outs

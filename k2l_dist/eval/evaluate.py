@@ -38,7 +38,7 @@ from k2l_dist.utils.io import atomic_write_text
 from k2l_dist.utils.lock import RunLock
 from k2l_dist.utils.metrics import MetricsLogger
 
-log_ = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 
@@ -122,7 +122,7 @@ def evaluate_run(cfg, shard_dir: Path, manifest: dict, meta: dict, split, phi, p
     reg_ids = regressor_ids(split, ecfg.regressor_train_count, ecfg.seed)
     test_ids = split.test
     if len(test_ids) == 0 or len(reg_ids) < 2:
-        log_.warning("evaluation skipped: %d held-out and %d regressor images (eval.split=%s, eval.test_count=%d "
+        logger.warning("evaluation skipped: %d held-out and %d regressor images (eval.split=%s, eval.test_count=%d "
                      "of %d images)", len(test_ids), len(reg_ids), ecfg.split, ecfg.test_count,
                      len(split.train) + len(split.test))
         return {"evaluation_skipped": "too few images to hold out a test set"}
@@ -196,7 +196,7 @@ def _scored(ids: np.ndarray, eval_ids: np.ndarray, gt: np.ndarray,
     predicted = np.isin(eval_ids, ids)
     skipped = int((~predicted).sum())
     if skipped:
-        log_.warning("evaluation: %d of %d images unreadable in %s, left out of the metrics", skipped,
+        logger.warning("evaluation: %d of %d images unreadable in %s, left out of the metrics", skipped,
                      len(eval_ids), shard_dir)
         eval_ids, gt = eval_ids[predicted], gt[predicted]
     if not np.array_equal(ids, eval_ids):

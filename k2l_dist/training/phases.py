@@ -34,7 +34,7 @@ from k2l_dist.utils.io import atomic_write_text
 from k2l_dist.utils.metrics import MetricsLogger
 from k2l_dist.utils.seeds import derive_seed
 
-log_ = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,10 +203,10 @@ def recover(run: Run, state: RunState, extract_loader, kind: str, key: str) -> t
 
 def _warn_capped(key: str, share: float, cap: int, own_cap: bool) -> None:
     if own_cap:
-        log_.info("%s: %.0f%% of images kept only their %d strongest peaks (stage1.extract_points)",
+        logger.info("%s: %.0f%% of images kept only their %d strongest peaks (stage1.extract_points)",
                   key, 100 * share, cap)
     else:  # the safety cap, not a choice
-        log_.warning("%s: %.0f%% of images reached the cap of %d peaks per image (stage1.extract_points): "
+        logger.warning("%s: %.0f%% of images reached the cap of %d peaks per image (stage1.extract_points): "
                      "raise it or stage1.detect_threshold", key, 100 * share, cap)
 
 
