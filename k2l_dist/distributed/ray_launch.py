@@ -28,6 +28,10 @@ import uuid
 from k2l_dist.distributed.lifetime import die_with_parent
 
 CLUSTER_RESOURCE = "k2l_cluster"
+# Ray streams each node's output to this driver from its log files a moment after it is
+# written, so a node's last lines (the metrics, or the error naming a lost rank) can arrive
+# after its torchrun has ended: the driver waits this long for them before the summary.
+LOG_GRACE_S = 3.0
 
 
 class NodeLauncher:
@@ -133,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                              [*args.train_args, *extra]), env, args.cwd) for i, launcher in enumerate(launchers)])
     finally:
         remove_placement_group(pg)
+    time.sleep(LOG_GRACE_S)
     print(f"node exit codes: {[r['code'] for r in results]}")
     failed = failed_nodes(results)
     for line in failed:
