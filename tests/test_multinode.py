@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -169,7 +170,9 @@ def ray_cluster(tmp_path_factory):
     """A head raylet offering k2l_cluster (3 CPUs, the job server) and a worker raylet (2 CPUs),
     started from a folder outside the repository; stopped afterwards."""
     where = tmp_path_factory.mktemp("raycluster")
-    env = {**ENV, "RAY_AUTH_MODE": "token"}
+    token = where / "auth_token"  # the cluster's own token: no ~/.ray/auth_token needed, none touched
+    token.write_text(secrets.token_hex(32))
+    env = {**ENV, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
     env.pop("RAY_ADDRESS", None)
     port, dashboard = _free_port(), _free_port()
     common = ["--object-store-memory=300000000", "--disable-usage-stats"]

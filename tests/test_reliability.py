@@ -3,6 +3,8 @@
 import errno
 import json
 import re
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -14,7 +16,7 @@ from k2l_dist import prepare as prepare_module
 from k2l_dist.clustering.rounds import degenerate_warnings, recover
 from k2l_dist.clustering.store import PointSet
 from k2l_dist.config import ClusterConfig, ConfigError, load_config, validate
-from k2l_dist.distributed.watchdog import Watchdog
+from k2l_dist.distributed.watchdog import EXIT_PEER, Watchdog
 from k2l_dist.prepare import is_prepared, prepare
 from k2l_dist.training.loop import NonFiniteLoss
 from k2l_dist.training.run import train
@@ -188,6 +190,30 @@ def test_the_watchdog_fires_only_on_an_armed_silent_rank_and_names_its_phase():
         assert "dist.timeout_s=0.6" in fired[0]
     finally:
         dog.stop()
+
+
+_SILENT_PEER = """
+import json, time
+import torch.distributed as dist
+from k2l_dist.distributed.watchdog import EXIT_PEER, Watchdog
+store = dist.HashStore()
+beat = {"phase": "round1", "step": 3, "where": "loop.py:40 step", "waiting": False, "time": time.time() - 99,
+        "alive": time.time() - 99, "done": False, "node": 1, "host": "gpu-7"}
+store.set("k2l/heartbeat/1", json.dumps(beat))  # rank 1 last published 99 s ago
+Watchdog(rank=0, world_size=2, timeout_s=4, store=store, where={"node": 0, "host": "gpu-3"}).start()
+time.sleep(30)
+"""
+
+
+def test_a_rank_ended_by_its_watchdog_for_a_lost_peer_says_error_naming_the_peer():
+    # the watchdog thread may see a lost peer before the main thread's own check: the user
+    # reads the same error line either way
+    done = subprocess.run([sys.executable, "-c", _SILENT_PEER], capture_output=True, text=True, timeout=60)
+    assert done.returncode == EXIT_PEER, done.stderr
+    first = done.stderr.splitlines()[0]
+    assert re.match(r"error: rank 1 \(node 1, host gpu-7\) is gone: no sign of life for 1?\d\d s \(last heard from "
+                    r"in phase round1, step 3", first), done.stderr
+    assert first.endswith("ending rank 0 too") and "this rank's main thread:" in done.stderr
 
 
 def _disk_full(*args, **kwargs):

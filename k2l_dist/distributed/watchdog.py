@@ -46,11 +46,13 @@ class PeerLost(RuntimeError):
     """Another rank of the job failed or went silent; the message names it and its node."""
 
 
-def _exit(code: int) -> Callable[[str], None]:
+def _exit(code: int, headline: str) -> Callable[[str], None]:
+    """Ends the process with ``code``: an ``error:`` line like every failure's (``headline``
+    before the message), then where this rank's main thread was."""
     def end(message: str) -> None:
         frame = sys._current_frames().get(threading.main_thread().ident)
         stack = "".join(traceback.format_stack(frame)) if frame is not None else ""
-        print(f"k2l watchdog: {message}\nthis rank's main thread:\n{stack}", file=sys.stderr, flush=True)
+        print(f"error: {headline}{message}\nthis rank's main thread:\n{stack}", file=sys.stderr, flush=True)
         os._exit(code)
     return end
 
@@ -62,8 +64,9 @@ class Watchdog:
                  on_hang: Callable[[str], None] | None = None, on_peer: Callable[[str], None] | None = None,
                  where: dict[str, Any] | None = None) -> None:
         self.rank, self.world_size, self.timeout_s, self.store = rank, world_size, float(timeout_s), store
-        self.on_hang = on_hang or _exit(EXIT_HUNG)
-        self.on_peer = on_peer or _exit(EXIT_PEER)
+        # the lost peer leads the message (a rank's own failure reads the same); a hang is diagnosed
+        self.on_hang = on_hang or _exit(EXIT_HUNG, "k2l watchdog: ")
+        self.on_peer = on_peer or _exit(EXIT_PEER, "")
         self.where = dict(where or {})
         self.phase, self.step = "start", 0
         self.period = max(0.5, min(5.0, self.timeout_s / 8))
