@@ -62,67 +62,76 @@ def measure(args) -> dict:
     from k2l_dist.models.extract import extract
     from k2l_dist.training.optim import rmsprop
     from k2l_dist.training.steps import autocast, stage1_losses, stage2_losses
+    from k2l_dist.utils.devices import place
 
     cfg = load_config(ROOT / args.config, args.overrides)
     info = distributed.enable(cfg.dist, args.device)
     dev = info.device
-    torch.manual_seed(0)
-    phi = KeypointNet(cfg.model).to(dev)
-    psi = LandmarkNet.from_keypoint_net(phi, cfg.cluster.K).to(dev)
-    phi_ddp, psi_ddp = distributed.wrap_ddp(phi, info), distributed.wrap_ddp(psi, info)
-    phi_run = phi
-    if args.compile:  # what torch.compile would give the training loop (not a run option yet)
-        phi_ddp, psi_ddp, phi_run = torch.compile(phi_ddp), torch.compile(psi_ddp), torch.compile(phi)
-    opt = rmsprop(phi.parameters(), lr=cfg.stage1.lr)
-    opt2 = rmsprop(psi.parameters(), lr=cfg.stage2.lr)
     batch, table = fixed_pairs(args.pairs, args.size, cfg.cluster.M, dev, info.rank)
     table2 = dataclasses.replace(table, labels=table.labels % cfg.cluster.K,
                                  flipped_labels=table.flipped_labels % cfg.cluster.K)
     gen = torch.Generator(device="cpu").manual_seed(info.rank)  # as the training loop draws its negatives
     timed = _timer(dev)
-
-    def limit(precision: str) -> None:
-        with autocast(dev, precision):
-            heat, dmap = phi_ddp(torch.cat([batch["view0"], batch["view1"]]))
-            loss = heat.float().mean() + dmap.float().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    def stage1(precision: str) -> None:
-        with autocast(dev, precision):
-            losses = stage1_losses(phi_ddp, batch, table, max_points=cfg.stage1.max_points, loss_cfg=cfg.loss,
-                                   generator=gen)
-        opt.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        opt.step()
-
-    def stage2(precision: str) -> None:
-        with autocast(dev, precision):
-            losses = stage2_losses(psi_ddp, batch, table2, num_landmarks=cfg.cluster.K, sigma=cfg.loss.heatmap_sigma)
-        opt2.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        opt2.step()
-
     images = torch.cat([batch["view0"], batch["view1"]])
     eye = batch["matrix0"].repeat(2, 1, 1)
     ids = torch.arange(len(images), device=dev)
 
-    def extraction(precision: str) -> None:
-        with autocast(dev, precision):
-            extract(phi_run, [{"view0": images, "matrix0": eye, "id": ids}], max_points=cfg.stage1.extract_points,
-                    threshold=0.0, flip=True, show_progress=False)
+    def steps(memory_format: str) -> dict:
+        """The four timed kinds on networks of the same initial weights in ``memory_format``."""
+        torch.manual_seed(0)
+        phi = place(KeypointNet(cfg.model), dev, memory_format)
+        psi = place(LandmarkNet.from_keypoint_net(phi, cfg.cluster.K), dev, memory_format)
+        phi_ddp, psi_ddp = distributed.wrap_ddp(phi, info), distributed.wrap_ddp(psi, info)
+        phi_run = phi
+        if args.compile:  # the training loop's compile=inductor
+            phi_ddp, psi_ddp, phi_run = torch.compile(phi_ddp), torch.compile(psi_ddp), torch.compile(phi)
+        opt = rmsprop(phi.parameters(), lr=cfg.stage1.lr)
+        opt2 = rmsprop(psi.parameters(), lr=cfg.stage2.lr)
 
-    kinds = {"limit": limit, "stage1": stage1, "stage2": stage2, "extract": extraction}
-    times: dict[str, dict[str, list[float]]] = {p: {k: [] for k in kinds} for p in args.precision}
-    for p in args.precision:  # warm-up: kernels, allocator, cuDNN autotuning
-        for fn in kinds.values():
+        def limit(precision: str) -> None:
+            with autocast(dev, precision):
+                heat, dmap = phi_ddp(images)
+                loss = heat.float().mean() + dmap.float().mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        def stage1(precision: str) -> None:
+            with autocast(dev, precision):
+                losses = stage1_losses(phi_ddp, batch, table, max_points=cfg.stage1.max_points, loss_cfg=cfg.loss,
+                                       generator=gen)
+            opt.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            opt.step()
+
+        def stage2(precision: str) -> None:
+            with autocast(dev, precision):
+                losses = stage2_losses(psi_ddp, batch, table2, num_landmarks=cfg.cluster.K,
+                                       sigma=cfg.loss.heatmap_sigma)
+            opt2.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            opt2.step()
+
+        def extraction(precision: str) -> None:
+            with autocast(dev, precision):
+                extract(phi_run, [{"view0": images, "matrix0": eye, "id": ids}],
+                        max_points=cfg.stage1.extract_points, threshold=0.0, flip=True, show_progress=False)
+
+        return {"limit": limit, "stage1": stage1, "stage2": stage2, "extract": extraction, "phi": phi}
+
+    networks = {fmt: steps(fmt) for fmt in args.formats}
+    variants = [(p, fmt) for p in args.precision for fmt in args.formats]
+    kinds = ("limit", "stage1", "stage2", "extract")
+    times: dict[str, dict[str, list[float]]] = {_name(p, f): {k: [] for k in kinds} for p, f in variants}
+    for p, fmt in variants:  # warm-up: kernels, allocator, cuDNN autotuning
+        for kind in kinds:
             for _ in range(2):
-                fn(p)
-    for _ in range(args.repeats):
-        for p in args.precision:
-            for name, fn in kinds.items():
-                times[p][name] += [timed(lambda: fn(p)) for _ in range(args.steps)]
+                networks[fmt][kind](p)
+    for _ in range(args.repeats):  # the variants alternate: drifts of the machine hit them all alike
+        for p, fmt in variants:
+            for kind in kinds:
+                times[_name(p, fmt)][kind] += [timed(lambda: networks[fmt][kind](p)) for _ in range(args.steps)]
+    phi = networks[args.formats[0]]["phi"]
 
     checks = {"backend": torch.distributed.get_backend() if torch.distributed.is_initialized() else "none"}
     if torch.distributed.is_initialized():  # the collectives of a run, on this backend
@@ -137,6 +146,10 @@ def measure(args) -> dict:
     distributed.shutdown()
     return {"times": times, "checks": checks, "device": str(dev), "params_phi": count_parameters(phi),
             "threads": info.threads}
+
+
+def _name(precision: str, memory_format: str) -> str:
+    return precision if memory_format == "contiguous" else f"{precision}, {memory_format}"
 
 
 def library_checks() -> dict:
@@ -216,6 +229,7 @@ def main() -> int:
     p.add_argument("--size", type=int, default=0, help="crop size (0: the config's)")
     p.add_argument("--pairs", type=int, default=0, help="pairs per step (0: the config's augment.batch_size)")
     p.add_argument("--precision", default="fp32,bf16")
+    p.add_argument("--formats", default="contiguous,channels_last", help="memory formats to compare")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--section", default="", help="BENCHMARKS.md section name (default: bench_step_<device>)")
@@ -226,6 +240,7 @@ def main() -> int:
     p.add_argument("overrides", nargs="*", help="key=value config overrides (e.g. model.width=296: 8.4 M parameters)")
     args = p.parse_args()
     args.precision = [x.strip() for x in args.precision.split(",") if x.strip()]
+    args.formats = [x.strip() for x in args.formats.split(",") if x.strip()]
     from k2l_dist.config import load_config
 
     cfg = load_config(ROOT / args.config, args.overrides)
@@ -253,8 +268,8 @@ def main() -> int:
         "(Stage-1 step − limit) / Stage-1 step; extraction: peaks, descriptors and the mirror pass",
         f"- checks: {json.dumps(result['checks'])}",
         "",
-        "| precision | limit ms | Stage-1 step ms | Stage-1 images/s | losses' share | Stage-2 step ms | "
-        "extraction images/s | Stage-1 speed-up |",
+        "| precision, memory format | limit ms | Stage-1 step ms | Stage-1 images/s | losses' share | "
+        "Stage-2 step ms | extraction images/s | Stage-1 speed-up |",
         "|---|---|---|---|---|---|---|---|",
         *table(result, args.pairs),
     ])

@@ -25,22 +25,29 @@ def fixed_pairs(pairs: int, size: int, n_clusters: int, device: torch.device, ra
     return {k: v.to(device) for k, v in batch.items()}, table
 
 
-def stage1_step(cfg, pairs: int, size: int, device: torch.device | None = None):
-    """Φ of ``cfg`` and one real Stage-1 step on fixed pairs (``stage1_losses``, backward,
-    RMSprop): returns ``(phi, batch, step)``; ``step()`` trains once."""
+def stage1_step(cfg, pairs: int, size: int, device: torch.device | None = None, memory_format: str = "contiguous",
+                backend: str = ""):
+    """Φ of ``cfg`` (in ``memory_format``, through ``torch.compile(backend=...)`` when one is
+    named) and one real Stage-1 step on fixed pairs (``stage1_losses``, backward, RMSprop):
+    returns ``(phi, batch, step)``; ``step(precision="fp32")`` trains once."""
     from k2l_dist.models import KeypointNet
     from k2l_dist.training.optim import rmsprop
-    from k2l_dist.training.steps import stage1_losses
+    from k2l_dist.training.phases import compiled
+    from k2l_dist.training.steps import autocast, stage1_losses
+    from k2l_dist.utils.devices import place
 
     device = device or torch.device("cpu")
     torch.manual_seed(0)
-    phi = KeypointNet(cfg.model).to(device)
+    phi = place(KeypointNet(cfg.model), device, memory_format)
+    model = compiled(phi, backend)
     opt = rmsprop(phi.parameters(), lr=cfg.stage1.lr)
     batch, table = fixed_pairs(pairs, size, cfg.cluster.M, device)
     gen = torch.Generator().manual_seed(0)
 
-    def step() -> None:
-        losses = stage1_losses(phi, batch, table, max_points=cfg.stage1.max_points, loss_cfg=cfg.loss, generator=gen)
+    def step(precision: str = "fp32") -> None:
+        with autocast(device, precision):
+            losses = stage1_losses(model, batch, table, max_points=cfg.stage1.max_points, loss_cfg=cfg.loss,
+                                   generator=gen)
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
         opt.step()

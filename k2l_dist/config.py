@@ -43,6 +43,7 @@ CenterChoice = Literal["dataset", "input", "none"]
 SplitChoice = Literal["random", "last", "file", "protocol", "pattern"]  # k2l_dist/eval/split.py says what each does
 LrScaling = Literal["none", "linear", "sqrt"]
 Precision = Literal["fp32", "bf16"]
+MemoryFormat = Literal["contiguous", "channels_last"]
 CompileBackend = Literal["", "inductor", "eager", "aot_eager", "cudagraphs"]
 
 
@@ -304,11 +305,17 @@ class Config:
     seed: int = 0
     device: str = "auto"  # auto (CUDA when available) | cpu | cuda
     precision: Precision = "fp32"  # bf16: autocast of the networks' forward passes (losses stay fp32)
+    # the networks' weights and activations in memory: channels_last (NHWC) saves layout
+    # reorders around oneDNN / cuDNN convolutions; not faster on this project's CPUs (BENCHMARKS.md)
+    memory_format: MemoryFormat = "contiguous"
     # torch.compile of the training networks: "" off, or a backend: inductor (fused kernels,
     # minutes of compiling first: for long GPU runs), eager (tracing only, a quick check)
     compile: CompileBackend = ""
     log_every: int = 25  # iterations between logged losses
     checkpoint_every: int = 1000  # iterations between checkpoints inside a phase (also at every phase end)
+    # steps between NaN/inf checks of the losses and gradients: each check waits for the device
+    # (a host sync); 1 stops before a bad update, N > 1 within N steps (checkpoint_every a multiple)
+    check_finite_every: int = 1
     progress: bool = True  # progress bars on rank 0
     data: DataConfig = field(default_factory=DataConfig)
     keypoints: KeypointConfig = field(default_factory=KeypointConfig)
@@ -567,6 +574,10 @@ def validate(cfg: Config) -> None:
         (cfg.data.limit >= 0, "data.limit", f"must be >= 0 (0 = every image), got {cfg.data.limit}"),
         (cfg.log_every >= 1, "log_every", f"must be >= 1, got {cfg.log_every}"),
         (cfg.checkpoint_every >= 1, "checkpoint_every", f"must be >= 1, got {cfg.checkpoint_every}"),
+        (cfg.check_finite_every >= 1, "check_finite_every", f"must be >= 1, got {cfg.check_finite_every}"),
+        (cfg.checkpoint_every % max(1, cfg.check_finite_every) == 0, "check_finite_every",
+         f"checkpoint_every={cfg.checkpoint_every} must be a multiple of it (a checkpoint is only taken at a "
+         f"checked step), got {cfg.check_finite_every}"),
         (device_ok, "device", f"{cfg.device!r} is not auto, cpu, cuda or cuda:N"),
         (0 <= s2.cutout < 1, "stage2.cutout", f"must be in [0, 1) (a share of the view's side), got {s2.cutout}"),
         (cfg.dist.timeout_s > 0, "dist.timeout_s", "must be > 0"),

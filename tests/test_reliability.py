@@ -85,6 +85,19 @@ def test_a_nan_loss_stops_naming_step_and_term_and_a_lower_lr_resumes(shards, tm
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["stage1"]["lr"] == 0.0005
 
 
+def test_checks_every_n_steps_name_the_bad_step_and_no_checkpoint_holds_its_weights(shards, tmp_path, monkeypatch):
+    run = [*TINY, f"run_dir={tmp_path}", f"data.shards={shards}", "stage1.rounds=2", "stage2.iterations=1",
+           "check_finite_every=5", "checkpoint_every=5"]
+    monkeypatch.setenv("K2L_FAULT", "nan:round2")  # round 2's first step (global step 21)
+    with pytest.raises(NonFiniteLoss, match=r"round2 step 21: loss term\(s\) loss not finite.* took 4 update\(s\)"):
+        train(load_config(None, run))
+    ck = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert ck["round"] == 1 and ck["step"] == 20  # round 2's step-5 checkpoint was never written
+    assert all(torch.isfinite(v).all() for v in ck["phi"].values() if v.is_floating_point())
+    with pytest.raises(ConfigError, match="check_finite_every.*checkpoint_every=7 must be a multiple of it"):
+        validate(load_config(None, [*run, "checkpoint_every=7"]))
+
+
 def test_a_torn_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
     path = tmp_path / "checkpoint.pt"
     save_checkpoint(path, {"round": 1, "w": torch.ones(3)}, keep_previous=True)

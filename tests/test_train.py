@@ -247,3 +247,41 @@ def test_compile_switch_gives_the_plain_networks_losses_and_gradients():
     assert out["eager"][0] == pytest.approx(out[""][0], rel=1e-6)
     for a, b in zip(out["eager"][1], out[""][1]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_channels_last_gives_the_contiguous_steps_losses_and_gradients():
+    """`memory_format=channels_last`: Φ's weights and activations in NHWC, and a Stage-1 step
+    gives the losses and gradients of the contiguous (NCHW) network with the same weights."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from fixtures import fixed_pairs
+
+    from k2l_dist.config import LossConfig, ModelConfig
+    from k2l_dist.distributed import DistInfo
+    from k2l_dist.training.state import RunState
+    from k2l_dist.training.steps import stage1_losses
+
+    cfg = Config(model=ModelConfig(width=16, depth=2, descriptor_dim=8, groups=4), memory_format="channels_last")
+    info = DistInfo(0, 1, 0, 1, torch.device("cpu"), 1)
+    nhwc, _ = RunState._phi(cfg, info)
+    nchw, _ = RunState._phi(dataclasses.replace(cfg, memory_format="contiguous"), info)
+    convs = [m.weight for m in nhwc.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert not any(w.is_contiguous() for w in convs if w.shape[-1] > 1)  # 1×1 kernels read the same either way
+    batch, table = fixed_pairs(2, 32, 6, torch.device("cpu"), per_image=4)
+    heat, dmap = nhwc(batch["view0"])
+    assert dmap.is_contiguous(memory_format=torch.channels_last) and not dmap.is_contiguous()
+    out = {}
+    for name, phi in (("nhwc", nhwc), ("nchw", nchw)):
+        losses = stage1_losses(phi, batch, table, max_points=8, loss_cfg=LossConfig(),
+                               generator=torch.Generator().manual_seed(1))
+        losses["loss"].backward()
+        scalars = {k: float(v.detach()) for k, v in losses.items() if v.numel() == 1}
+        out[name] = (scalars, [p.grad for p in phi.parameters()])
+    assert out["nhwc"][0].keys() == out["nchw"][0].keys()
+    for key, value in out["nchw"][0].items():
+        assert out["nhwc"][0][key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+    for a, b in zip(out["nhwc"][1], out["nchw"][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

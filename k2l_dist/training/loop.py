@@ -28,7 +28,7 @@ def train_iterations(model: torch.nn.Module, optimizer: torch.optim.Optimizer, l
                      before_step: Callable[[int], None] | None = None,
                      after_step: Callable[[int, int], None] | None = None, precision: str = "fp32",
                      schedule: LRSchedule | None = None, phase: str = "",
-                     tags: dict[str, float] | None = None) -> int:
+                     tags: dict[str, float] | None = None, check_every: int = 1) -> int:
     """Optimiser steps ``start`` … ``iterations - 1`` of a phase over (repeated epochs of)
     ``loader``; returns the new global step.
 
@@ -38,7 +38,8 @@ def train_iterations(model: torch.nn.Module, optimizer: torch.optim.Optimizer, l
     global_step)`` after its update (e.g. checkpoints). ``prefix`` names the curves (one
     per stage, over the global step), ``phase`` the part of it in messages and fault
     points, ``tags`` constant scalars logged with every line (the round number); the
-    phase's wall time is logged at its end as ``phase_seconds``."""
+    phase's wall time is logged at its end as ``phase_seconds``. Losses and gradients are
+    checked for NaN/inf every ``check_every`` steps (:class:`FiniteGuard`)."""
     model.train()
     phase = phase or prefix.rstrip("/")
     began = time.perf_counter()
@@ -50,6 +51,7 @@ def train_iterations(model: torch.nn.Module, optimizer: torch.optim.Optimizer, l
     device = next(model.parameters()).device
     window = _LogWindow(log, prefix, info.world_size, tags or {})
     poison = fault_requested(f"nan:{phase}")
+    guard = FiniteGuard(check_every)
     for i in bar:
         heartbeat(phase, i)
         maybe_hang(f"{phase}:{i}", info.rank)
@@ -64,7 +66,9 @@ def train_iterations(model: torch.nn.Module, optimizer: torch.optim.Optimizer, l
             losses["loss"], poison = losses["loss"] * float("nan"), False
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
-        check_finite(losses, model, f"{phase} step {step + 1}")
+        guard.record(losses, model, f"{phase} step {step + 1}")
+        if guard.due(i + 1, iterations):
+            guard.check()  # before the update: at every=1 a bad step never lands
         optimizer.step()
         step += 1
         window.count()
@@ -105,20 +109,54 @@ class _LogWindow:
         return values["loss"]
 
 
-def check_finite(losses: dict[str, torch.Tensor], model: torch.nn.Module, where: str) -> None:
-    """Stop before a NaN/inf reaches the weights (one host sync per step: the terms and the
-    gradient norm checked together)."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    terms = [k for k, v in losses.items() if v.requires_grad or k == "loss"]
-    values = torch.stack([losses[k].detach().float() for k in terms] +
-                         [torch.nn.utils.get_total_norm(grads).float().to(losses["loss"].device)])
-    finite = torch.isfinite(values)
-    if bool(finite.all()):
-        return
-    bad = [k for k, ok in zip(terms, finite.tolist()) if not ok]
-    grad = "" if bool(finite[-1]) else "; the gradient norm is not finite"
-    raise NonFiniteLoss(f"{where}: loss term(s) {', '.join(bad) or 'none'} not finite{grad}. The weights were not "
-                        f"updated; resume from the last checkpoint with a lower learning rate")
+class FiniteGuard:
+    """Stops before a NaN/inf reaches a saved state, with one host sync per ``every`` steps.
+
+    Each step's loss terms and gradient norm are stacked on the device; at every ``every``-th
+    step of a phase (and its last) they are read at once, before that step's update.
+    At ``every=1`` a bad step never updates the weights; at ``every>1`` up to ``every - 1``
+    steps before it may have, but checkpoints are only taken at checked steps
+    (``checkpoint_every`` is a multiple of ``check_finite_every``), so none holds them."""
+
+    def __init__(self, every: int) -> None:
+        self.every = max(1, int(every))
+        self.pending: list[tuple[str, list[str], torch.Tensor]] = []
+
+    def record(self, losses: dict[str, torch.Tensor], model: torch.nn.Module, where: str) -> None:
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        terms = [k for k, v in losses.items() if v.requires_grad or k == "loss"]
+        values = torch.stack([losses[k].detach().float() for k in terms] +
+                             [torch.nn.utils.get_total_norm(grads).float().to(losses["loss"].device)])
+        self.pending.append((where, terms, values))
+
+    def due(self, done: int, iterations: int) -> bool:
+        """Whether phase step ``done`` (counted from 1) is checked: every ``every``-th step of the
+        phase, so that every checkpoint step is, and its last."""
+        return done % self.every == 0 or done == iterations
+
+    def check(self) -> None:
+        """Reads the steps recorded since the last check; raises at the first bad one."""
+        if not self.pending:
+            return
+        pending, self.pending = self.pending, []
+        if len({len(terms) for _, terms, _ in pending}) == 1:  # one read for the whole window
+            finite = torch.isfinite(torch.stack([values for _, _, values in pending])).tolist()
+        else:
+            finite = [torch.isfinite(values).tolist() for _, _, values in pending]
+        for n, ((where, terms, _), ok) in enumerate(zip(pending, finite)):
+            if not all(ok):
+                raise NonFiniteLoss(_non_finite(where, terms, ok, updates=len(pending) - 1 - n))
+
+
+def _non_finite(where: str, terms: list[str], finite: list[bool], updates: int) -> str:
+    """The message for a bad step whose values reached the weights in ``updates`` steps."""
+    bad = [k for k, ok in zip(terms, finite) if not ok]
+    grad = "" if finite[-1] else "; the gradient norm is not finite"
+    weights = ("The weights were not updated" if updates == 0 else
+               f"The weights took {updates} update(s) from that step on before the check (check_finite_every); "
+               f"no checkpoint holds them")
+    return (f"{where}: loss term(s) {', '.join(bad) or 'none'} not finite{grad}. {weights}; resume from the last "
+            f"checkpoint with a lower learning rate")
 
 
 def forever(loader) -> Iterator[dict]:

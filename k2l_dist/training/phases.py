@@ -164,7 +164,7 @@ def _train_phi(run: Run, state: RunState, loss_cfg: LossConfig, iterations: int,
         log=run.log, prefix="stage1/", phase=phase, log_every=cfg.log_every,
         tags={"round": state.progress.rounds_done + (phase != "warmup")}, show_progress=run.show,
         start=state.progress.phase_step, before_step=before, after_step=after, precision=cfg.precision,
-        schedule=LRSchedule((lr1,), s1.lr_milestones, s1.lr_gamma))
+        schedule=LRSchedule((lr1,), s1.lr_milestones, s1.lr_gamma), check_every=cfg.check_finite_every)
 
 
 def warmup(run: Run, state: RunState) -> None:
@@ -292,7 +292,7 @@ def stage2(run: Run, state: RunState, extract_loader) -> None:
         psi_train, state.stage2.optimizer, run.loader(train=True, seed=cfg.seed + 10_000, views=1, augment=aug2),
         losses, s2.iterations, info=info, step=state.progress.step2, log=log2, prefix="stage2/",
         log_every=cfg.log_every, show_progress=run.show, start=state.progress.phase_step, before_step=before,
-        after_step=after, precision=cfg.precision,
+        after_step=after, precision=cfg.precision, check_every=cfg.check_finite_every,
         schedule=LRSchedule((lr2 * s2.backbone_lr_scale, lr2), s2.lr_milestones, s2.lr_gamma))
     log2.scalars(step2, {"psi_checksum": check_replicas(psi, "after Stage 2")}, "replicas/")
     state.progress = dataclasses.replace(state.progress, phase="done", phase_step=step2, step2=step2)

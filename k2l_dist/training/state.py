@@ -25,6 +25,7 @@ from k2l_dist.training.compat import incompatible_changes
 from k2l_dist.training.labels import LabelTable
 from k2l_dist.training.optim import rmsprop
 from k2l_dist.utils.checkpoint import load_checkpoint, load_latest_checkpoint, save_checkpoint
+from k2l_dist.utils.devices import place
 
 Phase = Literal["warmup", "round", "stage2", "done"]
 
@@ -82,14 +83,14 @@ class Stage2State:
     @classmethod
     def from_labels(cls, final: RoundLabels, phi: KeypointNet, cfg: Config, info: DistInfo) -> Stage2State:
         """Stage 2 starting: Ψ initialised from Φ, labelled by the final clustering."""
-        psi = LandmarkNet.from_keypoint_net(phi, cfg.cluster.K).to(info.device)
+        psi = place(LandmarkNet.from_keypoint_net(phi, cfg.cluster.K), info.device, cfg.memory_format)
         return cls(psi, cls.optimizer_for(psi, cfg, info.world_size), LabelTable.from_round(final),
                    np.array(final.centroids, np.float32), np.array(final.flip_permutation, np.int64))
 
     @classmethod
     def from_checkpoint(cls, ck: dict, cfg: Config, info: DistInfo, phase_step: int) -> Stage2State:
         """Stage 2 resumed: Ψ's weights, and its optimiser's once it has stepped."""
-        psi = LandmarkNet(cfg.model, cfg.cluster.K).to(info.device)
+        psi = place(LandmarkNet(cfg.model, cfg.cluster.K), info.device, cfg.memory_format)
         psi.load_state_dict(ck["psi"])
         optimizer = cls.optimizer_for(psi, cfg, info.world_size)
         if "optimizer2" in ck and phase_step > 0:
@@ -118,7 +119,7 @@ class RunState:
     @staticmethod
     def _phi(cfg: Config, info: DistInfo) -> tuple[KeypointNet, torch.optim.Optimizer]:
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
-        phi = KeypointNet(cfg.model).to(info.device)
+        phi = place(KeypointNet(cfg.model), info.device, cfg.memory_format)
         lr1 = lr_for_world(cfg.stage1.lr, cfg.dist.lr_scaling, info.world_size)
         return phi, rmsprop(phi.parameters(), lr=lr1, weight_decay=cfg.stage1.weight_decay)
 

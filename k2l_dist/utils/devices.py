@@ -22,3 +22,10 @@ def resolve_device(device: str | torch.device, local_rank: int | None = None) ->
     elif dev.type not in ("cpu", "cuda"):
         raise ValueError(f"device={device!r} is not supported: use auto, cpu, cuda or cuda:N")
     return dev
+
+
+def place(module: torch.nn.Module, device: torch.device, memory_format: str = "contiguous") -> torch.nn.Module:
+    """``module`` on ``device`` with its 4-d weights in ``memory_format`` (``contiguous`` or
+    ``channels_last``): convolutions then run, and hand on their activations, in that layout."""
+    layout = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
+    return module.to(device=device, memory_format=layout)
