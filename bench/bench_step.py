@@ -76,10 +76,11 @@ def measure(args) -> dict:
     eye = batch["matrix0"].repeat(2, 1, 1)
     ids = torch.arange(len(images), device=dev)
 
-    def steps(memory_format: str) -> dict:
+    def steps(memory_format: str, width: int) -> dict:
         """The four timed kinds on networks of the same initial weights in ``memory_format``."""
         torch.manual_seed(0)
-        phi = place(KeypointNet(cfg.model), dev, memory_format)
+        model_cfg = dataclasses.replace(cfg.model, width=width)
+        phi = place(KeypointNet(model_cfg), dev, memory_format)
         psi = place(LandmarkNet.from_keypoint_net(phi, cfg.cluster.K), dev, memory_format)
         phi_ddp, psi_ddp = distributed.wrap_ddp(phi, info), distributed.wrap_ddp(psi, info)
         phi_run = phi
@@ -88,13 +89,7 @@ def measure(args) -> dict:
         opt = rmsprop(phi.parameters(), lr=cfg.stage1.lr)
         opt2 = rmsprop(psi.parameters(), lr=cfg.stage2.lr)
 
-        def limit(precision: str) -> None:
-            with autocast(dev, precision):
-                heat, dmap = phi_ddp(images)
-                loss = heat.float().mean() + dmap.float().mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        limit = limit_step(phi_ddp, opt, images)
 
         def stage1(precision: str) -> None:
             with autocast(dev, precision):
@@ -119,19 +114,25 @@ def measure(args) -> dict:
 
         return {"limit": limit, "stage1": stage1, "stage2": stage2, "extract": extraction, "phi": phi}
 
-    networks = {fmt: steps(fmt) for fmt in args.formats}
-    variants = [(p, fmt) for p in args.precision for fmt in args.formats]
-    kinds = ("limit", "stage1", "stage2", "extract")
-    times: dict[str, dict[str, list[float]]] = {_name(p, f): {k: [] for k in kinds} for p, f in variants}
-    for p, fmt in variants:  # warm-up: kernels, allocator, cuDNN autotuning
-        for kind in kinds:
-            for _ in range(2):
-                networks[fmt][kind](p)
+    networks = {_name(p, w, f, args): (p, steps(f, w)) for p in args.precision for w in args.widths
+                for f in args.formats}
+    if args.official:  # the paper's code: its FAN's forward + backward + RMSprop, contiguous
+        networks.update({_name(p, "official", "contiguous", args): (p, official_limit(args.official, cfg, dev, images))
+                         for p in args.precision})
+    times: dict[str, dict[str, list[float]]] = {n: {k: [] for k in args.kinds if k in net} for n, (_, net)
+                                                in networks.items()}
+    for name, (p, net) in networks.items():  # warm-up: kernels, allocator, cuDNN autotuning
+        for kind in times[name]:
+            for _ in range(args.warmup):
+                net[kind](p)
     for _ in range(args.repeats):  # the variants alternate: drifts of the machine hit them all alike
-        for p, fmt in variants:
-            for kind in kinds:
-                times[_name(p, fmt)][kind] += [timed(lambda: networks[fmt][kind](p)) for _ in range(args.steps)]
-    phi = networks[args.formats[0]]["phi"]
+        for name, (p, net) in networks.items():
+            for kind in times[name]:
+                times[name][kind] += [timed(lambda: net[kind](p)) for _ in range(args.steps)]
+    phi = next(net for _, net in networks.values() if "phi" in net)["phi"]
+    models = {name: {"parameters": count_parameters(net["phi"]),
+                     "gflop_per_image": forward_gflop(net["phi"], images[:1])} for name, (_, net) in networks.items()
+              if name.startswith(args.precision[0])}
 
     checks = {"backend": torch.distributed.get_backend() if torch.distributed.is_initialized() else "none"}
     if torch.distributed.is_initialized():  # the collectives of a run, on this backend
@@ -145,11 +146,61 @@ def measure(args) -> dict:
         checks["bf16_supported"] = torch.cuda.is_bf16_supported()
     distributed.shutdown()
     return {"times": times, "checks": checks, "device": str(dev), "params_phi": count_parameters(phi),
-            "threads": info.threads}
+            "threads": info.threads, "models": models}
 
 
-def _name(precision: str, memory_format: str) -> str:
-    return precision if memory_format == "contiguous" else f"{precision}, {memory_format}"
+def _name(precision: str, width: int | str, memory_format: str, args) -> str:
+    """A variant's row name: the precision, then what else varies in this run."""
+    parts = [precision]
+    if width == "official":
+        parts.append("official FAN")
+    elif len(args.widths) > 1 or args.official:
+        parts.append(f"width {width}")
+    if memory_format != "contiguous":
+        parts.append(memory_format)
+    return ", ".join(parts)
+
+
+def official_limit(path: Path, cfg, dev, images) -> dict:
+    """The paper's official network (``model.FAN`` of a checkout of its code, which the user
+    fetched: never shipped here) on the same images: forward, a loss summing its two
+    outputs, backward and RMSprop, as our ``limit`` does."""
+    import torch
+
+
+    sys.path.insert(0, str(path))
+    try:
+        from model import FAN
+    finally:
+        sys.path.remove(str(path))
+    torch.manual_seed(0)
+    fan = FAN(1).to(dev)
+    return {"limit": limit_step(fan, torch.optim.RMSprop(fan.parameters(), lr=cfg.stage1.lr), images), "phi": fan}
+
+
+def limit_step(model, opt, images):
+    """What a network costs: its forward on ``images``, a loss that only sums its two
+    outputs, backward and the optimiser's step; called with the precision."""
+    from k2l_dist.training.steps import autocast
+
+    def limit(precision: str) -> None:
+        with autocast(images.device, precision):
+            heat, desc = model(images)
+            loss = heat.float().mean() + desc.float().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return limit
+
+
+def forward_gflop(model, image) -> float:
+    """GFLOP of one image's forward pass, as torch's FLOP counter counts them."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(image)
+    return counter.get_total_flops() / 1e9
 
 
 def library_checks() -> dict:
@@ -212,14 +263,41 @@ def nccl_check(args) -> dict:
 def table(result: dict, pairs: int) -> list[str]:
     rows = []
     base = None
-    for precision, t in result["times"].items():
-        med = {k: statistics.median(v) for k, v in t.items()}
-        base = base or med["stage1"]
-        share = 100 * (med["stage1"] - med["limit"]) / med["stage1"]
-        rows.append(f"| {precision} | {1000 * med['limit']:.1f} | {1000 * med['stage1']:.1f} | "
-                    f"{2 * pairs / med['stage1']:.0f} | {share:.0f}% | {1000 * med['stage2']:.1f} | "
-                    f"{2 * pairs / med['extract']:.0f} | {base / med['stage1']:.2f} |")
+
+    def ms(med: dict, kind: str) -> str:
+        return f"{1000 * med[kind]:.1f}" if kind in med else "—"
+
+    def per_s(med: dict, kind: str) -> str:
+        return f"{2 * pairs / med[kind]:.0f}" if kind in med else "—"
+
+    for name, t in result["times"].items():
+        med = {k: statistics.median(v) for k, v in t.items() if v}
+        ref = med.get("stage1", med.get("limit"))
+        base = base or ref
+        share = f"{100 * (med['stage1'] - med['limit']) / med['stage1']:.0f}%" if {"stage1", "limit"} <= set(med) \
+            else "—"
+        model = result["models"].get(name, {})
+        size = f"{model['parameters'] / 1e6:.2f} M, {model['gflop_per_image']:.2f}" if model else "—"
+        rows.append(f"| {name} | {size} | {ms(med, 'limit')} | {ms(med, 'stage1')} | {per_s(med, 'stage1')} | "
+                    f"{share} | {ms(med, 'stage2')} | {per_s(med, 'extract')} | {base / ref:.2f} |")
     return rows
+
+
+def official_ratios(result: dict) -> list[str]:
+    """Our Stage-1 step and limit against the official FAN's forward + backward + RMSprop,
+    per precision and width, from this run's medians."""
+    med = {name: {k: statistics.median(v) for k, v in t.items() if v} for name, t in result["times"].items()}
+    lines = []
+    for name, theirs in med.items():
+        if not name.endswith("official FAN"):
+            continue
+        precision = name.split(",")[0]
+        for ours, t in med.items():
+            if ours.startswith(precision + ",") and ours != name and {"stage1", "limit"} <= set(t):
+                lines.append(f"- {ours}: Stage-1 step = **{t['stage1'] / theirs['limit']:.2f}×** the official FAN's "
+                             f"forward + backward + RMSprop ({1000 * theirs['limit']:.0f} ms); limit alone "
+                             f"{t['limit'] / theirs['limit']:.2f}×")
+    return ["", *lines] if lines else []
 
 
 def main() -> int:
@@ -230,6 +308,12 @@ def main() -> int:
     p.add_argument("--pairs", type=int, default=0, help="pairs per step (0: the config's augment.batch_size)")
     p.add_argument("--precision", default="fp32,bf16")
     p.add_argument("--formats", default="contiguous,channels_last", help="memory formats to compare")
+    p.add_argument("--widths", default="", help="model widths to compare (default: the config's)")
+    p.add_argument("--kinds", default="limit,stage1,stage2,extract", help="what to time, of limit, stage1, "
+                                                                          "stage2, extract")
+    p.add_argument("--official", type=Path, help="a checkout of the paper's official code (github "
+                                                 "dimitrismallis/KeypointsToLandmarks): its FAN's limit too")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls of each kind first")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--section", default="", help="BENCHMARKS.md section name (default: bench_step_<device>)")
@@ -241,11 +325,13 @@ def main() -> int:
     args = p.parse_args()
     args.precision = [x.strip() for x in args.precision.split(",") if x.strip()]
     args.formats = [x.strip() for x in args.formats.split(",") if x.strip()]
+    args.kinds = [x.strip() for x in args.kinds.split(",") if x.strip()]
     from k2l_dist.config import load_config
 
     cfg = load_config(ROOT / args.config, args.overrides)
     args.size = args.size or cfg.augment.size or cfg.data.size
     args.pairs = args.pairs or cfg.augment.batch_size
+    args.widths = [int(x) for x in args.widths.split(",") if x.strip()] or [cfg.model.width]
     result = measure(args)
     if args.nccl_check:
         result["checks"].update(nccl_check(args))
@@ -268,10 +354,11 @@ def main() -> int:
         "(Stage-1 step − limit) / Stage-1 step; extraction: peaks, descriptors and the mirror pass",
         f"- checks: {json.dumps(result['checks'])}",
         "",
-        "| precision, memory format | limit ms | Stage-1 step ms | Stage-1 images/s | losses' share | "
-        "Stage-2 step ms | extraction images/s | Stage-1 speed-up |",
-        "|---|---|---|---|---|---|---|---|",
+        "| variant | Φ parameters, GFLOP per image | limit ms | Stage-1 step ms | Stage-1 images/s | "
+        "losses' share | Stage-2 step ms | extraction images/s | speed-up (Stage-1 step, else limit) |",
+        "|---|---|---|---|---|---|---|---|---|",
         *table(result, args.pairs),
+        *official_ratios(result),
     ])
     print(body)
     if args.out.name:

@@ -426,3 +426,57 @@ def test_cutout_hides_a_square_inside_the_image_half_the_time_reproducibly():
     assert set(hidden.tolist()) == {0, 64}  # an 8 × 8 square, whole, or nothing
     assert 70 < int((hidden > 0).sum()) < 130 and torch.equal(images, torch.ones_like(images))  # the input kept
     assert torch.equal(out, cut_out(images, 0.25, 0.5, torch.Generator().manual_seed(1)))
+
+
+@pytest.mark.parametrize("negatives", ["same_image", "different_clusters"])
+def test_fixed_label_bins_give_the_found_labels_loss_and_gradients(negatives: str) -> None:
+    """`label_bins` (the table's label count, known on the host) sums per label in fixed bins
+    without a host sync: the loss and gradients of the path that finds the labels on the
+    device, and of the pair-by-pair reference."""
+    g = torch.Generator().manual_seed(3)
+    bsz, p, d, r = 4, 6, 5, 3
+    labels_a = torch.randint(-1, 4, (bsz, p), generator=g)
+    labels_b = labels_a.clone()
+    labels_b[2, 0] = 6  # the largest label: the bins reach it
+    valid_a, valid_b = torch.rand(bsz, p, generator=g) > 0.2, torch.rand(bsz, p, generator=g) > 0.2
+    neg_valid = torch.rand(bsz, r, generator=g) > 0.3
+    points = torch.rand(bsz, p, 2, generator=g) * 4
+    start = [torch.randn(bsz, p, d, generator=g) for _ in range(2)] + [torch.randn(bsz, r, d, generator=g)]
+    out = {}
+    for bins in (None, 7, 40):  # exactly the labels' count, and more bins than labels
+        leaves = [t.clone().requires_grad_(True) for t in start]
+        loss = contrastive_loss(leaves[0], leaves[1], labels_a, labels_b, leaves[2], valid_a=valid_a, valid_b=valid_b,
+                                neg_valid_a=neg_valid, margin=1.3, negatives=negatives, points=points,
+                                neg_min_distance=1.5, label_bins=bins)
+        grads = torch.autograd.grad(loss["loss"], leaves, allow_unused=True)
+        out[bins] = ({k: float(v.detach()) for k, v in loss.items()}, grads)
+    ref = _reference_loss(*[t.clone().requires_grad_(True) for t in start[:2]], labels_a, labels_b, valid_a, valid_b,
+                          start[2], neg_valid, points, 1.5, 1.3, negatives, "clustering")
+    for bins in (7, 40):
+        assert out[bins][0].keys() == out[None][0].keys()
+        for key, value in out[None][0].items():
+            assert out[bins][0][key] == pytest.approx(value, rel=1e-6, abs=1e-7), (bins, key)
+        for a, b in zip(out[bins][1], out[None][1]):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+        assert out[bins][0]["loss"] == pytest.approx(float(ref), abs=1e-5)
+
+
+def test_fixed_label_bins_leave_no_graph_break_in_the_loss() -> None:
+    """Under torch.compile the loss with `label_bins` is one graph; finding the labels on the
+    device (torch.unique, boolean indexing) breaks it."""
+    import torch._dynamo
+
+    g = torch.Generator().manual_seed(4)
+    desc_a, desc_b = torch.randn(3, 5, 4, generator=g), torch.randn(3, 5, 4, generator=g)
+    labels = torch.randint(-1, 4, (3, 5), generator=g)
+    neg = torch.randn(3, 2, 4, generator=g)
+
+    def breaks(bins):
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(
+            lambda a, b: contrastive_loss(a, b, labels, labels, neg, label_bins=bins)["loss"])(desc_a, desc_b)
+        return explained.graph_break_count
+    assert breaks(4) == 0
+    assert breaks(None) > 0

@@ -46,14 +46,31 @@ def _pair_sq_dist(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (2.0 - 2.0 * x @ y.transpose(-1, -2)).clamp_min(0.0)
 
 
-def _same_label_pair_sums(x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of ‖xᵢ − xⱼ‖² over the unordered pairs with one label, and their count, from
-    per-label means: Σ_{i<j} ‖xᵢ − xⱼ‖² = n Σᵢ ‖xᵢ − μ‖² (stable, no pair matrix)."""
-    if labels.numel() == 0:
-        return x.sum() * 0.0, torch.zeros((), dtype=torch.int64, device=x.device)
-    _, group, counts = torch.unique(labels, return_inverse=True, return_counts=True)
-    means = torch.zeros(len(counts), x.shape[1], device=x.device).index_add_(0, group, x) / counts[:, None]
-    spread = torch.zeros(len(counts), device=x.device).index_add_(0, group, (x - means[group]).square().sum(-1))
+def _same_label_pair_sums(x: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor,
+                          bins: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of ‖xᵢ − xⱼ‖² over the unordered pairs of kept rows with one label, and their
+    count, from per-label means: Σ_{i<j} ‖xᵢ − xⱼ‖² = n Σᵢ ‖xᵢ − μ‖² (stable, no pair matrix).
+
+    ``bins`` (every label is below it, known on the host): per-label sums in fixed bins,
+    the rows masked, so the device never waits for the host. None: the labels present,
+    found on the device (``torch.unique`` and boolean indexing: two host syncs)."""
+    if bins is None:
+        x, labels = x[keep], labels[keep]
+        if labels.numel() == 0:
+            return x.sum() * 0.0, torch.zeros((), dtype=torch.int64, device=x.device)
+        _, group, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+        weight = None
+    else:
+        group = torch.where(keep, labels, torch.zeros_like(labels))
+        counts = torch.zeros(max(1, bins), dtype=torch.int64, device=x.device).index_add_(0, group, keep.long())
+        weight = keep.to(x.dtype)
+        x = x * weight[:, None]
+    means = torch.zeros(len(counts), x.shape[1], device=x.device).index_add_(0, group, x) / \
+        counts.clamp_min(1)[:, None]
+    spread_rows = (x - means[group]).square().sum(-1)
+    if weight is not None:
+        spread_rows = spread_rows * weight
+    spread = torch.zeros(len(counts), device=x.device).index_add_(0, group, spread_rows)
     return (counts * spread).sum(), (counts * (counts - 1) // 2).sum()
 
 
@@ -64,7 +81,7 @@ def contrastive_loss(
     neg_valid_a: torch.Tensor | None = None, neg_valid_b: torch.Tensor | None = None,
     margin: float = 1.0, neg_weight: float = 1.0, negatives: Negatives = "same_image",
     correspondence: Correspondence = "clustering", points: torch.Tensor | None = None,
-    neg_min_distance: float = 0.0, balance: LossBalance = "separate",
+    neg_min_distance: float = 0.0, balance: LossBalance = "separate", label_bins: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Contrastive loss over two views of a batch.
 
@@ -91,6 +108,9 @@ def contrastive_loss(
         balance: ``"separate"`` (the two terms averaged apart, the hinge on squared
             distances) or ``"official"`` (the paper's code: one mean over every pair, the
             negatives' hinge on the distance, squared: ``max(0, m − ‖f − f'‖)²``).
+        label_bins: every label is below it (known on the host, e.g. from the label
+            table): the across-image positives are summed without a host sync. None: the
+            labels present are found on the device.
 
     Returns:
         ``{"loss", "positive", "negative"}`` float32 scalars (a term with no pairs is 0,
@@ -115,7 +135,8 @@ def contrastive_loss(
         pos = pair & same_slot
         pos_sum, num_pos = (dist * pos).sum(), pos.sum()
         if correspondence == "clustering":
-            pos_sum, num_pos = _add_across_image_positives(pos_sum, num_pos, x, raw, labels, labelled, upper)
+            pos_sum, num_pos = _add_across_image_positives(pos_sum, num_pos, x, raw, labels, labelled, upper,
+                                                           label_bins)
 
         if negatives == "same_image":
             neg = pair & ~same_slot
@@ -168,13 +189,13 @@ def _check_arguments(desc_a: torch.Tensor, desc_b: torch.Tensor, labels_a: torch
 
 
 def _add_across_image_positives(pos_sum: torch.Tensor, num_pos: torch.Tensor, x: torch.Tensor, raw: torch.Tensor,
-                                labels: torch.Tensor, labelled: torch.Tensor,
-                                upper: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                                labels: torch.Tensor, labelled: torch.Tensor, upper: torch.Tensor,
+                                bins: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The in-image positives' sum and count plus the pairs across images with one label:
     every same-label pair of the batch, less those inside an image (a sum per label, never
     the (2BP)² matrix)."""
     in_image = upper & labelled[:, :, None] & labelled[:, None, :] & (labels[:, :, None] == labels[:, None, :])
-    total, count = _same_label_pair_sums(x[labelled], labels[labelled])
+    total, count = _same_label_pair_sums(x.reshape(-1, x.shape[-1]), labels.reshape(-1), labelled.reshape(-1), bins)
     return pos_sum + total - (raw * in_image).sum(), num_pos + count - in_image.sum()
 
 

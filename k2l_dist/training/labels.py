@@ -7,6 +7,7 @@ warm-up) and ``flipped_labels`` (the label to use when the view is mirrored, Sec
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,6 +43,13 @@ class LabelTable:
     @property
     def counts(self) -> np.ndarray:
         return np.diff(self.offsets)
+
+    @functools.cached_property
+    def label_bins(self) -> int:
+        """One more than the largest label or flipped label: every label of the table is a
+        bin below it (the losses sum per label into fixed bins, known on the host)."""
+        top = max(int(self.labels.max(initial=-1)), int(self.flipped_labels.max(initial=-1)))
+        return top + 1
 
     def lookup(self, batch_ids: np.ndarray | torch.Tensor, max_points: int) -> dict[str, torch.Tensor]:
         """Padded (B, P) tensors for a batch of sample ids (unknown ids get no points);

@@ -80,7 +80,7 @@ def stage1_losses(model: torch.nn.Module, batch: dict, table: LabelTable, *, max
                            margin=loss_cfg.margin, neg_weight=loss_cfg.neg_weight,
                            negatives=loss_cfg.negatives, correspondence=loss_cfg.correspondence,
                            points=to_feature_coords(looked_up["points"].to(device), STRIDE),
-                           neg_min_distance=points_apart, balance=loss_cfg.balance)
+                           neg_min_distance=points_apart, balance=loss_cfg.balance, label_bins=table.label_bins)
     if loss_cfg.balance == "official":  # the paper's code: 10 × the descriptor term, the views' MSE summed
         detector, total = det[0] + det[1], 10.0 * con["loss"] + det[0] + det[1]
     else:
