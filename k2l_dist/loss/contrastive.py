@@ -108,14 +108,12 @@ def contrastive_loss(
         balance: ``"separate"`` (the two terms averaged apart, the hinge on squared
             distances) or ``"official"`` (the paper's code: one mean over every pair, the
             negatives' hinge on the distance, squared: ``max(0, m − ‖f − f'‖)²``).
-        label_bins: every label is below it (known on the host, e.g. from the label
-            table): the across-image positives are summed without a host sync. None: the
-            labels present are found on the device.
+        label_bins: every label is below it (the label table knows it on the host): per-label
+            sums without a host sync. None: the labels present are found on the device.
 
     Returns:
-        ``{"loss", "positive", "negative"}`` float32 scalars (a term with no pairs is 0,
-        still attached to the graph) and ``{"num_pos", "num_neg"}`` int64 scalar tensors
-        (tensors, so logging does not force a device sync).
+        ``{"loss", "positive", "negative"}`` float32 scalars (a term with no pairs is 0, still
+        attached to the graph), ``{"num_pos", "num_neg"}`` int64 tensors (no device sync).
     """
     _check_arguments(desc_a, desc_b, labels_a, labels_b, negatives=negatives, correspondence=correspondence,
                      balance=balance)
