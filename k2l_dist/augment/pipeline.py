@@ -30,7 +30,8 @@ repeat (``valid=False``) or drops it, so no sample counts twice.
 
 Devices: ``device="cuda[:i]"`` decodes with ``device="mixed"`` on GPU ``i`` (default the
 local rank) and runs every image op there; ``device="cpu"`` builds the same graph with
-``device_id=None`` (DALI's default device id fails on a machine without a driver).
+``device_id=None`` (DALI's default device id fails on a machine without a driver). The
+views and their matrices come on that device; ids, flips and ``valid`` on the host.
 """
 
 from __future__ import annotations
@@ -336,14 +337,16 @@ class AugmentLoader:
         self._valid_in_epoch += int(valid.sum())
         dev = self.device
         batch: dict[str, torch.Tensor] = {}
+        # ids, flips and the padding flags stay on the host: the step looks labels up by id
+        # and picks flipped labels there, so reading them never waits for the device
         for k in range(self.views):
             batch[f"view{k}"] = self._add_noise(out[f"view{k}"])
             batch[f"matrix{k}"] = out[f"matrix{k}"].to(dev, torch.float32)
             if self._has_flip:
-                batch[f"flip{k}"] = out[f"flip{k}"].reshape(-1).to(dev, torch.bool)
+                batch[f"flip{k}"] = out[f"flip{k}"].reshape(-1).to("cpu", torch.bool)
             else:
-                batch[f"flip{k}"] = torch.zeros(ids.shape[0], dtype=torch.bool, device=dev)
-        batch["id"] = ids.to(dev)
+                batch[f"flip{k}"] = torch.zeros(ids.shape[0], dtype=torch.bool)
+        batch["id"] = ids
         if self.padded == "drop":
             if not bool(valid.any()):
                 return None
@@ -351,7 +354,7 @@ class AugmentLoader:
                 keep = valid.nonzero().squeeze(1)
                 batch = {k: v[keep.to(v.device)] for k, v in batch.items()}
         else:
-            batch["valid"] = valid.to(dev)
+            batch["valid"] = valid
         return batch
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
