@@ -5,7 +5,8 @@ The official round is ``FAN_Model.RecoverCorrespondance`` of a checkout of the p
 ``FanClass.py`` imports packages this project does not use, so the bench compiles that one
 method from the checkout's source and runs it as written, with the checkout's own
 ``clustering.py``, except that its ``faiss.Kmeans`` takes this run's ``niter`` and
-``nredo`` (the official 100 × 10 on a GPU) and runs on the CPU. Both rounds get the same
+``nredo`` (the official 100 × 10 on a GPU) and runs on the CPU. Measured with the checkout
+at 3b18231 (its newest commit; earlier ones' method reads attributes of a whole model). Both rounds get the same
 synthetic descriptors (``bench_clustering.synthetic_part``: ``--points`` of 256 d, about 30
 per image, each with a mirrored descriptor) and all of this machine's cores; they
 alternate, ``--repeats`` times each, after one untimed round each.

@@ -279,7 +279,8 @@ def table(result: dict, pairs: int) -> list[str]:
         model = result["models"].get(name, {})
         size = f"{model['parameters'] / 1e6:.2f} M, {model['gflop_per_image']:.2f}" if model else "—"
         rows.append(f"| {name} | {size} | {ms(med, 'limit')} | {ms(med, 'stage1')} | {per_s(med, 'stage1')} | "
-                    f"{share} | {ms(med, 'stage2')} | {per_s(med, 'extract')} | {base / ref:.2f} |")
+                    f"{share} | {ms(med, 'stage2')} | {per_s(med, 'extract')} | "
+                    f"{f'{base / ref:.2f}' if base and ref else '—'} |")
     return rows
 
 
@@ -332,6 +333,8 @@ def main() -> int:
     args.size = args.size or cfg.augment.size or cfg.data.size
     args.pairs = args.pairs or cfg.augment.batch_size
     args.widths = [int(x) for x in args.widths.split(",") if x.strip()] or [cfg.model.width]
+    if args.official and args.size % 64:
+        p.error(f"--official needs --size divisible by 64 (the official FAN's 4-level hourglass), got {args.size}")
     result = measure(args)
     if args.nccl_check:
         result["checks"].update(nccl_check(args))

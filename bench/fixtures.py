@@ -22,7 +22,11 @@ def fixed_pairs(pairs: int, size: int, n_clusters: int, device: torch.device, ra
              "view1": torch.rand(pairs, 3, size, size, generator=gen), "matrix0": eye, "matrix1": eye,
              "flip0": torch.zeros(pairs, dtype=torch.bool), "flip1": torch.zeros(pairs, dtype=torch.bool),
              "id": torch.from_numpy(ids), "valid": torch.ones(pairs, dtype=torch.bool)}
-    return {k: v.to(device) for k, v in batch.items()}, table
+    # as the loader gives them: ids, flips and padding flags on the host, the rest on the device
+    return {k: v if k in _ON_HOST else v.to(device) for k, v in batch.items()}, table
+
+
+_ON_HOST = ("id", "flip0", "flip1", "valid")
 
 
 def stage1_step(cfg, pairs: int, size: int, device: torch.device | None = None, memory_format: str = "contiguous",

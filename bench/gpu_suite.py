@@ -209,8 +209,9 @@ def train_part(args: argparse.Namespace) -> dict:
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.train_s)
             code, tail = done.returncode, (done.stdout + done.stderr)[-1500:]
-        except subprocess.TimeoutExpired as err:
-            code, tail = "ran past --train-s (expected)", str(err.stdout or "")[-1500:]
+        except subprocess.TimeoutExpired as err:  # its output comes as bytes, whatever text= said
+            code = "ran past --train-s (expected)"
+            tail = ((err.stdout or b"") + (err.stderr or b"")).decode(errors="replace")[-1500:]
         rates = []
         log = Path(tmp) / "run" / "log.jsonl"
         if log.is_file():

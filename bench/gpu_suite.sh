@@ -17,6 +17,8 @@ if [ -n "${WHEELS:-}" ]; then
     "$WHEELS"/*.whl
   export PYTHONPATH="/tmp/k2l-site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 else
+  # faiss-cpu and faiss-gpu write the same module: never both
+  "$PY" -m pip uninstall -q -y faiss-cpu 2>/dev/null || true
   "$PY" -m pip install -q -e ".[${EXTRA:-cu13}]"
 fi
 exec "$PY" bench/gpu_suite.py --out "$OUT" --budget-s "${BUDGET_S:-480}" "$@"

@@ -227,7 +227,8 @@ def build_pipeline(data: CheckedDataset, cfg: AugmentConfig, *, rank: int, world
 
 
 class AugmentLoader:
-    """Iterates one epoch per ``for`` loop; batches are dicts of torch tensors on ``device``.
+    """Iterates one epoch per ``for`` loop; batches are dicts of torch tensors, the views and
+    matrices on ``device``, ``flip{k}``, ``id`` and ``valid`` on the host.
 
     Keys (B = ``cfg.batch_size``; S = the view side; k = 0 .. views-1):
 

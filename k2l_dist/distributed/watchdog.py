@@ -129,11 +129,11 @@ class Watchdog:
         while not self._stop.wait(self.period):
             self._publish()
             problem = self.peer_problem()
-            if problem is not None:
+            if problem is not None and not self._stop.is_set():  # stopped meanwhile: the main thread reports
                 self.on_peer(f"{problem}; ending rank {self.rank} too")
                 return
             silent = time.time() - self._last
-            if self._armed and silent > max(self.timeout_s, self._allow):
+            if self._armed and silent > max(self.timeout_s, self._allow) and not self._stop.is_set():
                 self.on_hang(self.diagnose(silent))
                 return
 
