@@ -295,3 +295,25 @@ def test_psi_can_keep_phis_descriptor_layer_before_its_heatmaps():
     assert psi(torch.rand(2, 3, 32, 32)).shape == (2, 5, 8, 8)
     plain = LandmarkNet.from_keypoint_net(KeypointNet(dataclasses.replace(cfg, psi_head="conv")), 5)
     assert isinstance(plain.head, torch.nn.Conv2d)
+
+
+def test_compiled_extraction_gives_the_plain_networks_points_and_descriptors():
+    """Extraction goes through `compile` like training (`Run.phi_extract`): with the eager
+    backend (dynamo tracing, eager kernels) it finds the plain network's points and
+    descriptors, mirrored ones included; the module it wraps stays in training mode."""
+    from k2l_dist.models.extract import extract
+    from k2l_dist.training.phases import compiled
+
+    torch.manual_seed(0)
+    net = KeypointNet(TINY).train()
+    batch = {"view0": torch.rand(3, 3, 32, 32), "matrix0": torch.eye(3)[:2].expand(3, 2, 3),
+             "id": torch.tensor([4, 9, 2])}
+    torch._dynamo.reset()
+    plain = extract(net, [batch], max_points=6, threshold=0.0, show_progress=False)
+    traced = compiled(net, "eager")
+    assert traced is not net
+    got = extract(traced, [batch], max_points=6, threshold=0.0, show_progress=False)
+    assert net.training and traced.training
+    np.testing.assert_array_equal(got.image_ids, plain.image_ids)
+    for name in ("points", "scores", "descriptors", "flipped_descriptors"):
+        np.testing.assert_allclose(getattr(got, name), getattr(plain, name), rtol=1e-5, atol=1e-6, err_msg=name)

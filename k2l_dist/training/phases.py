@@ -90,6 +90,7 @@ class Run:
     log: MetricsLogger
     generator: torch.Generator  # the losses' random draws, reseeded per phase and step
     phi_train: torch.nn.Module  # Φ as the training steps call it (DDP, compiled)
+    phi_extract: torch.nn.Module  # Φ as extraction calls it (compiled like training, no DDP: no backward)
 
     @property
     def show(self) -> bool:
@@ -112,8 +113,8 @@ def make_loader(cfg: Config, shard_dir: Path, ids: np.ndarray, info: DistInfo, *
 
 
 def compiled(model: torch.nn.Module, backend: str) -> torch.nn.Module:
-    """``torch.compile`` of the training forward with ``backend`` (config ``compile``; ""
-    = as it is); checkpoints keep saving the plain module's weights."""
+    """``torch.compile`` of a network's forward with ``backend`` (config ``compile``; "" = as
+    it is), for training and extraction; checkpoints keep saving the plain module's weights."""
     return torch.compile(model, backend=backend) if backend else model
 
 
@@ -184,7 +185,7 @@ def recover(run: Run, state: RunState, extract_loader, kind: str, key: str) -> t
     cap = extraction_cap(cfg)
     batches = _beating(extract_loader, f"extract-{key}", info.rank, cfg.run_dir)
     with autocast(info.device, cfg.precision):
-        ext = extract(state.phi, batches, max_points=cap, threshold=s1.detect_threshold, nms_radius=s1.nms_radius,
+        ext = extract(run.phi_extract, batches, max_points=cap, threshold=s1.detect_threshold, nms_radius=s1.nms_radius,
                       flip=s1.flip, subpixel=s1.subpixel, total=len(extract_loader), show_progress=run.show,
                       regions=run.data.regions)
     maybe_raise(f"extract:{key}", info.rank)

@@ -103,7 +103,8 @@ def _train(cfg: Config, info: DistInfo, data: RunData, service: ClusteringServic
     if info.is_main:  # after the resume check: a refused resume leaves the run's config alone
         save_config(cfg, Path(cfg.run_dir) / "config.yaml")
     run = Run(cfg, info, data, service, checkpoints, MetricsLogger(cfg.run_dir, info.is_main),
-              torch.Generator(device="cpu"), compiled(distributed.wrap_ddp(state.phi, info), cfg.compile))
+              torch.Generator(device="cpu"), compiled(distributed.wrap_ddp(state.phi, info), cfg.compile),
+              compiled(state.phi, cfg.compile))
     began = time.time()
     if state.progress.phase == "warmup":
         warmup(run, state)
