@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT))
-from fixtures import fixed_pairs  # noqa: E402
+from fixtures import fixed_pairs, stage1_update  # noqa: E402
 from report import machine, write_section  # noqa: E402
 
 
@@ -61,7 +61,7 @@ def measure(args) -> dict:
     from k2l_dist.models import KeypointNet, LandmarkNet, count_parameters
     from k2l_dist.models.extract import extract
     from k2l_dist.training.optim import rmsprop
-    from k2l_dist.training.steps import autocast, stage1_losses, stage2_losses
+    from k2l_dist.training.steps import autocast, stage2_losses
     from k2l_dist.utils.devices import place
 
     cfg = load_config(ROOT / args.config, args.overrides)
@@ -90,14 +90,7 @@ def measure(args) -> dict:
         opt2 = rmsprop(psi.parameters(), lr=cfg.stage2.lr)
 
         limit = limit_step(phi_ddp, opt, images)
-
-        def stage1(precision: str) -> None:
-            with autocast(dev, precision):
-                losses = stage1_losses(phi_ddp, batch, table, max_points=cfg.stage1.max_points, loss_cfg=cfg.loss,
-                                       generator=gen)
-            opt.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            opt.step()
+        stage1 = stage1_update(phi_ddp, opt, batch, table, cfg, gen)
 
         def stage2(precision: str) -> None:
             with autocast(dev, precision):

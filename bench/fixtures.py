@@ -37,23 +37,27 @@ def stage1_step(cfg, pairs: int, size: int, device: torch.device | None = None, 
     from k2l_dist.models import KeypointNet
     from k2l_dist.training.optim import rmsprop
     from k2l_dist.training.phases import compiled
-    from k2l_dist.training.steps import autocast, stage1_losses
     from k2l_dist.utils.devices import place
 
     device = device or torch.device("cpu")
     torch.manual_seed(0)
     phi = place(KeypointNet(cfg.model), device, memory_format)
-    model = compiled(phi, backend)
     opt = rmsprop(phi.parameters(), lr=cfg.stage1.lr)
     batch, table = fixed_pairs(pairs, size, cfg.cluster.M, device)
-    gen = torch.Generator().manual_seed(0)
+    step = stage1_update(compiled(phi, backend), opt, batch, table, cfg, torch.Generator().manual_seed(0))
+    return phi, batch, step
+
+
+def stage1_update(model, opt, batch: dict, table, cfg, generator: torch.Generator):
+    """One real Stage-1 step of ``model`` on ``batch`` (``stage1_losses``, backward, the
+    optimiser's step), called with the precision (default fp32)."""
+    from k2l_dist.training.steps import autocast, stage1_losses
 
     def step(precision: str = "fp32") -> None:
-        with autocast(device, precision):
+        with autocast(batch["view0"].device, precision):
             losses = stage1_losses(model, batch, table, max_points=cfg.stage1.max_points, loss_cfg=cfg.loss,
-                                   generator=gen)
+                                   generator=generator)
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
         opt.step()
-
-    return phi, batch, step
+    return step

@@ -51,25 +51,18 @@ def _same_label_pair_sums(x: torch.Tensor, labels: torch.Tensor, keep: torch.Ten
     """Sum of ‖xᵢ − xⱼ‖² over the unordered pairs of kept rows with one label, and their
     count, from per-label means: Σ_{i<j} ‖xᵢ − xⱼ‖² = n Σᵢ ‖xᵢ − μ‖² (stable, no pair matrix).
 
-    ``bins`` (every label is below it, known on the host): per-label sums in fixed bins,
-    the rows masked, so the device never waits for the host. None: the labels present,
-    found on the device (``torch.unique`` and boolean indexing: two host syncs)."""
+    Per-label sums in ``bins`` fixed bins (every label is below it), the rows masked: with
+    ``bins`` known on the host the device never waits for it; None reads the largest label
+    from the device (one host sync)."""
     if bins is None:
-        x, labels = x[keep], labels[keep]
-        if labels.numel() == 0:
-            return x.sum() * 0.0, torch.zeros((), dtype=torch.int64, device=x.device)
-        _, group, counts = torch.unique(labels, return_inverse=True, return_counts=True)
-        weight = None
-    else:
-        group = torch.where(keep, labels, torch.zeros_like(labels))
-        counts = torch.zeros(max(1, bins), dtype=torch.int64, device=x.device).index_add_(0, group, keep.long())
-        weight = keep.to(x.dtype)
-        x = x * weight[:, None]
+        bins = int(labels.max()) + 1 if labels.numel() else 0
+    group = torch.where(keep, labels, torch.zeros_like(labels))
+    counts = torch.zeros(max(1, bins), dtype=torch.int64, device=x.device).index_add_(0, group, keep.long())
+    weight = keep.to(x.dtype)
+    x = x * weight[:, None]
     means = torch.zeros(len(counts), x.shape[1], device=x.device).index_add_(0, group, x) / \
         counts.clamp_min(1)[:, None]
-    spread_rows = (x - means[group]).square().sum(-1)
-    if weight is not None:
-        spread_rows = spread_rows * weight
+    spread_rows = (x - means[group]).square().sum(-1) * weight
     spread = torch.zeros(len(counts), device=x.device).index_add_(0, group, spread_rows)
     return (counts * spread).sum(), (counts * (counts - 1) // 2).sum()
 
@@ -109,7 +102,7 @@ def contrastive_loss(
             distances) or ``"official"`` (the paper's code: one mean over every pair, the
             negatives' hinge on the distance, squared: ``max(0, m − ‖f − f'‖)²``).
         label_bins: every label is below it (the label table knows it on the host): per-label
-            sums without a host sync. None: the labels present are found on the device.
+            sums without a host sync. None: the largest label is read from the device.
 
     Returns:
         ``{"loss", "positive", "negative"}`` float32 scalars (a term with no pairs is 0, still

@@ -139,11 +139,10 @@ class FiniteGuard:
         if not self.pending:
             return
         pending, self.pending = self.pending, []
-        if len({len(terms) for _, terms, _ in pending}) == 1:  # one read for the whole window
-            finite = torch.isfinite(torch.stack([values for _, _, values in pending])).tolist()
-        else:
-            finite = [torch.isfinite(values).tolist() for _, _, values in pending]
-        for n, ((where, terms, _), ok) in enumerate(zip(pending, finite)):
+        flags = torch.isfinite(torch.cat([values for _, _, values in pending])).tolist()  # one read
+        start = 0
+        for n, (where, terms, values) in enumerate(pending):
+            ok, start = flags[start:start + len(values)], start + len(values)
             if not all(ok):
                 raise NonFiniteLoss(_non_finite(where, terms, ok, updates=len(pending) - 1 - n))
 
