@@ -192,6 +192,10 @@ class Stage1Config:
     # Images per extraction batch (inference only, with its mirror pass in the same forward);
     # 0 = 4 × augment.batch_size
     extract_batch_size: int = 0
+    # Share of the images a round re-extracts and clusters (a seeded draw per round); the
+    # others keep last round's labels, renumbered into the new clusters. The first round
+    # and the last always extract every image. 1 = every image every round (Alg. 1).
+    extract_fraction: float = 1.0
 
 
 @dataclass
@@ -565,6 +569,7 @@ def validate(cfg: Config) -> None:
         (s1.lr > 0, "stage1.lr", f"must be > 0, got {s1.lr}"),
         (s1.extract_points >= 0, "stage1.extract_points", "must be >= 0 (0 = 3 × cluster.K)"),
         (s1.extract_batch_size >= 0, "stage1.extract_batch_size", "must be >= 0 (0 = 4 × augment.batch_size)"),
+        (0 < s1.extract_fraction <= 1, "stage1.extract_fraction", f"must be in (0, 1], got {s1.extract_fraction}"),
         (s2.iterations >= 0, "stage2.iterations", f"must be >= 0, got {s2.iterations}"),
         (s2.lr > 0, "stage2.lr", f"must be > 0, got {s2.lr}"),
         (cfg.augment.batch_size >= 1, "augment.batch_size", f"must be >= 1, got {cfg.augment.batch_size}"),

@@ -1,5 +1,7 @@
 """A run interrupted after a round resumes exactly: same weights as an uninterrupted run."""
 
+import json
+
 import pytest
 import torch
 
@@ -55,3 +57,25 @@ def test_a_run_stopped_inside_a_phase_resumes_at_the_same_batch(shards, tmp_path
     # a finished run rerun does nothing and says so
     again = train(cut)
     assert "is a finished run" in capsys.readouterr().out and again == resumed
+
+
+@pytest.mark.slow
+def test_a_run_with_partial_rounds_resumed_before_one_matches_an_uninterrupted_one(shards, tmp_path, monkeypatch):
+    """stage1.extract_fraction: round 2 of 3 re-extracts half the images and carries the
+    others' labels from the checkpoint's table; stopped as round 2 starts extracting, the
+    resumed run ends where an uninterrupted one does."""
+    args = [*TINY, f"data.shards={shards}", "stage1.rounds=3", "stage1.extract_fraction=0.5"]
+    train(load_config(None, [*args, f"run_dir={tmp_path / 'a'}"]))
+    cut = load_config(None, [*args, f"run_dir={tmp_path / 'b'}"])
+    monkeypatch.setenv("K2L_FAULT", "stop:extract-round2:0")
+    with pytest.raises(RuntimeError, match="injected fault"):
+        train(cut)
+    monkeypatch.delenv("K2L_FAULT")
+    train(cut)
+    a = load_checkpoint(tmp_path / "a" / "checkpoint.pt")
+    b = load_checkpoint(tmp_path / "b" / "checkpoint.pt")
+    for name, tensor in a["phi"].items():
+        torch.testing.assert_close(b["phi"][name], tensor, rtol=0, atol=0, msg=name)
+    records = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    shares = [r["round/extracted_share"] for r in records if "round/extracted_share" in r]
+    assert shares == [1.0, 0.5, 1.0]

@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 import torch
 
+from k2l_dist.clustering.carry import carry_labels
 from k2l_dist.clustering.rounds import recover
 from k2l_dist.clustering.store import PointSet
 from k2l_dist.config import Config, apply_values
 from k2l_dist.models.extract import Extraction
 from k2l_dist.training.labels import LabelTable
-from k2l_dist.training.phases import initial_table
+from k2l_dist.training.phases import initial_table, round_extract_ids
 from k2l_dist.training.state import lr_for_world
 from k2l_dist.training.steps import landmark_targets
 from k2l_dist.utils.checkpoint import load_checkpoint, save_checkpoint
@@ -285,3 +286,41 @@ def test_channels_last_gives_the_contiguous_steps_losses_and_gradients():
         assert out["nhwc"][0][key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
     for a, b in zip(out["nhwc"][1], out["nchw"][1]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_a_partial_round_carries_the_other_images_labels_renumbered_into_the_new_clusters():
+    ext, which = _planted_extraction(n_images=80, K=4, flip_map=(1, 0, 2, 3))
+    cfg = apply_values(Config(), {"cluster": {"K": 4, "M": 4}})
+    previous, _ = _recover("round", ext, cfg)
+    old = previous.labels[:4][np.argsort(which[:4])]  # last round's cluster of landmark k
+    new = (old + 1) % 4  # this round numbers every cluster differently
+    # this round: images 0-39 again, points moved by under a pixel
+    half = ext.image_ids < 40
+    jitter = np.random.default_rng(1).uniform(-0.4, 0.4, size=(int(half.sum()), 2)).astype(np.float32)
+    fresh_ext = Extraction(ext.image_ids[half], ext.points[half] + jitter, ext.scores[half], ext.descriptors[half],
+                           ext.flipped_descriptors[half], np.arange(40))
+    fresh = recover("round", PointSet.from_parts([fresh_ext.as_dict()]), cfg.cluster)
+    flip_map = np.array([1, 0, 2, 3])
+    fresh.labels, fresh.flipped_labels = new[which[half]], new[flip_map[which[half]]]
+    carried = carry_labels(previous, fresh, radius=1.5)
+    table = LabelTable.from_round(carried)
+    assert carried.stats["extracted_share"] == 0.5 and carried.stats["carried_votes_agree_share"] == 1.0
+    assert np.array_equal(table.ids, np.arange(80))
+    out = table.lookup(np.arange(80), 4)
+    landmark = (out["points"].numpy()[..., 0] / 10).round().astype(int)
+    assert np.array_equal(out["labels"].numpy(), new[landmark])  # one numbering over all 80 images
+    assert np.array_equal(out["flipped_labels"].numpy(), new[flip_map[landmark]])
+    # the kept images' points and order are last round's
+    assert np.array_equal(out["points"].numpy()[40:], previous.lookup(np.arange(40, 80), 4)["points"].numpy())
+
+
+def test_round_extract_ids_draws_a_seeded_part_except_in_the_first_and_last_rounds():
+    train_ids = np.arange(1000, 1200)
+    assert round_extract_ids(train_ids, 0.4, 1, 4, seed=0) is None  # nothing to carry yet
+    assert round_extract_ids(train_ids, 0.4, 4, 4, seed=0) is None  # the last round sees every image
+    assert round_extract_ids(train_ids, 1.0, 2, 4, seed=0) is None
+    two, three = round_extract_ids(train_ids, 0.4, 2, 4, seed=0), round_extract_ids(train_ids, 0.4, 3, 4, seed=0)
+    assert len(two) == 80 and np.isin(two, train_ids).all() and (np.diff(two) > 0).all()
+    assert np.array_equal(two, round_extract_ids(train_ids, 0.4, 2, 4, seed=0))  # every rank, every resume
+    assert not np.array_equal(two, three)
+    assert not np.array_equal(two, round_extract_ids(train_ids, 0.4, 2, 4, seed=1))

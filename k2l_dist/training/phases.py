@@ -14,14 +14,16 @@ import torch
 
 from k2l_dist import distributed
 from k2l_dist.augment import build_loader
+from k2l_dist.clustering.carry import carry_labels
 from k2l_dist.clustering.rounds import RoundLabels, degenerate_warnings
 from k2l_dist.clustering.service import ClusteringService
-from k2l_dist.config import AugmentConfig, Config, LossConfig
+from k2l_dist.config import AugmentConfig, Config, LossConfig, heatmap_radius
 from k2l_dist.data.shards import ShardError, dataset_digest, load_manifest, load_samples_meta
 from k2l_dist.distributed import DistInfo, watchdog
 from k2l_dist.distributed.collectives import check_replicas, max_over_ranks, mean_over_ranks
 from k2l_dist.distributed.watchdog import heartbeat
 from k2l_dist.eval.split import Split, split_for_run
+from k2l_dist.models import STRIDE
 from k2l_dist.models.extract import extract, extraction_cap
 from k2l_dist.models.regions import CropRegions
 from k2l_dist.training.labels import LabelTable
@@ -96,9 +98,12 @@ class Run:
     def show(self) -> bool:
         return self.info.is_main and self.cfg.progress
 
-    def loader(self, *, train: bool, seed: int, views: int = 2, augment: AugmentConfig | None = None):
-        return make_loader(self.cfg, self.data.shard_dir, self.data.split.train, self.info, train=train, seed=seed,
-                           views=views, augment=augment)
+    def loader(self, *, train: bool, seed: int, views: int = 2, augment: AugmentConfig | None = None,
+               ids: np.ndarray | None = None):
+        """Over the training split, or the part of it in ``ids``."""
+        ids = self.data.split.train if ids is None else ids
+        return make_loader(self.cfg, self.data.shard_dir, ids, self.info, train=train, seed=seed, views=views,
+                           augment=augment)
 
 
 def make_loader(cfg: Config, shard_dir: Path, ids: np.ndarray, info: DistInfo, *, train: bool, seed: int,
@@ -220,12 +225,43 @@ def _beating(batches, phase: str, rank: int, run_dir: str | Path):
         yield batch
 
 
+def round_extract_ids(train_ids: np.ndarray, fraction: float, rnd: int, rounds: int, seed: int) -> np.ndarray | None:
+    """The images round ``rnd`` re-extracts (sorted), or None for every image: the first
+    round (nothing to carry yet), the last, and every round at ``fraction`` 1. A seeded
+    draw of round(fraction × N) ids, the same on every rank and after a resume."""
+    if fraction >= 1 or rnd <= 1 or rnd >= rounds:
+        return None
+    rng = np.random.default_rng(derive_seed(seed, "extract", rnd))
+    count = max(1, round(fraction * len(train_ids)))
+    return np.sort(rng.choice(np.asarray(train_ids, np.int64), size=count, replace=False))
+
+
+def carry_radius(cfg: Config, crop_side: int) -> float:
+    """The NMS radius in crop pixels: a point found again within it is the same peak."""
+    view_side = cfg.augment.size or crop_side
+    heat_side = max(1, view_side // STRIDE)
+    return max(1, round(heatmap_radius(cfg.stage1.nms_radius, heat_side))) * STRIDE * crop_side / view_side
+
+
+def round_labels(run: Run, state: RunState, extract_loader, rnd: int) -> tuple[RoundLabels, dict]:
+    """Round ``rnd``'s pseudo-labels: every image extracted and clustered, or (a partial
+    round, ``stage1.extract_fraction``) a seeded part, the others' labels carried over."""
+    cfg = run.cfg
+    ids = round_extract_ids(run.data.split.train, cfg.stage1.extract_fraction, rnd, cfg.stage1.rounds, cfg.seed)
+    if ids is None:
+        labels, timings = recover(run, state, extract_loader, "round", f"round{rnd}")
+        return labels, {**timings, "extracted_share": 1.0}
+    fresh, timings = recover(run, state, run.loader(train=False, seed=cfg.seed, ids=ids), "round", f"round{rnd}")
+    labels = carry_labels(state.table, fresh, carry_radius(cfg, int(run.data.manifest["size"])))
+    return labels, {**timings, "extracted_share": labels.stats["extracted_share"]}
+
+
 def stage1_round(run: Run, state: RunState, extract_loader) -> None:
     """One round of Alg. 1: recover correspondence over the whole dataset (unless resumed
     inside the round: its labels are the checkpoint's), then train Φ on the pseudo-labels."""
     cfg, rnd = run.cfg, state.progress.rounds_done + 1
     if state.progress.phase_step == 0:
-        labels, timings = recover(run, state, extract_loader, "round", f"round{rnd}")
+        labels, timings = round_labels(run, state, extract_loader, rnd)
         state.table = LabelTable.from_round(labels)
         state.centroids_m = torch.from_numpy(np.array(labels.centroids))
         _report_round(run, state, labels.stats, timings, rnd)
@@ -245,8 +281,11 @@ def _report_round(run: Run, state: RunState, stats: dict, timings: dict, rnd: in
         _round_grid(run.data.shard_dir, state.table, run.data.split.train[:16],
                     Path(run.cfg.run_dir) / "rounds" / f"round{rnd:03d}.png", run.log, step)
     if run.show:
+        partial = "" if timings["extracted_share"] >= 1 else (
+            f" of {timings['extracted_share']:.0%} of the images (the others' labels carried over, "
+            f"{stats['carried_votes_agree_share']:.0%} of the matched points agreeing)")
         print(f"round {rnd}/{rounds}: {stats['points_per_image_after']:.1f} points/image kept, "
-              f"{stats['images_kept_share']:.0%} images kept; extraction "
+              f"{stats['images_kept_share']:.0%} images kept; extraction{partial} "
               f"{timings['extract_seconds']:.1f} s, clustering {timings['cluster_seconds']:.1f} s")
 
 
