@@ -29,7 +29,8 @@ class ConfigError(ValueError):
 # The choices of every string setting that has a fixed set, written once: the loader refuses
 # other values (naming the key and the choices), and the code that branches on them reads
 # them from here (typing.get_args).
-DataFormat = Literal["synthetic", "folder", "mtfl", "lsp", "lspet", "pts", "mafl", "aflw"]
+DataFormat = Literal["synthetic", "folder", "mtfl", "lsp", "lspet", "pts", "mafl", "aflw",
+                     "video", "penn_action", "bbcpose", "human36m"]
 CropBox = Literal["whole", "landmarks", "file"]
 KeypointMethod = Literal["orb", "sift", "superpoint", "none"]
 PsiHead = Literal["conv", "descriptor"]
@@ -78,6 +79,9 @@ class DataConfig:
     synthetic_render_size: int = 0  # side the synthetic images are drawn at before cropping (0 = size)
     synthetic_object_scale: float = 1.0  # > 1 draws larger objects relative to the frame
     pts_one_based: bool = True  # 300-W .pts files count pixels from 1
+    # video formats: keep one training frame in N; 0 = the format's protocol
+    # (bbcpose: 10, human36m: 50 (its test subject: 100 always), video, penn_action: 1)
+    frame_every: int = 0
 
 
 @dataclass
@@ -577,6 +581,8 @@ def validate(cfg: Config) -> None:
          f"must be in [0, 1), got {cfg.keypoints.outlier_fraction} (1 would drop every keypoint)"),
         (cfg.data.workers >= 0, "data.workers", f"must be >= 0 (0 or 1: in this process), got {cfg.data.workers}"),
         (cfg.data.limit >= 0, "data.limit", f"must be >= 0 (0 = every image), got {cfg.data.limit}"),
+        (cfg.data.frame_every >= 0, "data.frame_every",
+         f"must be >= 0 (keep one frame in N; 0 = the format's protocol), got {cfg.data.frame_every}"),
         (cfg.log_every >= 1, "log_every", f"must be >= 1, got {cfg.log_every}"),
         (cfg.checkpoint_every >= 1, "checkpoint_every", f"must be >= 1, got {cfg.checkpoint_every}"),
         (cfg.check_finite_every >= 1, "check_finite_every", f"must be >= 1, got {cfg.check_finite_every}"),

@@ -43,6 +43,8 @@ class SourceItem:
     # Role in the dataset's own protocol: "test" (held out), "train" (fits the regressors),
     # "" (not listed: trains the networks only, or a format without a protocol)
     split: str = ""
+    video: str = ""  # the video the frame belongs to; "" for a still image
+    frame: int = -1  # the frame's index within its video (from 0); -1 for a still image
 
 
 @dataclass(frozen=True)
@@ -370,8 +372,11 @@ def read_lspet(root: str | Path, annotations: str | Path | None = None) -> tuple
 
 def read_items(fmt: str, root: str, annotations: str = "", synthetic_count: int = 0,
                pts_one_based: bool = True, test_list: str = "",
-               train_list: str = "", partition: str = "") -> tuple[list[SourceItem], list[Skip]]:
-    """Dispatch on the dataset format name."""
+               train_list: str = "", partition: str = "", frame_every: int = 0,
+               decode_dir: str = "") -> tuple[list[SourceItem], list[Skip]]:
+    """Dispatch on the dataset format name. Video formats keep one training frame in
+    ``frame_every`` (0: the format's protocol, see :mod:`k2l_dist.data.video`); ``decode_dir``
+    receives the frames decoded from video files (format video; default inside ``root``)."""
     if fmt == "synthetic":
         return read_synthetic(synthetic_count)
     if fmt == "folder":
@@ -392,4 +397,14 @@ def read_items(fmt: str, root: str, annotations: str = "", synthetic_count: int 
             if not value:
                 raise DatasetError(f"{key}: required for format mafl (CelebA landmarks, MAFL training/testing lists)")
         return read_mafl(root, annotations, train_list, test_list, partition)
+    from k2l_dist.data import video  # video imports this module: not at the top
+
+    if fmt == "video":
+        return video.read_video_folder(root, frame_every or 1, decode_dir or None)
+    if fmt == "penn_action":
+        return video.read_penn_action(root, frame_every or 1)
+    if fmt == "bbcpose":
+        return video.read_bbcpose(root, annotations or Path(root) / "bbcpose.mat", frame_every or 10)
+    if fmt == "human36m":
+        return video.read_human36m(root, frame_every or 50)
     raise DatasetError(f"data.format: unknown dataset format '{fmt}' (known: {', '.join(FORMATS)})")

@@ -582,29 +582,40 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return img
 
 
-def _render(index: int, seed: int, size: int, object_scale: float = 1.0) -> tuple[SyntheticImage, np.ndarray]:
-    """Render one sample and also return its warped part-id map (for tests)."""
+def _check(size: int, object_scale: float) -> None:
     if not 16 <= size <= 1024:
         raise ValueError(f"size must be in [16, 1024], got {size}")
     if not 0.25 <= object_scale <= 2.5:
         raise ValueError(f"object_scale must be in [0.25, 2.5], got {object_scale}")
-    rng = np.random.default_rng([seed, index])
-    p = _sample_params(rng, object_scale)  # first: fixed draw count, so instance is size-independent
-    bg = _background(rng, size)
-    premult, alpha, part, lms, vis = _render_layers(p, size)
-    img = bg.astype(np.float32)
+
+
+def _compose(p: _Params, background: np.ndarray, premult: np.ndarray, alpha: np.ndarray,
+             noise_rng: np.random.Generator) -> np.ndarray:
+    """Object over background, then blur, contrast/brightness and noise (uint8 BGR)."""
+    size = background.shape[0]
+    img = background.astype(np.float32)
     img *= 1.0 - alpha[..., None]
     img += premult
     sigma = p.blur * size / 128.0
     if sigma > 0.3:
         img = cv2.GaussianBlur(img, (0, 0), sigma)
     # Uniform noise with the requested std, from raw bytes: ~8x cheaper than normals.
-    noise = np.frombuffer(rng.bytes(size * size * 3), np.uint8).reshape(size, size, 3)  # last draw
+    noise = np.frombuffer(noise_rng.bytes(size * size * 3), np.uint8).reshape(size, size, 3)
     k = p.noise * np.sqrt(12.0) / 256.0
     # Contrast/brightness and noise in one affine pass: img * c + noise * k + offset.
     # cv2 rounds and saturates to uint8 itself.
     offset = 128.0 * (1.0 - p.contrast) + p.brightness - 127.5 * k
-    image = cv2.addWeighted(img, p.contrast, noise.astype(np.float32), k, offset, dtype=cv2.CV_8U)
+    return cv2.addWeighted(img, p.contrast, noise.astype(np.float32), k, offset, dtype=cv2.CV_8U)
+
+
+def _render(index: int, seed: int, size: int, object_scale: float = 1.0) -> tuple[SyntheticImage, np.ndarray]:
+    """Render one sample and also return its warped part-id map (for tests)."""
+    _check(size, object_scale)
+    rng = np.random.default_rng([seed, index])
+    p = _sample_params(rng, object_scale)  # first: fixed draw count, so instance is size-independent
+    bg = _background(rng, size)
+    premult, alpha, part, lms, vis = _render_layers(p, size)
+    image = _compose(p, bg, premult, alpha, rng)  # the noise is the rng's last draw
     return SyntheticImage(image=image, landmarks=lms.astype(np.float32), visible=vis), part
 
 

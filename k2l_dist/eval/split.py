@@ -6,7 +6,9 @@ scored on ``Split.test``, which neither training nor any regressor sees.
 
 ``eval.split`` picks the held-out ids:
 
-- ``random`` (default): ``eval.test_count`` ids drawn by ``eval.seed``;
+- ``random`` (default): ``eval.test_count`` ids drawn by ``eval.seed``; when the samples
+  name their videos (video formats), whole videos are drawn instead (:func:`video_split`),
+  so that no test frame has a near-duplicate neighbour among the training frames;
 - ``last``: the ``eval.test_count`` largest ids (the annotation file's last lines);
 - ``file``: the ids or image paths listed in ``eval.split_file``, one per line;
 - ``protocol``: the dataset's own test list, recorded by ``k2l prepare`` for formats that
@@ -21,6 +23,7 @@ others where they were.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from dataclasses import dataclass
@@ -87,6 +90,42 @@ def make_split(ids: np.ndarray, test_count: int, mode: str = "last", seed: int =
     train = np.setdiff1d(ids, test)
     regressor = None if regressor_ids is None else np.intersect1d(train, np.asarray(regressor_ids, np.int64))
     return Split(train, test, regressor)
+
+
+def video_split(ids: np.ndarray, videos: np.ndarray, test_count: int, seed: int) -> Split:
+    """Hold out whole videos, drawn by ``seed``, until about ``test_count`` frames (asked for
+    at most half of them) are held out: frames of one video never fall on both sides.
+
+    ``videos`` names each id's video (aligned with ``ids``); an empty name is a still image,
+    a video of its own. Videos are ranked by a keyed hash of ``(seed, name)``, so a video's
+    rank does not depend on the others. The held-out videos are the prefix of that ranking
+    whose frame count is nearest the asked count; as that count is at most half the frames,
+    the nearest prefix never takes every video.
+    """
+    ids = np.asarray(ids, np.int64)
+    videos = np.asarray(videos).astype(str)
+    if ids.shape != videos.shape:
+        raise ValueError(f"video_split: {len(videos)} video names for {len(ids)} ids")
+    count = min(max(test_count, 0), len(ids) // 2)
+    names = np.where(videos == "", np.char.add("\0still:", ids.astype(str)), videos)
+    groups, group_of, sizes = np.unique(names, return_inverse=True, return_counts=True)
+    if count == 0 or len(groups) < 2:
+        if count:
+            log.warning("eval.split=random: every sample belongs to one video; nothing can be held out by video")
+        return Split(np.unique(ids), np.zeros(0, np.int64))
+    keys = np.array([_name_key(g) for g in groups], np.int64)
+    by_key = np.argsort(keys)
+    ranked = by_key[np.searchsorted(keys[by_key], hash_order(keys, seed))]  # group indices, seeded order
+    held = np.cumsum(sizes[ranked])  # frames held out by the first 1, 2, ... videos
+    taken = int(np.argmin(np.abs(held - count))) + 1
+    test = np.unique(ids[np.isin(group_of, ranked[:taken])])
+    return Split(np.setdiff1d(ids, test), test)
+
+
+def _name_key(name: str) -> int:
+    """A 63-bit key of a video name, the same in every process (unlike Python's ``hash``)."""
+    return int.from_bytes(hashlib.blake2b(name.encode("utf-8", "surrogatepass"), digest_size=8).digest(),
+                          "little") >> 1
 
 
 def read_id_list(path: str | Path, ids: np.ndarray, paths: np.ndarray | None = None,
@@ -165,7 +204,11 @@ def split_for_run(ecfg: EvalConfig, meta: dict, shard_dir: str | Path) -> Split:
         if protocol.is_file():
             log.warning("eval.split=%s ignores the dataset's own test list in %s; eval.split=protocol uses it",
                         ecfg.split, protocol)
-        split = make_split(ids, ecfg.test_count, ecfg.split, ecfg.seed)
+        videos = meta.get("videos")
+        if ecfg.split == "random" and videos is not None and any(str(v) for v in np.asarray(videos).tolist()):
+            split = video_split(ids, videos, ecfg.test_count, ecfg.seed)
+        else:
+            split = make_split(ids, ecfg.test_count, ecfg.split, ecfg.seed)
     if len(split.train) == 0:
         raise ValueError(f"eval.split={ecfg.split}: every prepared sample is held out; nothing is left to train on")
     return split
