@@ -30,7 +30,7 @@ class ConfigError(ValueError):
 # other values (naming the key and the choices), and the code that branches on them reads
 # them from here (typing.get_args).
 DataFormat = Literal["synthetic", "folder", "mtfl", "lsp", "lspet", "pts", "mafl", "aflw",
-                     "video", "penn_action", "bbcpose", "human36m"]
+                     "video", "penn_action", "bbcpose", "human36m", "synthetic_video"]
 CropBox = Literal["whole", "landmarks", "file"]
 KeypointMethod = Literal["orb", "sift", "superpoint", "none"]
 PsiHead = Literal["conv", "descriptor"]
@@ -74,7 +74,8 @@ class DataConfig:
     strict: bool = False  # bad input is an error instead of a counted skip
     workers: int = 2  # processes decoding/cropping/detecting during prepare
     jpeg_quality: int = 95
-    synthetic_count: int = 2000  # images drawn when format=synthetic
+    synthetic_count: int = 2000  # images drawn when format=synthetic (videos when synthetic_video)
+    synthetic_frames: int = 24  # frames per clip when format=synthetic_video
     synthetic_seed: int = 0
     synthetic_render_size: int = 0  # side the synthetic images are drawn at before cropping (0 = size)
     synthetic_object_scale: float = 1.0  # > 1 draws larger objects relative to the frame

@@ -47,6 +47,8 @@ class Detected:
     descriptors: np.ndarray
     landmarks: np.ndarray | None
     visible: np.ndarray | None
+    video: str = ""  # the video of a frame ("" for a still image)
+    frame: int = -1
 
 
 @dataclass
@@ -125,6 +127,13 @@ def _load(item: SourceItem) -> tuple[np.ndarray, np.ndarray | None, np.ndarray |
 
         out = synthetic.render(item.id, data.synthetic_seed, data.synthetic_render_size or data.size,
                                data.synthetic_object_scale)
+        return out.image, out.landmarks.astype(np.float32), out.visible
+    if data.format == "synthetic_video":
+        from k2l_dist.data import synthetic_video
+
+        out = synthetic_video.render_frame(int(item.video), item.frame, data.synthetic_seed,
+                                           data.synthetic_render_size or data.size, data.synthetic_frames,
+                                           data.synthetic_object_scale)
         return out.image, out.landmarks.astype(np.float32), out.visible
     path = Path(data.root) / item.path
     if not path.is_file():
@@ -236,12 +245,14 @@ def _detect(item: SourceItem) -> Detected | Skip:
     cropped, box, orig_size, landmarks, visible = out
     if _Worker.detector is None:  # keypoints.method=none: images for inference only
         empty = np.zeros((0, 2), np.float32)
-        return Detected(item.id, item.path, box, orig_size, empty, np.zeros((0, 0), np.uint8), landmarks, visible)
+        return Detected(item.id, item.path, box, orig_size, empty, np.zeros((0, 0), np.uint8), landmarks, visible,
+                        item.video, item.frame)
     region = crops.valid_rects(np.array([box]), np.array([orig_size]), cropped.shape[0])[0]
     keypoints, descriptors = _Worker.detector(cropped, region)
     if len(keypoints) < _Worker.min_keypoints:
         return Skip(item.path, "too few keypoints found", f"{len(keypoints)} keypoints")
-    return Detected(item.id, item.path, box, orig_size, keypoints, descriptors, landmarks, visible)
+    return Detected(item.id, item.path, box, orig_size, keypoints, descriptors, landmarks, visible, item.video,
+                    item.frame)
 
 
 def _encode(item: SourceItem) -> bytes | Skip:
@@ -275,8 +286,8 @@ def _check(data: DataConfig) -> None:
         raise PrepareError(f"data.size: {data.size} is too small (at least 16 pixels)")
     if data.box not in ("whole", "landmarks", "file"):
         raise PrepareError(f"data.box: unknown box '{data.box}' (whole | landmarks | file)")
-    if data.box == "landmarks" and data.format == "folder":
-        raise PrepareError("data.box: 'landmarks' needs annotated landmarks; format 'folder' has none")
+    if data.box == "landmarks" and data.format in ("folder", "video"):
+        raise PrepareError(f"data.box: 'landmarks' needs annotated landmarks; format '{data.format}' has none")
     if data.box == "file" and not data.box_file:
         raise PrepareError("data.box_file: required when data.box is 'file'")
     if data.samples_per_shard < 1:
@@ -306,7 +317,7 @@ def prepare(cfg: Config, out_dir: str | Path, overwrite: bool = False) -> Summar
         raise PrepareError(f"{out_dir} already holds a prepared dataset (index.json); pass --overwrite to replace it")
     start = time.time()
     summary = Summary()
-    items = _listed_items(data, summary)
+    items = _listed_items(data, summary, out_dir)
     detected = _detected(cfg, items, summary)  # pass 1: crop + detect
     _drop_outliers(cfg, detected, summary)
     by_id = {item.id: item for item in items}
@@ -321,10 +332,13 @@ def prepare(cfg: Config, out_dir: str | Path, overwrite: bool = False) -> Summar
     return summary
 
 
-def _listed_items(data: DataConfig, summary: Summary) -> list[SourceItem]:
-    """The dataset's images (``data.limit`` of them at most); unreadable entries counted."""
+def _listed_items(data: DataConfig, summary: Summary, out_dir: Path) -> list[SourceItem]:
+    """The dataset's images (``data.limit`` of them at most); unreadable entries counted.
+    Frames decoded from video files go to ``out_dir/frames``."""
     items, skips = read_items(data.format, data.root, data.annotations, data.synthetic_count, data.pts_one_based,
-                              test_list=data.test_list, train_list=data.train_list, partition=data.partition_file)
+                              test_list=data.test_list, train_list=data.train_list, partition=data.partition_file,
+                              frame_every=data.frame_every, decode_dir=str(out_dir / "frames"),
+                              synthetic_frames=data.synthetic_frames)
     if data.limit > 0:
         items = items[: data.limit]
     summary.listed = len(items) + len(skips)
@@ -434,7 +448,7 @@ def _manifest(cfg: Config, shards: list[dict], kept: list[Detected], summary: Su
         "shards": shards,
         "summary": summary.to_dict(),
     }
-    if data.format == "synthetic":
+    if data.format in ("synthetic", "synthetic_video"):
         from k2l_dist.data import synthetic
 
         manifest.update(landmark_names=list(synthetic.LANDMARK_NAMES),
@@ -445,6 +459,12 @@ def _manifest(cfg: Config, shards: list[dict], kept: list[Detected], summary: Su
         # PCK's torso: left shoulder to right hip
         manifest.update(landmark_names=list(LSP_JOINTS), torso_indices=[LSP_JOINTS.index("left_shoulder"),
                                                                         LSP_JOINTS.index("right_hip")])
+    elif data.format in ("penn_action", "bbcpose", "human36m"):
+        from k2l_dist.data import video
+
+        # the paper's body protocols normalise by the shoulder distance
+        manifest.update(landmark_names=list(video.JOINT_NAMES[data.format]),
+                        norm_indices=list(video.shoulder_indices(data.format)))
     return manifest
 
 
@@ -458,6 +478,9 @@ def _samples_meta(kept: list[Detected]) -> dict[str, np.ndarray]:
         "kp_offsets": np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
         "keypoints": np.concatenate([d.keypoints for d in kept]).astype(np.float32).reshape(-1, 2),
     }
+    if any(d.video for d in kept):  # video formats: splits keep a video's frames together
+        meta["videos"] = np.array([d.video for d in kept], dtype=str)
+        meta["frames"] = np.array([d.frame for d in kept], np.int64)
     if kept[0].landmarks is not None:
         meta["landmarks"] = np.stack([d.landmarks for d in kept]).astype(np.float32)
         meta["visible"] = np.stack([d.visible for d in kept]).astype(bool)

@@ -373,3 +373,51 @@ def test_split_for_run_draws_videos_only_when_samples_name_them(tmp_path):
     by_video = split_for_run(ecfg, {**meta, "videos": videos[order]}, tmp_path)
     np.testing.assert_array_equal(by_video.test, video_split(ids, videos, 100, 3).test)
     assert not np.array_equal(by_video.test, still.test)
+
+
+# ----------------------------------------------------------------------------- prepare
+
+
+def test_prepare_synthetic_video_records_each_frames_video_and_the_random_split_keeps_videos_whole(tmp_path):
+    from k2l_dist.config import load_config
+    from k2l_dist.data.shards import load_samples_meta
+    from k2l_dist.prepare import prepare
+
+    cfg = load_config(None, ["progress=false", "data.format=synthetic_video", "data.synthetic_count=6",
+                             "data.synthetic_frames=4", "data.size=48", "data.box=landmarks", "keypoints.count=20",
+                             "eval.test_count=8"])
+    prepare(cfg, tmp_path / "shards")
+    meta = load_samples_meta(tmp_path / "shards")
+    assert meta["videos"].tolist() == [f"{v:05d}" for v in range(6) for _ in range(4)]
+    assert meta["frames"].tolist() == list(range(4)) * 6
+    assert np.isfinite(meta["landmarks"]).all()
+    split = split_for_run(cfg.eval, meta, tmp_path / "shards")
+    test_videos = set(meta["videos"][np.isin(meta["ids"], split.test)])
+    train_videos = set(meta["videos"][np.isin(meta["ids"], split.train)])
+    assert len(split.test) == 8 and not test_videos & train_videos
+
+
+def test_prepare_penn_action_names_the_joints_and_normalises_by_the_shoulders(tmp_path):
+    from k2l_dist.config import load_config
+    from k2l_dist.data.shards import load_manifest, load_samples_meta
+    from k2l_dist.prepare import prepare
+
+    root = tmp_path / "penn"
+    _penn_dataset(root)
+    rng = np.random.default_rng(0)
+    for number in range(1, 10):
+        for frame in range(1, 4):
+            path = root / "frames" / f"{number:04d}" / f"{frame:06d}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            assert cv2.imwrite(str(path), rng.integers(0, 255, (200, 300, 3), np.uint8))
+    cfg = load_config(None, ["progress=false", "data.format=penn_action", f"data.root={root}", "data.size=32",
+                             "data.box=landmarks", "keypoints.method=none"])
+    prepare(cfg, tmp_path / "shards")
+    manifest = load_manifest(tmp_path / "shards")
+    assert manifest["landmark_names"] == list(PENN_ACTION_JOINTS)
+    assert manifest["norm_indices"] == list(shoulder_indices("penn_action"))
+    held_out = [int(i) for i in (tmp_path / "shards" / "test_ids.txt").read_text().split()]
+    prepared = set(load_samples_meta(tmp_path / "shards")["ids"].tolist())
+    items, _ = read_penn_action(root)
+    protocol_test = [i.id for i in items if i.split == "test" and i.id in prepared]
+    assert held_out == protocol_test and len(held_out) >= 5 * 3 - 2  # the first 5 videos of each category

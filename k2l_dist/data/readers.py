@@ -325,6 +325,12 @@ def read_synthetic(count: int) -> tuple[list[SourceItem], list[Skip]]:
     return [SourceItem(i, f"synthetic/{i:06d}.png") for i in range(count)], []
 
 
+def read_synthetic_video(videos: int, frames: int) -> tuple[list[SourceItem], list[Skip]]:
+    """Synthetic clips, rendered frame by frame by the prepare workers from (video, frame, seed)."""
+    return [SourceItem(v * frames + t, f"synthetic_video/{v:05d}/{t:05d}.png", video=f"{v:05d}", frame=t)
+            for v in range(videos) for t in range(frames)], []
+
+
 def read_box_file(path: str | Path) -> dict[str, tuple[float, float, float, float]]:
     """Box file lines: ``relative/path x y w h`` (original pixels, top-left edge corner)."""
     path = _require_file(path, "box file")
@@ -373,12 +379,14 @@ def read_lspet(root: str | Path, annotations: str | Path | None = None) -> tuple
 def read_items(fmt: str, root: str, annotations: str = "", synthetic_count: int = 0,
                pts_one_based: bool = True, test_list: str = "",
                train_list: str = "", partition: str = "", frame_every: int = 0,
-               decode_dir: str = "") -> tuple[list[SourceItem], list[Skip]]:
+               decode_dir: str = "", synthetic_frames: int = 24) -> tuple[list[SourceItem], list[Skip]]:
     """Dispatch on the dataset format name. Video formats keep one training frame in
     ``frame_every`` (0: the format's protocol, see :mod:`k2l_dist.data.video`); ``decode_dir``
     receives the frames decoded from video files (format video; default inside ``root``)."""
     if fmt == "synthetic":
         return read_synthetic(synthetic_count)
+    if fmt == "synthetic_video":
+        return read_synthetic_video(synthetic_count, synthetic_frames)
     if fmt == "folder":
         return read_folder(root)
     if fmt == "mtfl":
