@@ -44,6 +44,8 @@ PREPARE_FLAGS = {
     "samples_per_shard": "data.samples_per_shard",
     "limit": "data.limit",
     "workers": "data.workers",
+    "frame_every": "data.frame_every",
+    "synthetic_frames": "data.synthetic_frames",
     "synthetic_count": "data.synthetic_count",
     "synthetic_seed": "data.synthetic_seed",
     "keypoints": "keypoints.method",
@@ -63,7 +65,8 @@ def _add_prepare(sub) -> None:
     p.add_argument("--format", choices=get_args(DataFormat))
     p.add_argument("--root", help="dataset root (annotation paths are relative to it)")
     p.add_argument("--annotations", help="annotation file (mtfl, aflw: MTFL training.txt; "
-                                         "mafl: list_landmarks_align_celeba.txt; lsp, lspet: joints.mat)")
+                                         "mafl: list_landmarks_align_celeba.txt; lsp, lspet: joints.mat; "
+                                         "bbcpose: bbcpose.mat)")
     p.add_argument("--test-list", help="the dataset's test list, recorded for eval.split=protocol "
                                        "(mafl: MAFL testing.txt; aflw: MTFL testing.txt)")
     p.add_argument("--train-list", help="mafl: MAFL training.txt (the images the regressors are fitted on)")
@@ -74,8 +77,10 @@ def _add_prepare(sub) -> None:
     p.add_argument("--samples-per-shard", type=int)
     p.add_argument("--limit", type=int, help="keep at most this many images")
     p.add_argument("--workers", type=int, help="worker processes")
-    p.add_argument("--synthetic-count", type=int, help="images drawn for --format synthetic")
+    p.add_argument("--synthetic-count", type=int, help="images for --format synthetic (clips: synthetic_video)")
     p.add_argument("--synthetic-seed", type=int)
+    p.add_argument("--synthetic-frames", type=int, help="frames per clip for --format synthetic_video")
+    p.add_argument("--frame-every", type=int, help="video formats: keep one training frame in N (0: the protocol's)")
     p.add_argument("--keypoints", choices=get_args(KeypointMethod), help="generic keypoint method")
     p.add_argument("--count", type=int, help="keypoints kept per image by ANMS")
     p.add_argument("--superpoint-weights", help="SuperPoint state dict (none ship with k2l-dist)")
