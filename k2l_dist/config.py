@@ -100,6 +100,19 @@ class KeypointConfig:
 
 
 @dataclass
+class TemporalConfig:
+    """Temporal supervision on video shards (paper Sec. 4.2): some Stage-1 pairs show two
+    nearby frames of one video instead of two augmentations of one image; the first
+    frame's points are tracked into the second with pyramidal Lucas-Kanade, and a track
+    that fails the forward-backward check is left out. Still-image shards ignore this."""
+
+    share: float = 0.5  # share of the pairs drawn from two frames (0 = off, the paper's default for stills)
+    window: int = 3  # the second frame is at most this many prepared frames from the first
+    fb_max_px: float = 0.5  # largest forward-backward tracking error kept, crop pixels
+    lk_window: int = 21  # Lucas-Kanade window side, crop pixels
+
+
+@dataclass
 class AugmentConfig:
     """The DALI augmentation of training views; ranges follow the paper's code."""
 
@@ -329,6 +342,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     keypoints: KeypointConfig = field(default_factory=KeypointConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    temporal: TemporalConfig = field(default_factory=TemporalConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
@@ -574,6 +588,10 @@ def validate(cfg: Config) -> None:
         (s1.lr > 0, "stage1.lr", f"must be > 0, got {s1.lr}"),
         (s1.extract_points >= 0, "stage1.extract_points", "must be >= 0 (0 = 3 × cluster.K)"),
         (s1.extract_batch_size >= 0, "stage1.extract_batch_size", "must be >= 0 (0 = 4 × augment.batch_size)"),
+        (0 <= cfg.temporal.share <= 1, "temporal.share", f"must be in [0, 1], got {cfg.temporal.share}"),
+        (cfg.temporal.window >= 1, "temporal.window", f"must be >= 1, got {cfg.temporal.window}"),
+        (cfg.temporal.fb_max_px > 0, "temporal.fb_max_px", f"must be > 0, got {cfg.temporal.fb_max_px}"),
+        (cfg.temporal.lk_window >= 3, "temporal.lk_window", f"must be >= 3, got {cfg.temporal.lk_window}"),
         (0 < s1.extract_fraction <= 1, "stage1.extract_fraction", f"must be in (0, 1], got {s1.extract_fraction}"),
         (s2.iterations >= 0, "stage2.iterations", f"must be >= 0, got {s2.iterations}"),
         (s2.lr > 0, "stage2.lr", f"must be > 0, got {s2.lr}"),

@@ -162,8 +162,9 @@ def _read(data: CheckedDataset, cfg: AugmentConfig, *, rank: int, world_size: in
 
 
 def _views(images: Any, cfg: AugmentConfig, crop_hw: tuple[int, int], size: int, augment: bool,
-           views: int) -> tuple[list, list, list]:
-    """``views`` augmented views of each image: (images, matrices, flips) node lists."""
+           views: int, partners: Any = None) -> tuple[list, list, list]:
+    """``views`` augmented views of each image: (images, matrices, flips) node lists; with
+    ``partners`` (a temporal pair's second frame, decoded) view 1 shows the partner."""
     from nvidia.dali import fn, types
 
     outs, mats, flips = [], [], []
@@ -173,8 +174,9 @@ def _views(images: Any, cfg: AugmentConfig, crop_hw: tuple[int, int], size: int,
     shared = None
     if augment and cfg.flip_prob > 0 and cfg.shared_flip:
         shared = fn.random.coin_flip(probability=cfg.flip_prob, dtype=types.INT32)
-    for _ in range(views):
-        out, mat, flip = _view_graph(images, cfg, crop_hw, size, augment, shared)
+    for k in range(views):
+        source = partners if (k == 1 and partners is not None) else images
+        out, mat, flip = _view_graph(source, cfg, crop_hw, size, augment, shared)
         outs.append(out)
         mats.append(mat)
         if flip is not None:
@@ -184,8 +186,11 @@ def _views(images: Any, cfg: AugmentConfig, crop_hw: tuple[int, int], size: int,
 
 def build_pipeline(data: CheckedDataset, cfg: AugmentConfig, *, rank: int, world_size: int, seed: int,
                    device: torch.device, views: int = 2, shuffle: bool = True,
-                   build: bool = True) -> tuple[Any, dict[str, str]]:
+                   build: bool = True, pairs: Any = None) -> tuple[Any, dict[str, str]]:
     """The DALI pipeline and its outputs, in order: name → DALI device ("cpu"/"gpu").
+
+    ``pairs`` (:class:`~k2l_dist.augment.temporal.TemporalPairs`, two views only): view 1
+    shows the sample's partner frame, with ``partner_id``, ``points1`` and ``points1_ok``.
 
     ``build=False`` only defines the graph, which needs no GPU even for ``device="cuda"``
     (the tests check the GPU graph's devices that way).
@@ -207,9 +212,15 @@ def build_pipeline(data: CheckedDataset, cfg: AugmentConfig, *, rank: int, world
     )
     def graph() -> tuple:
         jpeg, sample_id = _read(data, cfg, rank=rank, world_size=world_size, seed=seed, shuffle=shuffle)
-        images = fn.decoders.image(jpeg, device="mixed" if device.type == "cuda" else "cpu", output_type=types.RGB)
-        outs, mats, flips = _views(images, cfg, data.crop_size, size, augment, views)
-        nodes = (*outs, *mats, *flips, sample_id)
+        decode = "mixed" if device.type == "cuda" else "cpu"
+        images = fn.decoders.image(jpeg, device=decode, output_type=types.RGB)
+        extra, partners = (), None
+        if pairs is not None:  # on the loader's CPU stage, ahead of the step
+            jpeg1, *extra = fn.python_function(jpeg, sample_id, function=pairs, num_outputs=4,
+                                                   batch_processing=True)
+            partners = fn.decoders.image(jpeg1, device=decode, output_type=types.RGB)
+        outs, mats, flips = _views(images, cfg, data.crop_size, size, augment, views, partners)
+        nodes = (*outs, *mats, *flips, sample_id, *extra)
         devices.extend(node.device for node in nodes)
         return nodes
 
@@ -217,6 +228,10 @@ def build_pipeline(data: CheckedDataset, cfg: AugmentConfig, *, rank: int, world
     if augment and cfg.flip_prob > 0:
         names += [f"flip{k}" for k in range(views)]
     names.append("id")
+    if pairs is not None:
+        if views != 2:
+            raise ValueError(f"temporal pairs need two views, got {views}")
+        names += ["partner_id", "points1", "points1_ok"]
     devices: list[str] = []
     pipe = graph()  # pipeline_def traces the graph here
     if len(devices) != len(names):
@@ -238,6 +253,11 @@ class AugmentLoader:
     ``flip{k}``   (B,) bool: the view is mirrored (use the flipped cluster labels)
     ``id``        (B,) int64: the stable sample id
     ``valid``     (B,) bool: False for padding repeats (``padded="mark"`` only)
+
+    With temporal pairs (``pairs``), view 1 shows ``partner_id`` (B,) (the sample itself
+    when not paired), ``points1`` (B, P, 2) float32 are the sample's label-table points
+    tracked into it (crop pixels of the partner, NaN where lost) and ``points1_ok`` (B, P)
+    bool the tracks kept; all on the host.
 
     Every rank yields ``len(loader)`` batches per epoch (the same on all ranks, as
     DistributedDataParallel needs), every batch full; padding repeats, in the last
@@ -263,6 +283,7 @@ class AugmentLoader:
         views: int,
         shuffle: bool,
         padded: Padded,
+        pairs: Any = None,
     ) -> None:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
@@ -278,7 +299,8 @@ class AugmentLoader:
         self.epoch = 0
         self.last_epoch_samples = 0
         self._pipe, outputs = build_pipeline(
-            data, cfg, rank=rank, world_size=world_size, seed=seed, device=device, views=views, shuffle=shuffle
+            data, cfg, rank=rank, world_size=world_size, seed=seed, device=device, views=views, shuffle=shuffle,
+            pairs=pairs,
         )
         self._names = list(outputs)
         self._has_flip = "flip0" in outputs
@@ -348,6 +370,12 @@ class AugmentLoader:
             else:
                 batch[f"flip{k}"] = torch.zeros(ids.shape[0], dtype=torch.bool)
         batch["id"] = ids
+        for key in ("partner_id", "points1", "points1_ok"):  # temporal pairs: read by the step on the host
+            if key in out:
+                batch[key] = out[key].cpu()
+        if "partner_id" in batch:
+            batch["partner_id"] = batch["partner_id"].reshape(-1).to(torch.int64)
+            batch["points1_ok"] = batch["points1_ok"].to(torch.bool)
         if self.padded == "drop":
             if not bool(valid.any()):
                 return None
@@ -391,6 +419,7 @@ def build_loader(
     padded: Padded = "mark",
     cache_dir: str | Path | None = None,
     ids: np.ndarray | None = None,
+    pairs: Any = None,
 ) -> AugmentLoader:
     """The one data path of k2l-dist: a prepared shard folder → batches of augmented views.
 
@@ -398,7 +427,8 @@ def build_loader(
     being skipped with a warning naming its shard. A missing folder or shard always
     raises a one-line :class:`ShardError`. ``cache_dir`` keeps shard-check results and
     cleaned indexes (default: a per-user folder under the system temp dir).
-    ``ids`` restricts the loader to those sample ids (a train or test split).
+    ``ids`` restricts the loader to those sample ids (a train or test split). ``pairs``
+    builds temporal pairs: a callable ``(data) → TemporalPairs`` given the checked dataset.
     See :class:`AugmentLoader` for the batches.
     """
     if views < 1:
@@ -425,4 +455,4 @@ def build_loader(
         log.warning("%s: %d bad sample(s) skipped (%s); %d remain", shard_dir, data.num_skipped,
                     ", ".join(f"{n} {r}" for r, n in sorted(data.skipped.items())), data.num_samples)
     return AugmentLoader(data, cfg, rank=rank, world_size=world_size, seed=seed, device=dev, views=views,
-                         shuffle=shuffle, padded=padded)
+                         shuffle=shuffle, padded=padded, pairs=pairs(data) if pairs is not None else None)

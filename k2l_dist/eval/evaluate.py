@@ -24,7 +24,7 @@ from k2l_dist.config import flatten, run_config
 from k2l_dist.data.shards import load_manifest, load_samples_meta, read_dataset
 from k2l_dist.eval.completion import column_means, fill_with_means, svt
 from k2l_dist.eval.detector import landmarks_in_views
-from k2l_dist.eval.metrics import mean_shape_baseline, pck, raw_landmark_accuracy
+from k2l_dist.eval.metrics import mean_shape_baseline, pck, raw_landmark_accuracy, temporal_jitter
 from k2l_dist.eval.names import LandmarkNames, save_names
 from k2l_dist.eval.regression import backward_nme, forward_nme, landmark_norm
 from k2l_dist.eval.split import regressor_ids, split_for_run
@@ -175,6 +175,10 @@ def evaluate_run(cfg, shard_dir: Path, manifest: dict, meta: dict, split, phi, p
         metrics.update({f"{name}_pck": pck(result.per_landmark, norm_test, gt[is_test], tuple(torso))
                         for name, result in (("forward", fwd), ("stage1_forward", s1_fwd),
                                              ("mean_shape", mean_shape))})
+    if "videos" in meta:  # video: how steadily the regressed landmarks follow the motion
+        rows = np.searchsorted(meta["ids"], eval_ids[is_test])
+        metrics["temporal_jitter"] = temporal_jitter(fwd.map.predict(pred[is_test]), gt[is_test],
+                                                     meta["videos"][rows], meta["frames"][rows])
     _publish(metrics, log, shard_dir, ids[is_test][:16], list(pred[is_test][:16]), run_dir)
     return metrics
 

@@ -108,6 +108,31 @@ def pck(per_landmark: np.ndarray, norm: np.ndarray, gt: np.ndarray, torso: tuple
     return float((dist <= alpha * size[:, None])[ok].mean())
 
 
+def temporal_jitter(pred: np.ndarray, gt: np.ndarray, videos: np.ndarray, frames: np.ndarray) -> float:
+    """Per-video temporal stability: between consecutive frames of one video, how far the
+    predicted landmarks' motion departs from the ground truth's, relative to that motion.
+
+    For a video's frames in order, Σ_t Σ_l |Δpred − Δgt| / Σ_t Σ_l |Δgt| (Δ: frame t to t+1,
+    pairs where either frame lacks a landmark left out); the mean over videos with motion.
+    0: the landmarks move exactly as the annotations; 1: their frame-to-frame error is as
+    large as the motion itself. ``pred``, ``gt`` (n, L, 2); ``videos``, ``frames`` (n,).
+    """
+    P, G = as_points(pred, "pred"), as_points(gt, "gt")
+    videos, frames = np.asarray(videos).astype(str), np.asarray(frames)
+    ratios = []
+    for video in np.unique(videos):
+        rows = np.flatnonzero(videos == video)
+        rows = rows[np.argsort(frames[rows], kind="stable")]
+        if len(rows) < 2:
+            continue
+        dp, dg = np.diff(P[rows], axis=0), np.diff(G[rows], axis=0)
+        ok = np.isfinite(dp).all(-1) & np.isfinite(dg).all(-1)
+        motion = np.linalg.norm(dg, axis=-1)[ok].sum()
+        if motion > 0:
+            ratios.append(np.linalg.norm(dp - dg, axis=-1)[ok].sum() / motion)
+    return float(np.mean(ratios)) if ratios else float("nan")
+
+
 def ced_curve(errors: np.ndarray, max_err: float, steps: int = 200) -> tuple[np.ndarray, np.ndarray]:
     """Cumulative error distribution: ``(thresholds (steps,), fraction of errors <= threshold)``.
 

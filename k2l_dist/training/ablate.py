@@ -26,6 +26,7 @@ from k2l_dist.utils.io import atomic_write_text
 COLUMNS = [("forward_nme", "forward NME"), ("backward_nme", "backward NME"),
            ("stage1_forward_nme", "Stage-1 forward"), ("keypoint_baseline_nme", "keypoint baseline"),
            ("keypoint_baseline_backward_nme", "keypoint backward"), ("mean_shape_nme", "mean shape")]
+OPTIONAL_COLUMNS = [("temporal_jitter", "temporal jitter")]  # shown when a run reports them (video)
 _PREPARE_KEYS = ("data.", "keypoints.")
 
 
@@ -152,19 +153,23 @@ def table(rows: list, config, grid: list[tuple[str, list[str]]], overrides: list
     """The markdown table of ``rows`` = ``[(setting, [metrics of seed 0, 1, …]), …]``."""
     keys = [k for k, _ in grid] or ["change"]
     paired = seeds > 1
-    extra = ["forward vs the first row", "backward vs the first row"] if paired else []
-    head = ["| " + " | ".join([*keys, *(c for _, c in COLUMNS), *extra, "train min"]) + " |",
-            "|" + "---|" * (len(keys) + len(COLUMNS) + len(extra) + 1)]
+    reported = [m for _, runs in rows for m in (runs if isinstance(runs, list) else [runs])]
+    columns = [*COLUMNS, *((key, name) for key, name in OPTIONAL_COLUMNS if any(key in m for m in reported))]
+    compared = [("forward_nme", "forward"), ("backward_nme", "backward"),
+                *((key, name) for key, name in columns[len(COLUMNS):])]
+    extra = [f"{name} vs the first row" for _, name in compared] if paired else []
+    head = ["| " + " | ".join([*keys, *(c for _, c in columns), *extra, "train min"]) + " |",
+            "|" + "---|" * (len(keys) + len(columns) + len(extra) + 1)]
     lines = []
     base = rows[0][1] if rows else []
     for setting, runs in rows:
         runs = runs if isinstance(runs, list) else [runs]
         cells = [v for _, v in setting.values] if grid else [" ".join(setting.overrides) or "as configured"]
-        for key, _ in COLUMNS:
+        for key, _ in columns:
             values = [m[key] for m in runs if isinstance(m.get(key), float)]
             cells.append(_mean_sd(values) if values else "—")
         if paired:
-            for key in ("forward_nme", "backward_nme"):
+            for key, _ in compared:
                 pairs = [(m[key], b[key]) for m, b in zip(runs, base) if isinstance(m.get(key), float)
                          and isinstance(b.get(key), float)]
                 cells.append("—" if setting is rows[0][0] or not pairs else

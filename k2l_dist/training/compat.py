@@ -9,10 +9,11 @@ such a resume is refused, naming every differing key; schedule and logging chang
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
-from k2l_dist.config import PATH_KEYS, flatten
+from k2l_dist.config import PATH_KEYS, Config, flatten
 
 # Dotted keys, or section prefixes ending in ".", that must match the checkpoint's config.
 INCOMPATIBLE = (
@@ -21,12 +22,15 @@ INCOMPATIBLE = (
     "data.synthetic_render_size", "data.synthetic_object_scale", "keypoints.method", "keypoints.count",
     "keypoints.outlier_fraction", "augment.size", "eval.test_count", "eval.split", "eval.split_file",
     "eval.split_pattern", "eval.seed", "data.test_list", "data.train_list", "data.partition_file", "seed",
+    "data.frame_every", "data.synthetic_frames",
 )
 
 
 def incompatible_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """``"key: saved → current"`` for every incompatible key that differs."""
-    old, new = flatten(saved), flatten(current)
+    # a key newer than the checkpoint had its default value then
+    old = {**flatten(dataclasses.asdict(Config())), **flatten(saved)}
+    new = flatten(current)
     for key in PATH_KEYS:  # a run saved before paths were stored absolute meant them from here
         if old.get(key) and not os.path.isabs(old[key]):
             old[key] = os.path.abspath(old[key])

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import time
@@ -14,6 +15,7 @@ import torch
 
 from k2l_dist import distributed
 from k2l_dist.augment import build_loader
+from k2l_dist.augment.temporal import TemporalPairs
 from k2l_dist.clustering.carry import carry_labels
 from k2l_dist.clustering.rounds import RoundLabels, degenerate_warnings
 from k2l_dist.clustering.service import ClusteringService
@@ -99,22 +101,29 @@ class Run:
         return self.info.is_main and self.cfg.progress
 
     def loader(self, *, train: bool, seed: int, views: int = 2, augment: AugmentConfig | None = None,
-               ids: np.ndarray | None = None):
-        """Over the training split, or the part of it in ``ids``."""
+               ids: np.ndarray | None = None, table: LabelTable | None = None):
+        """Over the training split, or the part of it in ``ids``; a Stage-1 loader given the
+        phase's ``table`` pairs nearby frames on video shards (``temporal``)."""
         ids = self.data.split.train if ids is None else ids
+        pairs = None
+        if table is not None and self.cfg.temporal.share > 0 and "videos" in self.data.meta:
+            pairs = functools.partial(TemporalPairs, meta=self.data.meta, table=table,
+                                      max_points=self.cfg.stage1.max_points, cfg=self.cfg.temporal,
+                                      seed=seed)
         return make_loader(self.cfg, self.data.shard_dir, ids, self.info, train=train, seed=seed, views=views,
-                           augment=augment)
+                           augment=augment, pairs=pairs)
 
 
 def make_loader(cfg: Config, shard_dir: Path, ids: np.ndarray, info: DistInfo, *, train: bool, seed: int,
-                views: int = 2, augment: AugmentConfig | None = None):
+                views: int = 2, augment: AugmentConfig | None = None, pairs=None):
     """Training loaders give every rank a full, padded share per epoch (DDP steps in
     lockstep); extraction loaders give every rank its own disjoint slice, nothing repeated."""
     watchdog.pause()  # building a pipeline (validating shards) is not a step
     aug = (augment or cfg.augment) if train else dataclasses.replace(
         cfg.augment, enabled=False, batch_size=cfg.stage1.extract_batch_size or 4 * cfg.augment.batch_size)
     return build_loader(shard_dir, aug, rank=info.rank, world_size=info.world_size, seed=seed, device=info.device,
-                        views=views if train else 1, shuffle=train, padded="mark" if train else "drop", ids=ids)
+                        views=views if train else 1, shuffle=train, padded="mark" if train else "drop", ids=ids,
+                        pairs=pairs)
 
 
 def compiled(model: torch.nn.Module, backend: str) -> torch.nn.Module:
@@ -177,7 +186,7 @@ def warmup(run: Run, state: RunState) -> None:
     """Stage 1's warm-up (Sec. 3.5): Φ learns from known correspondences, two augmentations
     of one image and its generic keypoints."""
     step = _train_phi(run, state, warmup_loss(run.cfg.loss), run.cfg.stage1.warmup_iters, "warmup",
-                      run.loader(train=True, seed=run.cfg.seed))
+                      run.loader(train=True, seed=run.cfg.seed, table=state.table))
     run.log.scalars(step, {"phi_checksum": check_replicas(state.phi, "after the warm-up")}, "replicas/")
     state.progress = Progress(phase="round", step=step)
     run.checkpoints.save(state)
@@ -266,7 +275,7 @@ def stage1_round(run: Run, state: RunState, extract_loader) -> None:
         state.centroids_m = torch.from_numpy(np.array(labels.centroids))
         _report_round(run, state, labels.stats, timings, rnd)
     step = _train_phi(run, state, cfg.loss, cfg.stage1.iters_per_round, f"round{rnd}",
-                      run.loader(train=True, seed=cfg.seed + rnd))
+                      run.loader(train=True, seed=cfg.seed + rnd, table=state.table))
     run.log.scalars(step, {"phi_checksum": check_replicas(state.phi, f"after round {rnd}")}, "replicas/")
     state.progress = dataclasses.replace(state.progress, rounds_done=rnd, phase_step=0, step=step)
     run.checkpoints.save(state)

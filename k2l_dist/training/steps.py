@@ -29,6 +29,16 @@ def _view_labels(batch: dict, lab: dict[str, torch.Tensor], view: int, device: t
     return points, present, torch.where(present, labels, torch.full_like(labels, -1)), labelled
 
 
+def _tracked(batch: dict, lab: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The table's entries as view 1 sees them in a batch of temporal pairs: the points
+    tracked into the partner frame (the sample's own where unpaired), lost tracks absent."""
+    if "points1" not in batch:
+        return lab
+    p = lab["points"].shape[1]
+    ok = batch["points1_ok"][:, :p]
+    return {**lab, "points": torch.nan_to_num(batch["points1"][:, :p]), "valid": lab["valid"] & ok}
+
+
 def autocast(device: torch.device, precision: str):
     """The forward passes' precision: bf16 autocast, or fp32 (a no-op context)."""
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
@@ -52,10 +62,12 @@ def stage1_losses(model: torch.nn.Module, batch: dict, table: LabelTable, *, max
     points_apart = heatmap_radius(loss_cfg.point_neg_min_distance, size[-1])
     det, descs, negs, neg_ok, labels, present = [], [], [], [], [], []
     looked_up = table.lookup(batch["id"], max_points)
-    rects = regions.lookup(batch["id"], device) if regions is not None else None
+    per_view = (looked_up, _tracked(batch, looked_up))  # view 1 may show a nearby frame
+    shown = (batch["id"], batch.get("partner_id", batch["id"]))
     for v in (0, 1):
         sl = slice(v * b, (v + 1) * b)
-        pts, pres, lab, labelled = _view_labels(batch, looked_up, v, device)
+        rects = regions.lookup(shown[v], device) if regions is not None else None
+        pts, pres, lab, labelled = _view_labels(batch, per_view[v], v, device)
         in_loss = labelled if loss_cfg.sit_out_unlabelled else torch.ones_like(labelled)
         if "valid" in batch:  # padding repeats of the last batch: no points, no loss
             pres = pres & batch["valid"].to(device)[:, None]
@@ -86,10 +98,16 @@ def stage1_losses(model: torch.nn.Module, batch: dict, table: LabelTable, *, max
     else:
         detector = (det[0] + det[1]) / 2
         total = detector + con["loss"]
-    return {"loss": total, "detector": detector, "contrastive": con["loss"],
-            "positive": con["positive"], "negative": con["negative"],
-            "points_per_view": present[0].sum() / max(b, 1),
-            "images_sitting_out": 1.0 - in_loss.float().mean()}
+    out = {"loss": total, "detector": detector, "contrastive": con["loss"],
+           "positive": con["positive"], "negative": con["negative"],
+           "points_per_view": present[0].sum() / max(b, 1),
+           "images_sitting_out": 1.0 - in_loss.float().mean()}
+    if "partner_id" in batch:  # temporal pairs: how many, and how many tracked points they kept
+        paired = batch["partner_id"] != batch["id"]
+        rows = looked_up["valid"][paired]
+        out["temporal_pairs_share"] = paired.float().mean()
+        out["tracks_kept_share"] = (rows & per_view[1]["valid"][paired]).sum() / rows.sum().clamp(min=1)
+    return out
 
 
 def cut_out(images: torch.Tensor, share: float, prob: float, generator: torch.Generator | None) -> torch.Tensor:
