@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from k2l_dist.augment import build_loader
-from k2l_dist.augment.temporal import TemporalPairs, neighbours
+from k2l_dist.augment.temporal import FrameWindows, TemporalPairs
 from k2l_dist.augment.validate import check_dataset
 from k2l_dist.config import TemporalConfig, load_config
 from k2l_dist.data.shards import load_samples_meta
@@ -54,16 +54,20 @@ def _pairs(shards: Path, share: float, seed: int = 0, window: int = 2) -> tuple[
 
 
 def test_neighbours_stay_in_their_video_within_the_window():
-    ids = np.arange(10)
+    ids = np.array([10, 11, 12, 13, 14, 15, 16, 17, 18, 19])
     videos = np.array(["a"] * 5 + ["b"] * 3 + ["", ""])
     frames = np.array([4, 0, 3, 1, 2, 0, 1, 2, 0, 0])  # video a out of order
-    near = neighbours(ids, videos, frames, usable=np.setdiff1d(ids, [3]), window=1)
-    # a's usable frames in order: 1 (f0), 4 (f2), 2 (f3), 0 (f4); id 3 (f1) is not usable
-    assert near[1].tolist() == [4] and sorted(near[4].tolist()) == [1, 2] and near[0].tolist() == [2]
-    assert near[5].tolist() == [6] and sorted(near[6].tolist()) == [5, 7]
-    assert 3 not in near and 8 not in near and 9 not in near  # still images have no partner
-    wide = neighbours(ids, videos, frames, usable=ids, window=2)
-    assert sorted(wide[2].tolist()) == [0, 3, 4]
+    windows = FrameWindows(ids, videos, frames, usable=np.setdiff1d(ids, [13]), window=1)
+    near = {i: windows.near(i) for i in ids.tolist()}
+    # a's usable frames in order: 11 (f0), 14 (f2), 12 (f3), 10 (f4); 13 (f1) is not usable
+    assert near[11].tolist() == [14] and sorted(near[14].tolist()) == [11, 12] and near[10].tolist() == [12]
+    assert near[15].tolist() == [16] and sorted(near[16].tolist()) == [15, 17] and near[17].tolist() == [16]
+    assert near[13] is None and near[18] is None and near[19] is None  # still images have no partner
+    assert windows.near(99) is None  # an id the shards do not hold
+    wide = FrameWindows(ids, videos, frames, usable=ids, window=2)
+    assert sorted(wide.near(12).tolist()) == [10, 13, 14] and sorted(wide.near(11).tolist()) == [13, 14]
+    alone = FrameWindows(np.array([1, 2]), np.array(["x", "y"]), np.array([0, 0]), usable=np.array([1, 2]), window=3)
+    assert alone.near(1) is None  # the only frame of its video
 
 
 def test_partners_are_nearby_frames_of_the_video_and_tracks_follow_the_true_motion(video_shards):

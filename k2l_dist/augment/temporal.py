@@ -49,23 +49,37 @@ def jpeg_locations(data: CheckedDataset) -> dict[int, tuple[int, int, int]]:
     return out
 
 
-def neighbours(ids: np.ndarray, videos: np.ndarray, frames: np.ndarray, usable: np.ndarray,
-               window: int) -> dict[int, np.ndarray]:
-    """Usable id → the usable ids of its video at most ``window`` positions away in frame
-    order (itself excluded); still images (empty video name) have none."""
-    keep = np.isin(ids, usable) & (np.asarray(videos).astype(str) != "")
-    ids, videos, frames = ids[keep], np.asarray(videos).astype(str)[keep], np.asarray(frames)[keep]
-    order = np.lexsort((frames, videos))
-    ids, videos = ids[order], videos[order]
-    out: dict[int, np.ndarray] = {}
-    starts = np.flatnonzero(np.r_[True, videos[1:] != videos[:-1]])
-    for a, b in zip(starts, np.r_[starts[1:], len(ids)]):
-        clip = ids[a:b]
-        for k, sample_id in enumerate(clip):
-            near = np.r_[clip[max(0, k - window):k], clip[k + 1:k + 1 + window]]
-            if len(near):
-                out[int(sample_id)] = near
-    return out
+class FrameWindows:
+    """Each usable frame's neighbours: the usable frames of its video at most ``window``
+    positions away in frame order (itself excluded); still images (empty video name) have
+    none. Kept as flat arrays, not one array per frame: a few bytes per frame however many
+    frames the shards hold."""
+
+    def __init__(self, ids: np.ndarray, videos: np.ndarray, frames: np.ndarray, usable: np.ndarray,
+                 window: int) -> None:
+        videos = np.asarray(videos).astype(str)
+        keep = np.isin(ids, usable) & (videos != "")
+        ids, videos, frames = np.asarray(ids)[keep], videos[keep], np.asarray(frames)[keep]
+        order = np.lexsort((frames, videos))
+        self.clip_order = ids[order]  # frames of each video together, in frame order
+        videos = videos[order]
+        starts = np.flatnonzero(np.r_[True, videos[1:] != videos[:-1]])
+        ends = np.r_[starts[1:], len(videos)]
+        lengths = ends - starts
+        self.clip_start, self.clip_end = np.repeat(starts, lengths), np.repeat(ends, lengths)
+        self.by_id = np.argsort(self.clip_order, kind="stable")  # position of the k-th smallest id
+        self.sorted_ids = self.clip_order[self.by_id]
+        self.window = int(window)
+
+    def near(self, sample_id: int) -> np.ndarray | None:
+        """The neighbours' ids, or None when the sample has none."""
+        k = int(np.searchsorted(self.sorted_ids, sample_id))
+        if k >= len(self.sorted_ids) or self.sorted_ids[k] != sample_id:
+            return None
+        at = int(self.by_id[k])
+        lo, hi = max(int(self.clip_start[at]), at - self.window), min(int(self.clip_end[at]), at + self.window + 1)
+        near = np.r_[self.clip_order[lo:at], self.clip_order[at + 1:hi]]
+        return near if len(near) else None
 
 
 class TemporalPairs:
@@ -78,11 +92,12 @@ class TemporalPairs:
                  seed: int) -> None:
         self.tars: Sequence[Path] = list(data.tar_paths)
         self.locations = jpeg_locations(data)
-        self.partners = neighbours(meta["ids"], meta["videos"], meta["frames"], data.ids, cfg.window)
+        self.partners = FrameWindows(meta["ids"], meta["videos"], meta["frames"], data.ids, cfg.window)
         self.table_ids, self.offsets, self.points = table.ids, table.offsets, table.points
         self.max_points, self.cfg = int(max_points), cfg
         self.seed = derive_seed(seed, 0, "temporal")
-        self.draws: dict[int, int] = {}  # sample id → partners drawn for it so far
+        self.sample_ids = np.sort(np.asarray(data.ids, np.int64))
+        self.draws = np.zeros(len(self.sample_ids), np.int64)  # partners drawn so far, per sample
         self._handles: dict[int, object] = {}
 
     def __call__(self, jpegs: list[np.ndarray], sample_ids: list[np.ndarray]) -> tuple[list, list, list, list]:
@@ -96,13 +111,14 @@ class TemporalPairs:
 
     def pair(self, jpeg: np.ndarray, own: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """One sample's partner, drawn and tracked (see :meth:`__call__`)."""
-        count = self.draws.get(own, 0)
-        self.draws[own] = count + 1
+        slot = int(np.searchsorted(self.sample_ids, own))
+        count = int(self.draws[slot])
+        self.draws[slot] += 1
         rng = np.random.default_rng([self.seed, own, count])
         points = self._points_of(own)
         tracks = np.full((self.max_points, 2), np.nan, np.float32)
         kept = np.zeros(self.max_points, np.uint8)
-        near = self.partners.get(own)
+        near = self.partners.near(own)
         if near is None or rng.random() >= self.cfg.share:
             tracks[:len(points)], kept[:len(points)] = points, 1
             return np.array(jpeg), np.array([own], np.int64), tracks, kept
