@@ -28,7 +28,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from k2l_dist.augment.validate import CheckedDataset
+from k2l_dist.augment.validate import CheckedDataset, _parse_index
 from k2l_dist.config import TemporalConfig
 from k2l_dist.keypoints.flow import track_points
 from k2l_dist.utils.seeds import derive_seed
@@ -38,14 +38,11 @@ def jpeg_locations(data: CheckedDataset) -> dict[int, tuple[int, int, int]]:
     """Sample id → (tar number, byte offset, size) of its JPEG, from the (cleaned) indexes."""
     out: dict[int, tuple[int, int, int]] = {}
     for number, (tar, index) in enumerate(zip(data.tar_paths, data.index_paths)):
-        lines = Path(index).read_text().splitlines()[1:]
         with open(tar, "rb") as handle:
-            for line in lines:
-                tokens = line.split()
-                members = {tokens[i]: (int(tokens[i + 1]), int(tokens[i + 2])) for i in range(0, len(tokens), 4)}
-                handle.seek(members["id"][0])
+            for entry in _parse_index(Path(index).read_text(), str(index)):
+                handle.seek(entry.members["id"][0])
                 sample_id = int(np.frombuffer(handle.read(8), "<i8")[0])
-                out[sample_id] = (number, *members["jpg"])
+                out[sample_id] = (number, *entry.members["jpg"][:2])
     return out
 
 

@@ -63,10 +63,13 @@ def stage1_losses(model: torch.nn.Module, batch: dict, table: LabelTable, *, max
     det, descs, negs, neg_ok, labels, present = [], [], [], [], [], []
     looked_up = table.lookup(batch["id"], max_points)
     per_view = (looked_up, _tracked(batch, looked_up))  # view 1 may show a nearby frame
-    shown = (batch["id"], batch.get("partner_id", batch["id"]))
+    rects_per_view = (None, None)
+    if regions is not None:
+        shown = regions.lookup(batch["id"], device)
+        rects_per_view = (shown, regions.lookup(batch["partner_id"], device) if "partner_id" in batch else shown)
     for v in (0, 1):
         sl = slice(v * b, (v + 1) * b)
-        rects = regions.lookup(shown[v], device) if regions is not None else None
+        rects = rects_per_view[v]
         pts, pres, lab, labelled = _view_labels(batch, per_view[v], v, device)
         in_loss = labelled if loss_cfg.sit_out_unlabelled else torch.ones_like(labelled)
         if "valid" in batch:  # padding repeats of the last batch: no points, no loss
