@@ -168,7 +168,8 @@ def _cmd_ablate(args) -> int:
 
     if args.print_config:
         return _print_config(load_config(args.config, args.overrides))
-    print(ablate(args.config, args.grid or [], args.overrides, args.out, alone=args.alone, seeds=args.seeds))
+    print(ablate(args.config, args.grid or [], args.overrides, args.out, alone=args.alone, seeds=args.seeds,
+                 jobs=args.jobs))
     return 0
 
 
@@ -346,6 +347,9 @@ def _add_ablate(sub: argparse._SubParsersAction) -> None:
                         "(one or more overrides that belong together)")
     p.add_argument("--seeds", type=int, default=1,
                    help="runs per setting, seeds 0..N-1; the table gives mean ± sd and paired differences")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="trainings at once, each a `k2l train` process on its own share of the cores (and its "
+                        "own GPU, round-robin), its output in <run folder>.log; default 1 (in this process)")
     p.add_argument("--out", help="folder for the runs, the shared shards and the table")
     _print_config_arg(p)
 
@@ -402,6 +406,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from k2l_dist.distributed.ray_runtime import RayUnavailable
     from k2l_dist.distributed.watchdog import PeerLost
     from k2l_dist.prepare import PrepareError
+    from k2l_dist.training.ablate import TrainingFailed
     from k2l_dist.training.loop import NonFiniteLoss
     from k2l_dist.utils.backends import MissingBackend
     from k2l_dist.utils.io import StorageError
@@ -409,7 +414,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     return (ConfigError, DatasetError, PrepareError, ShardError, FileNotFoundError, ValueError, NonFiniteLoss,
             StorageError, PeerLost, Unplaceable, ClusteringFailed, RayUnavailable, TimeoutError, RunLocked,
-            MissingBackend)
+            TrainingFailed, MissingBackend)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,18 +39,36 @@ def test_tiny_synthetic_run_beats_the_mean_shape(tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_ablate_runs_every_setting_on_shared_shards_and_tabulates_them(tmp_path, capsys):
+    """In this process, and as parallel `k2l train` processes (--jobs 2) with the same metrics."""
     from k2l_dist.cli import main
     from tests.tiny import TINY
 
-    args = ["ablate", "configs/quickstart.yaml", *TINY, "stage1.rounds=1", "stage2.iterations=2",
-            "--grid", "loss.negatives=same_image,different_clusters", "--out", str(tmp_path)]
-    assert main(args) == 0
-    table = (tmp_path / "ablation.md").read_text()
+    grid = ["--grid", "loss.negatives=same_image,different_clusters"]
+    # one thread per run in both forms: the same float order, so the same numbers
+    args = ["ablate", "configs/quickstart.yaml", *TINY, "stage1.rounds=1", "stage2.iterations=2", "dist.threads=1",
+            *grid]
+    assert main([*args, "--out", str(tmp_path / "in_turn")]) == 0
+    table = (tmp_path / "in_turn" / "ablation.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| same_image") or
             line.startswith("| different_clusters")]
     assert len(rows) == 2 and all(len(r.split("|")) == 10 for r in rows)  # setting + 6 metrics + time
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("shards")] == ["shards"]
-    first = (tmp_path / "negatives=same_image" / "metrics.json").read_text()
-    assert main(args) == 0  # a rerun reads the finished runs back
-    assert (tmp_path / "negatives=same_image" / "metrics.json").read_text() == first
+    assert [p.name for p in (tmp_path / "in_turn").iterdir() if p.name.startswith("shards")] == ["shards"]
+    first = (tmp_path / "in_turn" / "negatives=same_image" / "metrics.json").read_text()
+    assert main([*args, "--out", str(tmp_path / "in_turn")]) == 0  # a rerun reads the finished runs back
+    assert (tmp_path / "in_turn" / "negatives=same_image" / "metrics.json").read_text() == first
     assert capsys.readouterr().out.count("is a finished run") == 2
+
+    (tmp_path / "parallel").mkdir()
+    (tmp_path / "parallel" / "shards").symlink_to(tmp_path / "in_turn" / "shards")
+    assert main([*args, "--out", str(tmp_path / "parallel"), "--jobs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count(": started on cores") == 2 and out.count(": finished in") == 2, out
+    for name in ("negatives=same_image", "negatives=different_clusters"):
+        in_turn = json.loads((tmp_path / "in_turn" / name / "metrics.json").read_text())
+        parallel = json.loads((tmp_path / "parallel" / name / "metrics.json").read_text())
+        for key in ("forward_nme", "backward_nme", "stage1_forward_nme", "raw_accuracy"):
+            assert parallel[key] == in_turn[key], (name, key)
+        assert "run folder:" in (tmp_path / "parallel" / f"{name}.log").read_text()
+    table_rows = [ln.split("|")[2:8] for ln in (tmp_path / "parallel" / "ablation.md").read_text().splitlines()
+                  if ln.startswith("| same_image") or ln.startswith("| different_clusters")]
+    assert table_rows == [r.split("|")[2:8] for r in rows]  # the same metric columns

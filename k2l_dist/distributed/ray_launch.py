@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -26,6 +25,7 @@ import time
 import uuid
 
 from k2l_dist.distributed.lifetime import die_with_parent
+from k2l_dist.utils.processes import exit_description
 
 CLUSTER_RESOURCE = "k2l_cluster"
 # Ray streams each node's output to this driver from its log files a moment after it is
@@ -151,8 +151,8 @@ def failed_nodes(results: list[dict]) -> list[str]:
     lines = []
     for n, (_, i, r) in enumerate(bad):
         code = r["code"]
-        how = f"killed by signal {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
-        lines.append(f"node {i} ({r['ip']}): torchrun {how}" + (" (first to fail)" if n == 0 and len(bad) > 1 else ""))
+        first = " (first to fail)" if n == 0 and len(bad) > 1 else ""
+        lines.append(f"node {i} ({r['ip']}): torchrun {exit_description(code)}{first}")
     return lines
 
 

@@ -17,17 +17,23 @@ import json
 import math
 import re
 import statistics
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from k2l_dist.config import ConfigError, load_config
 from k2l_dist.utils.io import atomic_write_text
+from k2l_dist.utils.processes import exit_description
 
 COLUMNS = [("forward_nme", "forward NME"), ("backward_nme", "backward NME"),
            ("stage1_forward_nme", "Stage-1 forward"), ("keypoint_baseline_nme", "keypoint baseline"),
            ("keypoint_baseline_backward_nme", "keypoint backward"), ("mean_shape_nme", "mean shape")]
 OPTIONAL_COLUMNS = [("temporal_jitter", "temporal jitter")]  # shown when a run reports them (video)
 _PREPARE_KEYS = ("data.", "keypoints.")
+
+
+class TrainingFailed(RuntimeError):
+    """Some runs of a parallel ablation failed (each is named with its log)."""
 
 
 @dataclass(frozen=True)
@@ -79,42 +85,95 @@ def alone_settings(changes: list[str]) -> list[Setting]:
 
 
 def ablate(config: str | Path | None, grid_items: list[str], overrides: list[str], out: str | Path,
-           alone: list[str] | None = None, seeds: int = 1) -> str:
-    """Runs every setting (resuming where a previous call stopped) with ``seeds`` seeds each;
-    returns the markdown table.
+           alone: list[str] | None = None, seeds: int = 1, jobs: int = 1) -> str:
+    """Runs every setting (resuming where a previous call stopped) with ``seeds`` seeds each,
+    ``jobs`` trainings at a time; returns the markdown table.
 
     ``grid_items``: every combination of the values; ``alone``: the base config and each
     change on its own (one of the two)."""
-    from k2l_dist.training.run import train
-
     out = Path(out)
     if bool(grid_items) == bool(alone):
         raise ConfigError("k2l ablate: give either --grid (every combination) or --alone (each change on its own)")
     if seeds < 1:
         raise ConfigError(f"k2l ablate: --seeds must be >= 1, got {seeds}")
+    if jobs < 1:
+        raise ConfigError(f"k2l ablate: --jobs must be >= 1, got {jobs}")
     grid = parse_grid(grid_items) if grid_items else []
     runs = settings(grid) if grid else alone_settings(alone)
     for setting in runs:  # every setting must be a valid config before any training starts
         load_config(config, [*overrides, *setting.overrides])
-    rows: list[tuple[Setting, list[dict]]] = []
-    for setting in runs:
-        own_shards = any(k.startswith(_PREPARE_KEYS) for k, _ in setting.values)
-        shards = out / (f"shards_{setting.name}" if own_shards else "shards")
-        rows.append((setting, []))
-        for seed in range(seeds):
-            run_dir = out / setting.name / f"seed{seed}" if seeds > 1 else out / setting.name
-            seeded = [f"seed={seed}", f"cluster.seed={seed}"] if seeds > 1 else []
-            cfg = load_config(config, [*overrides, *setting.overrides, *seeded, f"run_dir={run_dir}",
-                                       f"data.shards={shards}"])
-            if not (shards / "index.json").is_file():
-                from k2l_dist.prepare import prepare
-
-                print(prepare(cfg, shards).text())
-            rows[-1][1].append(train(cfg))
-            atomic_write_text(out / "ablation.md", table(rows, config, grid, overrides, alone, seeds))
+    planned = [(setting, [_run_overrides(out, setting, seed, seeds, overrides) for seed in range(seeds)])
+               for setting in runs]
+    for _, per_seed in planned:
+        for run_overrides in per_seed:
+            _prepare_once(load_config(config, run_overrides))
+    if jobs > 1:
+        rows = _train_in_parallel(config, planned, jobs)
+    else:
+        rows = _train_in_turn(config, planned, lambda done: atomic_write_text(
+            out / "ablation.md", table(done, config, grid, overrides, alone, seeds)))
+    atomic_write_text(out / "ablation.md", table(rows, config, grid, overrides, alone, seeds))
     atomic_write_text(out / "ablation.json", json.dumps(
         [{"setting": dict(s.values), "metrics": m if seeds > 1 else m[0]} for s, m in rows], indent=1))
     return table(rows, config, grid, overrides, alone, seeds)
+
+
+def _run_overrides(out: Path, setting: Setting, seed: int, seeds: int, overrides: list[str]) -> list[str]:
+    """The overrides of one run: shared, the setting's, its seed, its folder and its shards."""
+    own_shards = any(k.startswith(_PREPARE_KEYS) for k, _ in setting.values)
+    shards = out / (f"shards_{setting.name}" if own_shards else "shards")
+    run_dir = out / setting.name / f"seed{seed}" if seeds > 1 else out / setting.name
+    seeded = [f"seed={seed}", f"cluster.seed={seed}"] if seeds > 1 else []
+    return [*overrides, *setting.overrides, *seeded, f"run_dir={run_dir}", f"data.shards={shards}"]
+
+
+def _prepare_once(cfg) -> None:
+    shards = Path(cfg.data.shards)
+    if not (shards / "index.json").is_file():
+        from k2l_dist.prepare import prepare
+
+        print(prepare(cfg, shards).text())
+
+
+def _train_in_turn(config, planned: list, written) -> list[tuple[Setting, list[dict]]]:
+    """One run after the other in this process; ``written(rows so far)`` after each."""
+    from k2l_dist.training.run import train
+
+    rows: list[tuple[Setting, list[dict]]] = []
+    for setting, per_seed in planned:
+        rows.append((setting, []))
+        for run_overrides in per_seed:
+            rows[-1][1].append(train(load_config(config, run_overrides)))
+            written(rows)
+    return rows
+
+
+def _train_in_parallel(config, planned: list, jobs: int) -> list[tuple[Setting, list[dict]]]:
+    """Every run as its own `k2l train` process, ``jobs`` at a time, each on its own cores (and
+    GPU); the table is made once all have finished. A failed run leaves the others' results and
+    names its log; rerunning resumes it."""
+    import torch
+
+    from k2l_dist.training.jobs import Job, run_jobs
+
+    todo = []
+    for setting, per_seed in planned:
+        for seed, run_overrides in enumerate(per_seed):
+            run_dir = Path(load_config(config, run_overrides).run_dir)
+            command = [sys.executable, "-m", "k2l_dist.cli", "train", *([str(config)] if config else []),
+                       *run_overrides]
+            todo.append(Job(f"{setting.name} seed {seed}", command, run_dir.parent / f"{run_dir.name}.log"))
+    codes = run_jobs(todo, jobs, gpus=torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    failed = [f"{job.name} ({exit_description(codes[job.name])}; log: {job.log})"
+              for job in todo if codes.get(job.name) != 0]
+    if failed:
+        raise TrainingFailed(f"k2l ablate: {len(failed)} of {len(todo)} runs failed; the others are kept and a "
+                             f"rerun resumes these: " + "; ".join(failed))
+    return [(setting, [_finished_metrics(load_config(config, o)) for o in per_seed]) for setting, per_seed in planned]
+
+
+def _finished_metrics(cfg) -> dict:
+    return json.loads((Path(cfg.run_dir) / "metrics.json").read_text())
 
 
 def _mean_sd(values: list[float]) -> str:
