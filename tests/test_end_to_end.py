@@ -69,6 +69,10 @@ def test_ablate_runs_every_setting_on_shared_shards_and_tabulates_them(tmp_path,
         for key in ("forward_nme", "backward_nme", "stage1_forward_nme", "raw_accuracy"):
             assert parallel[key] == in_turn[key], (name, key)
         assert "run folder:" in (tmp_path / "parallel" / f"{name}.log").read_text()
+        # the saved configs agree but for the folders: either form resumes the other's runs
+        saved = [(tmp_path / form / name / "config.yaml").read_text().replace(str(tmp_path / form), "OUT")
+                 for form in ("in_turn", "parallel")]
+        assert saved[0] == saved[1]
     table_rows = [ln.split("|")[2:8] for ln in (tmp_path / "parallel" / "ablation.md").read_text().splitlines()
                   if ln.startswith("| same_image") or ln.startswith("| different_clusters")]
     assert table_rows == [r.split("|")[2:8] for r in rows]  # the same metric columns

@@ -98,8 +98,11 @@ def ablate(config: str | Path | None, grid_items: list[str], overrides: list[str
         raise ConfigError(f"k2l ablate: --seeds must be >= 1, got {seeds}")
     if jobs < 1:
         raise ConfigError(f"k2l ablate: --jobs must be >= 1, got {jobs}")
+    if jobs > 1 and config is None:
+        raise ConfigError("k2l ablate --jobs: give a config file (each run starts as `k2l train --config FILE`)")
     grid = parse_grid(grid_items) if grid_items else []
     runs = settings(grid) if grid else alone_settings(alone)
+    _refuse_shared_folders(runs)
     for setting in runs:  # every setting must be a valid config before any training starts
         load_config(config, [*overrides, *setting.overrides])
     planned = [(setting, [_run_overrides(out, setting, seed, seeds, overrides) for seed in range(seeds)])
@@ -107,11 +110,11 @@ def ablate(config: str | Path | None, grid_items: list[str], overrides: list[str
     for _, per_seed in planned:
         for run_overrides in per_seed:
             _prepare_once(load_config(config, run_overrides))
-    if jobs > 1:
-        rows = _train_in_parallel(config, planned, jobs)
-    else:
-        rows = _train_in_turn(config, planned, lambda done: atomic_write_text(
-            out / "ablation.md", table(done, config, grid, overrides, alone, seeds)))
+    def written(done: list) -> None:
+        atomic_write_text(out / "ablation.md", table(done, config, grid, overrides, alone, seeds))
+
+    rows = (_train_in_parallel(config, planned, jobs, written) if jobs > 1 else
+            _train_in_turn(config, planned, written))
     atomic_write_text(out / "ablation.md", table(rows, config, grid, overrides, alone, seeds))
     atomic_write_text(out / "ablation.json", json.dumps(
         [{"setting": dict(s.values), "metrics": m if seeds > 1 else m[0]} for s, m in rows], indent=1))
@@ -127,12 +130,21 @@ def _run_overrides(out: Path, setting: Setting, seed: int, seeds: int, overrides
     return [*overrides, *setting.overrides, *seeded, f"run_dir={run_dir}", f"data.shards={shards}"]
 
 
-def _prepare_once(cfg) -> None:
-    shards = Path(cfg.data.shards)
-    if not (shards / "index.json").is_file():
-        from k2l_dist.prepare import prepare
+def _refuse_shared_folders(runs: list[Setting]) -> None:
+    """Two settings whose names agree (keys are shortened to their last part) would share a run folder."""
+    seen: dict[str, Setting] = {}
+    for setting in runs:
+        other = seen.setdefault(setting.name, setting)
+        if other is not setting:
+            raise ConfigError(f"k2l ablate: {' '.join(other.overrides)!r} and {' '.join(setting.overrides)!r} "
+                              f"would share the run folder {setting.name!r}; run them in separate ablations")
 
-        print(prepare(cfg, shards).text())
+
+def _prepare_once(cfg) -> None:
+    from k2l_dist.prepare import is_prepared, prepare
+
+    if not is_prepared(cfg.data.shards):
+        print(prepare(cfg, Path(cfg.data.shards)).text())
 
 
 def _train_in_turn(config, planned: list, written) -> list[tuple[Setting, list[dict]]]:
@@ -148,31 +160,39 @@ def _train_in_turn(config, planned: list, written) -> list[tuple[Setting, list[d
     return rows
 
 
-def _train_in_parallel(config, planned: list, jobs: int) -> list[tuple[Setting, list[dict]]]:
+def _train_in_parallel(config, planned: list, jobs: int, written) -> list[tuple[Setting, list[dict]]]:
     """Every run as its own `k2l train` process, ``jobs`` at a time, each on its own cores (and
-    GPU); the table is made once all have finished. A failed run leaves the others' results and
-    names its log; rerunning resumes it."""
+    GPU). When some fail, the others' results are kept, the settings whose runs all finished
+    are tabulated (``written``) and the failed runs are named with their logs; a rerun
+    resumes them."""
     import torch
 
     from k2l_dist.training.jobs import Job, run_jobs
 
-    todo = []
+    todo, finished = [], []
     for setting, per_seed in planned:
         for seed, run_overrides in enumerate(per_seed):
             run_dir = Path(load_config(config, run_overrides).run_dir)
-            command = [sys.executable, "-m", "k2l_dist.cli", "train", *([str(config)] if config else []),
-                       *run_overrides]
+            command = [sys.executable, "-m", "k2l_dist.cli", "train", "--config", str(config), *run_overrides]
             todo.append(Job(f"{setting.name} seed {seed}", command, run_dir.parent / f"{run_dir.name}.log"))
     codes = run_jobs(todo, jobs, gpus=torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    jobs_of = iter(todo)
+    for setting, per_seed in planned:
+        done = [codes[next(jobs_of).name] == 0 for _ in per_seed]
+        finished.append((setting, [_finished_metrics(load_config(config, o)) for o in per_seed] if all(done) else None))
     failed = [f"{job.name} ({exit_description(codes[job.name])}; log: {job.log})"
-              for job in todo if codes.get(job.name) != 0]
+              for job in todo if codes[job.name] != 0]
     if failed:
+        if finished[0][1] is not None:  # the differences are to the first setting: only with it
+            written([(setting, runs) for setting, runs in finished if runs is not None])
         raise TrainingFailed(f"k2l ablate: {len(failed)} of {len(todo)} runs failed; the others are kept and a "
                              f"rerun resumes these: " + "; ".join(failed))
-    return [(setting, [_finished_metrics(load_config(config, o)) for o in per_seed]) for setting, per_seed in planned]
+    return finished
 
 
 def _finished_metrics(cfg) -> dict:
+    """A run whose `k2l train` exited 0 finished as its config asks: its metrics.json holds what
+    train() returned."""
     return json.loads((Path(cfg.run_dir) / "metrics.json").read_text())
 
 
