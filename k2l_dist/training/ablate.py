@@ -110,6 +110,7 @@ def ablate(config: str | Path | None, grid_items: list[str], overrides: list[str
     for _, per_seed in planned:
         for run_overrides in per_seed:
             _prepare_once(load_config(config, run_overrides))
+
     def written(done: list) -> None:
         atomic_write_text(out / "ablation.md", table(done, config, grid, overrides, alone, seeds))
 
@@ -169,17 +170,18 @@ def _train_in_parallel(config, planned: list, jobs: int, written) -> list[tuple[
 
     from k2l_dist.training.jobs import Job, run_jobs
 
-    todo, finished = [], []
+    per_setting = []  # (setting, [(job, run folder) per seed])
     for setting, per_seed in planned:
+        runs = []
         for seed, run_overrides in enumerate(per_seed):
             run_dir = Path(load_config(config, run_overrides).run_dir)
             command = [sys.executable, "-m", "k2l_dist.cli", "train", "--config", str(config), *run_overrides]
-            todo.append(Job(f"{setting.name} seed {seed}", command, run_dir.parent / f"{run_dir.name}.log"))
+            runs.append((Job(f"{setting.name} seed {seed}", command, run_dir.parent / f"{run_dir.name}.log"), run_dir))
+        per_setting.append((setting, runs))
+    todo = [job for _, runs in per_setting for job, _ in runs]
     codes = run_jobs(todo, jobs, gpus=torch.cuda.device_count() if torch.cuda.is_available() else 0)
-    jobs_of = iter(todo)
-    for setting, per_seed in planned:
-        done = [codes[next(jobs_of).name] == 0 for _ in per_seed]
-        finished.append((setting, [_finished_metrics(load_config(config, o)) for o in per_seed] if all(done) else None))
+    finished = [(setting, [_finished_metrics(run_dir) for _, run_dir in runs]
+                 if all(codes[job.name] == 0 for job, _ in runs) else None) for setting, runs in per_setting]
     failed = [f"{job.name} ({exit_description(codes[job.name])}; log: {job.log})"
               for job in todo if codes[job.name] != 0]
     if failed:
@@ -190,10 +192,10 @@ def _train_in_parallel(config, planned: list, jobs: int, written) -> list[tuple[
     return finished
 
 
-def _finished_metrics(cfg) -> dict:
+def _finished_metrics(run_dir: Path) -> dict:
     """A run whose `k2l train` exited 0 finished as its config asks: its metrics.json holds what
     train() returned."""
-    return json.loads((Path(cfg.run_dir) / "metrics.json").read_text())
+    return json.loads((run_dir / "metrics.json").read_text())
 
 
 def _mean_sd(values: list[float]) -> str:
