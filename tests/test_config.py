@@ -1,7 +1,12 @@
+import dataclasses
+from pathlib import Path
+
 import pytest
 import yaml
 
 from k2l_dist.config import Config, ConfigError, load_config, save_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def test_defaults_yaml_and_overrides_compose(tmp_path):
@@ -65,9 +70,7 @@ def test_saved_config_reloads_identically(tmp_path):
 
 
 def test_every_shipped_config_loads():
-    from pathlib import Path
-
-    configs = sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*.yaml"))
+    configs = sorted(CONFIGS.glob("*.yaml"))
     assert configs, "configs/ should ship YAML files"
     for path in configs:
         load_config(path)
@@ -76,10 +79,6 @@ def test_every_shipped_config_loads():
 def test_aflw_config_trains_as_the_mtfl_config_it_says_it_follows():
     """configs/aflw.yaml differs from configs/mtfl_cpu.yaml in its data and split only, as
     its header and the README say: the measured schedule and threshold must not drift apart."""
-    import dataclasses
-    from pathlib import Path
-
-    configs = Path(__file__).resolve().parents[1] / "configs"
-    aflw, mtfl = load_config(configs / "aflw.yaml"), load_config(configs / "mtfl_cpu.yaml")
+    aflw, mtfl = load_config(CONFIGS / "aflw.yaml"), load_config(CONFIGS / "mtfl_cpu.yaml")
     for section in ("keypoints", "model", "augment", "cluster", "loss", "stage1", "stage2"):
         assert dataclasses.asdict(getattr(aflw, section)) == dataclasses.asdict(getattr(mtfl, section)), section
